@@ -1,0 +1,65 @@
+"""The one interface every encoder implements: a batch in, L2-normalised float32 rows out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What makes two encoders interchangeable: recorded in the index manifest and checked on load."""
+
+    spec: str  # the spec string the encoder was created from, e.g. "effnet-lite0" or "st:/models/x"
+    name: str  # resolved model name, e.g. "efficientnet-lite0"
+    modality: str  # "image" or "text"
+    dim: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderIdentity:
+        return cls(
+            spec=str(data["spec"]),
+            name=str(data["name"]),
+            modality=str(data["modality"]),
+            dim=int(data["dim"]),
+            preprocessing=dict(data.get("preprocessing", {})),
+        )
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation to float32; all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+class Encoder(ABC):
+    """Common part of image and text encoders."""
+
+    identity: EncoderIdentity
+    batch_size: int = 32
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+
+class ImageEncoder(Encoder):
+    @abstractmethod
+    def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> (len(images), dim) float32, rows L2-normalised."""
+
+
+class TextEncoder(Encoder):
+    @abstractmethod
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> (len(texts), dim) float32, rows L2-normalised."""

@@ -1,0 +1,218 @@
+"""Label sets and their cached relative representations over the caption anchors.
+
+A label set is class names x prompt templates. The prompts of one class are combined the
+CLIP/LiT way, in embedding space: every prompt is embedded, the class embedding is the
+L2-normalised mean of its prompts' embeddings, and the class gets ONE relative
+representation computed from that embedding. (Averaging per-prompt relative representations
+instead would cost one top-k search per prompt and blur the sparse support.)
+
+:class:`NeighbourCache` keeps, for fixed query embeddings, their exact top-``depth``
+neighbours among the caption anchors, and keeps them current under edits:
+
+- add: the new anchors' similarities to every query are one small matrix product; a row
+  changes only if a new anchor beats its current cut-off, and the merge is vectorised;
+- remove: the removed ids are dropped from the rows holding them; a row keeps
+  ``depth - k`` spare neighbours so it still knows its top-k after a few deletions, and only
+  rows that run out are searched again (recompute where incremental is not possible).
+
+Each row tracks ``exact`` = how many of its leading entries are known to be the true top
+neighbours of the current anchor set; the invariant is checked against a rebuild in tests.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from asif.relrep import KeyMatrix, SparseRR, sparsify
+
+MAX_LABELS = 10_000
+MAX_LABEL_CHARS = 1_000
+
+# The seven-template ensemble that CLIP's authors recommend for ImageNet zero-shot, adapted to
+# photographs (our anchors are photo captions). Override per label set.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of the {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "itap of a {}.",
+)
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+class LabelError(ValueError):
+    """Invalid label set (empty, too many, duplicated labels, bad templates)."""
+
+
+def _template_ok(template: str) -> bool:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    return fields == [""]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Class names and the prompt templates that turn each into text."""
+
+    classes: tuple[str, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    def __post_init__(self) -> None:
+        classes = tuple(str(c).strip() for c in self.classes)
+        if not classes:
+            raise LabelError("a label set needs at least one label")
+        if len(classes) > MAX_LABELS:
+            raise LabelError(f"too many labels: {len(classes)} > {MAX_LABELS}")
+        if any(not c for c in classes):
+            raise LabelError("labels must be non-empty strings")
+        if any(len(c) > MAX_LABEL_CHARS for c in classes):
+            raise LabelError(f"labels must be at most {MAX_LABEL_CHARS} characters")
+        dupes = sorted({c for c in classes if classes.count(c) > 1}) if len(set(classes)) != len(classes) else []
+        if dupes:
+            raise LabelError(f"duplicated labels: {dupes[:10]}")
+        templates = tuple(self.templates) or ("{}",)
+        bad = [t for t in templates if not _template_ok(t)]
+        if bad:
+            raise LabelError(f"templates must contain exactly one '{{}}' placeholder: {bad[:5]}")
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "templates", templates)
+
+    def prompts(self) -> list[str]:
+        """All prompts, class-major: class 0 with every template, then class 1..."""
+        return [t.format(c) for c in self.classes for t in self.templates]
+
+
+def combine_prompt_embeddings(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes * n_templates, d) class-major prompt embeddings -> (n_classes, d) normalised means."""
+    emb = np.asarray(prompt_embeddings, dtype=np.float32).reshape(n_classes, -1, prompt_embeddings.shape[-1])
+    mean = emb.mean(axis=1)
+    norms = np.linalg.norm(mean, axis=1, keepdims=True)
+    return (mean / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@dataclass
+class NeighbourCache:
+    """Exact top-``depth`` anchor neighbours of fixed queries, maintained under adds and removes."""
+
+    queries: np.ndarray  # (L, d)
+    depth: int
+    ids: np.ndarray = field(init=False)  # (L, depth) int64, -1 in empty slots, sorted by sim desc
+    sims: np.ndarray = field(init=False)  # (L, depth) float32, -inf in empty slots
+    exact: np.ndarray = field(init=False)  # (L,) leading entries known to be the true top neighbours
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.queries)
+        self.ids = np.full((n, self.depth), -1, dtype=np.int64)
+        self.sims = np.full((n, self.depth), -np.inf, dtype=np.float32)
+        self.exact = np.zeros(n, dtype=np.int64)
+
+    def fill(self, rows: np.ndarray, search: SearchFn, n_anchors: int) -> None:
+        """Recompute the given rows from the index."""
+        if len(rows) == 0:
+            return
+        sims, ids = search(self.queries[rows], self.depth)
+        width = ids.shape[1]
+        self.ids[rows] = -1
+        self.sims[rows] = -np.inf
+        self.ids[rows, :width] = ids
+        self.sims[rows, :width] = sims
+        self.exact[rows] = min(width, n_anchors)
+        self.version += 1
+
+    def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int) -> None:
+        """Account for anchors just added (n_before = anchor count before the add)."""
+        if len(new_ids) == 0 or len(self.queries) == 0:
+            return
+        s = self.queries @ np.asarray(new_vectors, dtype=np.float32).T  # (L, m)
+        truncated = self.exact < n_before  # rows that do not hold every anchor
+        last = np.take_along_axis(self.sims, np.maximum(self.exact - 1, 0)[:, None], axis=1)[:, 0]
+        cutoff = np.where(truncated & (self.exact > 0), last, -np.inf)
+        enters = s > cutoff[:, None]
+        rows = np.flatnonzero(enters.any(axis=1))
+        if len(rows) == 0:
+            return
+        # Entries beyond `exact` are not trusted: drop them before merging.
+        keep = np.arange(self.depth)[None, :] < self.exact[rows, None]
+        old_s = np.where(keep, self.sims[rows], -np.inf)
+        old_i = np.where(keep, self.ids[rows], -1)
+        new_s = np.where(enters[rows], s[rows], -np.inf)
+        new_i = np.where(enters[rows], np.broadcast_to(new_ids, new_s.shape), -1)
+        cat_s = np.concatenate([old_s, new_s], axis=1)
+        cat_i = np.concatenate([old_i, new_i], axis=1)
+        order = np.argsort(-cat_s, axis=1, kind="stable")[:, : self.depth]
+        self.sims[rows] = np.take_along_axis(cat_s, order, axis=1)
+        self.ids[rows] = np.take_along_axis(cat_i, order, axis=1)
+        self.exact[rows] = np.minimum(self.depth, self.exact[rows] + enters[rows].sum(axis=1))
+        self.version += 1
+
+    def remove(self, removed_ids: np.ndarray) -> None:
+        """Drop removed anchors from every row that holds them."""
+        hit = np.isin(self.ids, np.asarray(removed_ids, dtype=np.int64)) & (self.ids >= 0)
+        rows = np.flatnonzero(hit.any(axis=1))
+        if len(rows) == 0:
+            return
+        gone_in_prefix = (hit[rows] & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
+        s = np.where(hit[rows], -np.inf, self.sims[rows])
+        i = np.where(hit[rows], -1, self.ids[rows])
+        order = np.argsort(-s, axis=1, kind="stable")
+        self.sims[rows] = np.take_along_axis(s, order, axis=1)
+        self.ids[rows] = np.take_along_axis(i, order, axis=1)
+        self.exact[rows] -= gone_in_prefix
+        self.version += 1
+
+    def ensure(self, k: int, search: SearchFn, n_anchors: int) -> None:
+        """Make every row know its exact top-min(k, n_anchors); refill the rows that do not."""
+        need = min(k, n_anchors)
+        rows = np.flatnonzero(self.exact < need)
+        self.fill(rows, search, n_anchors)
+
+    def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the first k entries; call ensure(k) first."""
+        return self.sims[:, :k], self.ids[:, :k]
+
+
+def cache_depth(k: int) -> int:
+    """Neighbours kept per label for a requested k: k plus spares that absorb deletions."""
+    return int(k + max(16, k // 4))
+
+
+@dataclass
+class CachedLabels:
+    """A label set with its class embeddings and maintained caption-anchor neighbours."""
+
+    label_set: LabelSet
+    embeddings: np.ndarray  # (n_classes, d_text)
+    neighbours: NeighbourCache
+    _keys: dict[tuple[int, float, int], KeyMatrix] = field(default_factory=dict)
+    _rr: dict[tuple[int, float, int], SparseRR] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.label_set.classes
+
+    def relrep(self, k: int, p: float) -> SparseRR:
+        """Sparse relative representations of the classes (memoised per neighbour-cache version)."""
+        key = (k, float(p), self.neighbours.version)
+        if key not in self._rr:
+            sims, ids = self.neighbours.topk(k)
+            self._rr.clear()
+            self._rr[key] = sparsify(np.maximum(sims, 0.0), np.maximum(ids, 0), p)
+        return self._rr[key]
+
+    def key_matrix(self, k: int, p: float) -> KeyMatrix:
+        key = (k, float(p), self.neighbours.version)
+        if key not in self._keys:
+            self._keys.clear()
+            self._keys[key] = KeyMatrix.from_rr(self.relrep(k, p))
+        return self._keys[key]
+
+
+def labels_from_names(names: Sequence[str], templates: Sequence[str] | None = None) -> LabelSet:
+    return LabelSet(tuple(names), tuple(templates) if templates else DEFAULT_TEMPLATES)

@@ -1,0 +1,188 @@
+"""Relative representations: the ASIF math, as pure functions.
+
+An ASIF relative representation of a query embedding ``q`` against anchors ``A`` (rows
+L2-normalised) is the vector of cosine similarities ``A @ q`` in which every entry but the
+``k`` largest is zeroed, negatives are clamped to 0, the rest raised to the power ``p``, and
+the result is L2-normalised. It is stored sparsely as ``k`` (anchor id, weight) entries.
+
+Two implementations live here and nowhere else:
+
+- the sparse path (:func:`sparsify`, :class:`KeyMatrix`), fed by top-k neighbours from an
+  anchor index, used by the engine;
+- the dense exact reference (:func:`dense_relrep`, :func:`dense_scores`), the formula as
+  written in the paper, used by tests and by the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+DEFAULT_K = 800
+DEFAULT_P = 8.0
+
+
+@dataclass(frozen=True)
+class SparseRR:
+    """A batch of sparse relative representations: row ``b`` is ``{ids[b, j]: weights[b, j]}``.
+
+    Rows are ordered by decreasing similarity. Entries whose similarity was <= 0 carry weight 0.
+    """
+
+    ids: np.ndarray  # (b, k) int64 anchor (pair) ids
+    weights: np.ndarray  # (b, k) float32, each row L2-normalised (or all zero)
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.weights.shape or self.ids.ndim != 2:
+            raise ValueError(f"ids {self.ids.shape} and weights {self.weights.shape} must be equal 2-d shapes")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def row(self, b: int) -> dict[int, float]:
+        return {int(i): float(w) for i, w in zip(self.ids[b], self.weights[b], strict=True) if w > 0}
+
+
+def check_k_p(k: int, p: float) -> None:
+    """Raise ValueError for values of k and p that the formula does not define."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not np.isfinite(p) or p <= 0:
+        raise ValueError(f"p must be a positive finite number, got {p!r}")
+
+
+def effective_k(k: int, n_anchors: int) -> int:
+    """k is capped at the number of anchors."""
+    return max(0, min(int(k), int(n_anchors)))
+
+
+def sparsify(sims: np.ndarray, ids: np.ndarray, p: float) -> SparseRR:
+    """Top-k similarities (already selected) -> ASIF weights: clamp at 0, raise to p, L2-normalise."""
+    sims = np.asarray(sims, dtype=np.float32)
+    w = np.maximum(sims, 0.0, dtype=np.float32)
+    # Powers of values in [0, 1] underflow gracefully; normalise in float64 for stability.
+    w64 = np.power(w.astype(np.float64), float(p))
+    norms = np.linalg.norm(w64, axis=1, keepdims=True)
+    w64 = np.divide(w64, norms, out=np.zeros_like(w64), where=norms > 0)
+    return SparseRR(ids=np.asarray(ids, dtype=np.int64), weights=w64.astype(np.float32))
+
+
+def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of each query against all anchors (rows), sorted descending.
+
+    Chunked over anchors so memory stays at ``len(queries) x chunk``. Returns (sims, row indices).
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    anchors = np.asarray(anchors, dtype=np.float32)
+    n = anchors.shape[0]
+    k = effective_k(k, n)
+    b = queries.shape[0]
+    best_s = np.full((b, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((b, 0), dtype=np.int64)
+    for start in range(0, n, chunk):
+        block = queries @ anchors[start : start + chunk].T
+        cand_s = np.concatenate([best_s, block], axis=1)
+        cand_i = np.concatenate(
+            [best_i, np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)], axis=1
+        )
+        if cand_s.shape[1] > k:
+            part = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+            cand_s = np.take_along_axis(cand_s, part, axis=1)
+            cand_i = np.take_along_axis(cand_i, part, axis=1)
+        best_s, best_i = cand_s, cand_i
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense exact reference: the formula written out over all n anchors, no index, no sparsity.
+
+
+def dense_relrep(queries: np.ndarray, anchors: np.ndarray, k: int, p: float) -> np.ndarray:
+    """(b, n) dense ASIF relative representations: top-k of cosine sims, clamp, ^p, L2-normalise."""
+    check_k_p(k, p)
+    queries = np.asarray(queries, dtype=np.float64)
+    anchors = np.asarray(anchors, dtype=np.float64)
+    sims = queries @ anchors.T
+    n = sims.shape[1]
+    k = effective_k(k, n)
+    out = np.zeros_like(sims)
+    if k == 0:
+        return out
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    kept = np.take_along_axis(sims, top, axis=1)
+    np.put_along_axis(out, top, np.power(np.maximum(kept, 0.0), p), axis=1)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
+
+
+def dense_scores(
+    image_queries: np.ndarray,
+    text_queries: np.ndarray,
+    image_anchors: np.ndarray,
+    text_anchors: np.ndarray,
+    k: int,
+    p: float,
+) -> np.ndarray:
+    """(n_images, n_texts) ASIF similarity: dot products of the dense relative representations."""
+    return dense_relrep(image_queries, image_anchors, k, p) @ dense_relrep(text_queries, text_anchors, k, p).T
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse scoring.
+
+
+@dataclass(frozen=True)
+class KeyMatrix:
+    """Sparse relative representations of keys (e.g. labels), laid out for fast batched scoring.
+
+    ``universe`` holds the sorted distinct anchor ids used by any key; ``matrix`` is a CSR
+    (len(universe) x n_keys) matrix of weights. Scoring a query batch is one sparse product.
+    """
+
+    universe: np.ndarray  # (u,) int64, sorted
+    matrix: sp.csr_matrix  # (u, n_keys) float32
+    n_keys: int
+
+    @classmethod
+    def from_rr(cls, rr: SparseRR) -> KeyMatrix:
+        n_keys, k = rr.ids.shape
+        keep = rr.weights > 0
+        ids = rr.ids[keep]
+        cols = np.broadcast_to(np.arange(n_keys)[:, None], (n_keys, k))[keep]
+        universe, rows = np.unique(ids, return_inverse=True)
+        matrix = sp.csr_matrix((rr.weights[keep].astype(np.float32), (rows, cols)), shape=(len(universe), n_keys))
+        return cls(universe=universe.astype(np.int64), matrix=matrix, n_keys=n_keys)
+
+    def score(self, queries: SparseRR) -> np.ndarray:
+        """(len(queries), n_keys) dot products between query and key representations."""
+        b, k = queries.ids.shape
+        if len(self.universe) == 0 or b == 0:
+            return np.zeros((b, self.n_keys), dtype=np.float32)
+        pos = np.searchsorted(self.universe, queries.ids)
+        pos_c = np.minimum(pos, len(self.universe) - 1)
+        hit = (self.universe[pos_c] == queries.ids) & (queries.weights > 0)
+        rows = np.broadcast_to(np.arange(b)[:, None], (b, k))[hit]
+        q = sp.csr_matrix((queries.weights[hit], (rows, pos_c[hit])), shape=(b, len(self.universe)))
+        return np.asarray((q @ self.matrix).todense(), dtype=np.float32)
+
+
+def shared_anchors(
+    query_ids: np.ndarray, query_weights: np.ndarray, key_ids: np.ndarray, key_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The anchors two sparse representations share and each one's contribution to their dot product.
+
+    Returns (ids, contributions) sorted by decreasing contribution; contributions sum to the score.
+    """
+    qmask = query_weights > 0
+    kmask = key_weights > 0
+    common, qi, ki = np.intersect1d(query_ids[qmask], key_ids[kmask], assume_unique=True, return_indices=True)
+    contrib = query_weights[qmask][qi].astype(np.float64) * key_weights[kmask][ki]
+    order = np.argsort(-contrib, kind="stable")
+    return common[order].astype(np.int64), contrib[order]

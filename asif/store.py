@@ -1,0 +1,360 @@
+"""Anchor index store: one FAISS index over L2-normalised anchor embeddings with 64-bit pair ids.
+
+The store is deliberately narrow (add with ids, remove ids, search top-k, count, save/load) so
+another backend (a vector database) can replace it without touching the ASIF math.
+
+Index choice (``choose_index_spec``), the documented rule:
+
+- ``flat``: exact inner-product search (``IDMap2,Flat``). Used for ``auto`` when n <= 50,000.
+- ``ivfpq``: ``IVF{nlist},PQ{M}x8`` with
+  ``nlist = clamp(power of two nearest 2*sqrt(n), 16, 65536)`` (half FAISS's usual 4*sqrt(n):
+  k=800 neighbours spread over many lists, and fewer, longer lists need fewer probes), also at most n/39 so every
+  centroid gets FAISS's minimum of 39 training points; ``M`` = the divisor of the dimension
+  nearest to dim/16 (16 dimensions per 8-bit sub-quantiser: 80 bytes for 1280-d, 24 for 384-d,
+  48 for 768-d). Trained on a seeded sample of ``max(64*nlist, 30000)`` vectors (at most n).
+  ``nprobe`` is at least nlist/8 and enough lists to hold 4x the candidates wanted.
+  By default the candidates are re-ranked exactly: ``rerank_factor * k`` (5k) candidates come from
+  the PQ codes, their exact inner products are computed from a refine store
+  (``IDMap2,Flat``, or ``SQfp16`` / ``SQ8`` to save memory), and the best ``k`` are kept, so
+  the similarities raised to ``p`` are the true ones.
+- any other string is a FAISS ``index_factory`` string used as given (inner product metric).
+
+Searches always return ``min(k, ntotal)`` real neighbours, never FAISS's ``-1`` padding:
+the IVF ``nprobe`` is chosen per call (``SearchParametersIVF``) so the probed lists hold
+enough vectors, and rows that still come back short are searched again with more lists, up
+to all of them. Shared index state is never mutated by a search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from asif.relrep import effective_k
+
+FLAT_MAX_N = 50_000
+TRAIN_MIN = 30_000
+
+
+class StoreError(ValueError):
+    """Bad use of an anchor store (duplicate or unknown ids, wrong dimension...)."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How an anchor index is built and searched; stored in the manifest."""
+
+    kind: str  # "flat", "ivfpq" or "factory"
+    factory: str  # FAISS index_factory string
+    refine: str | None = None  # factory string of the exact re-ranking store, or None
+    nprobe: int = 1  # minimum lists probed per search (IVF only)
+    rerank_factor: float = 1.0  # candidates fetched per neighbour kept, when refining
+    train_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def _nearest_divisor(dim: int, target: float) -> int:
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(m - target), m))
+
+
+def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
+    """(nlist, M) for an IVF-PQ index over n vectors of the given dimension (see module doc)."""
+    target = 2.0 * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(target))
+    nlist = max(16, min(65536, nlist, max(1, n // 39)))
+    m = _nearest_divisor(dim, dim / 16)
+    return int(nlist), int(m)
+
+
+def choose_index_spec(n: int, dim: int, index_type: str = "auto", refine: str | None = "Flat") -> IndexSpec:
+    """Pick the index for n anchors of dimension dim. ``index_type``: auto, flat, ivfpq or a factory string."""
+    kind = index_type.strip()
+    if kind.lower() == "auto":
+        kind = "flat" if n <= FLAT_MAX_N else "ivfpq"
+    if kind.lower() == "flat":
+        return IndexSpec(kind="flat", factory="IDMap2,Flat")
+    if kind.lower() == "ivfpq":
+        nlist, m = ivfpq_params(n, dim)
+        return IndexSpec(
+            kind="ivfpq",
+            factory=f"IVF{nlist},PQ{m}x8",
+            refine=refine,
+            nprobe=max(1, nlist // 8),
+            rerank_factor=5.0 if refine else 1.0,
+            train_size=int(min(n, max(64 * nlist, TRAIN_MIN))),
+        )
+    return IndexSpec(
+        kind="factory",
+        factory=kind,
+        refine=refine if kind.upper().startswith("IVF") and "PQ" in kind.upper() else None,
+        nprobe=16,
+        rerank_factor=3.0 if refine else 1.0,
+        train_size=int(min(n, TRAIN_MIN * 4)),
+    )
+
+
+def _new_index(dim: int, factory: str) -> faiss.Index:
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:  # FAISS reports bad factory strings as RuntimeError
+        raise StoreError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from exc
+    ivf = _ivf_or_none(index)
+    if ivf is None and not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        index = faiss.IndexIDMap2(index)
+    ivfpq = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivfpq, faiss.IndexIVFPQ):
+        # Polysemous training (on by default) costs minutes and only serves Hamming filtering,
+        # which inner-product search does not use. 64 points per PQ centroid train it well.
+        ivfpq.do_polysemous_training = False
+        ivfpq.pq.cp.max_points_per_centroid = 64
+        ivfpq.pq.cp.niter = 20
+    return index
+
+
+def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _enable_id_lookup(index: faiss.Index) -> None:
+    """IVF: a hash-table direct map makes removal by id O(1) instead of a scan of every list."""
+    ivf = _ivf_or_none(index)
+    if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+
+def _ids_of(index: faiss.Index) -> np.ndarray:
+    ivf = _ivf_or_none(index)
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    invlists = ivf.invlists
+    parts = []
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise StoreError(f"expected vectors of shape (n, {dim}), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise StoreError("vectors contain NaN or infinity")
+    return x
+
+
+class AnchorStore:
+    """FAISS anchor index with explicit pair ids, optional exact re-ranking. Not thread-safe for edits."""
+
+    def __init__(self, dim: int, spec: IndexSpec, index: faiss.Index | None = None, refine: faiss.Index | None = None):
+        self.dim = int(dim)
+        self.spec = spec
+        self.index = index if index is not None else _new_index(self.dim, spec.factory)
+        self.refine = refine
+        if self.refine is None and spec.refine:
+            self.refine = _new_index(self.dim, f"IDMap2,{spec.refine}")
+        self._ivf = _ivf_or_none(self.index)
+        if self._ivf is not None:
+            _enable_id_lookup(self.index)
+        self._ids = np.sort(_ids_of(self.index)) if index is not None else np.zeros(0, dtype=np.int64)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained) and (self.refine is None or bool(self.refine.is_trained))
+
+    @property
+    def is_exact(self) -> bool:
+        return self._ivf is None and self.spec.kind == "flat"
+
+    def ids(self) -> np.ndarray:
+        """Sorted ids currently in the store."""
+        return self._ids.copy()
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self._ids, ids)
+        pos = np.minimum(pos, max(len(self._ids) - 1, 0))
+        return (self._ids[pos] == ids) if len(self._ids) else np.zeros(len(ids), dtype=bool)
+
+    def bytes_per_vector(self) -> dict[str, float]:
+        """Serialized size per stored vector, for the index and the refine store."""
+        n = max(self.ntotal, 1)
+        out = {"index": len(faiss.serialize_index(self.index)) / n}
+        if self.refine is not None:
+            out["refine"] = len(faiss.serialize_index(self.refine)) / n
+        return out
+
+    # -- building and editing -----------------------------------------------------------------
+    def train(self, sample: np.ndarray) -> None:
+        x = _as_matrix(sample, self.dim)
+        if not self.index.is_trained:
+            if self._ivf is not None and len(x) < self._ivf.nlist:
+                raise StoreError(f"need at least {self._ivf.nlist} training vectors, got {len(x)}")
+            self.index.train(x)
+            _enable_id_lookup(self.index)
+        if self.refine is not None and not self.refine.is_trained:
+            self.refine.train(x)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        x = _as_matrix(vectors, self.dim)
+        if len(ids) != len(x):
+            raise StoreError(f"{len(ids)} ids for {len(x)} vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise StoreError("duplicate ids in one add")
+        if self.contains(ids).any():
+            raise StoreError(f"ids already present: {ids[self.contains(ids)][:10].tolist()}")
+        if not self.is_trained:
+            raise StoreError("index is not trained; call train() first")
+        if len(ids) == 0:
+            return
+        self.index.add_with_ids(x, ids)
+        if self.refine is not None:
+            self.refine.add_with_ids(x, ids)
+        self._ids = np.union1d(self._ids, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = ids[self.contains(ids)]
+        if len(ids) == 0:
+            return 0
+        removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
+        if self.refine is not None:
+            self.refine.remove_ids(faiss.IDSelectorArray(ids))
+        self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
+        return removed
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of the given ids (exact for Flat and the Flat refine store)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        missing = ~self.contains(ids)
+        if missing.any():
+            raise StoreError(f"unknown ids: {ids[missing][:10].tolist()}")
+        source = self.refine if self.refine is not None else self.index
+        return source.reconstruct_batch(ids).reshape(len(ids), self.dim)
+
+    # -- search ---------------------------------------------------------------------------------
+    def _nprobe_for(self, fetch: int) -> int:
+        assert self._ivf is not None
+        nlist = self._ivf.nlist
+        per_list = max(self.ntotal / nlist, 1e-9)
+        # Probe enough lists to hold ~4x the candidates wanted on average; at least spec.nprobe.
+        wanted = math.ceil(4.0 * fetch / per_list)
+        return int(max(1, min(nlist, max(self.spec.nprobe, wanted))))
+
+    def _search_ivf(self, x: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self._ivf is not None
+        nprobe = self._nprobe_for(fetch)
+        sims, ids = self.index.search(x, fetch, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        short = (ids < 0).any(axis=1)
+        while short.any():
+            # Lists probed held fewer than `fetch` vectors for some rows: widen those rows only.
+            nprobe = min(self._ivf.nlist, nprobe * 2)
+            s2, i2 = self.index.search(x[short], fetch, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            sims[short], ids[short] = s2, i2
+            short = (ids < 0).any(axis=1)
+            if nprobe == self._ivf.nlist and short.any():
+                raise StoreError("index returned fewer neighbours than it holds")  # pragma: no cover
+        return sims, ids
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
+        x = _as_matrix(queries, self.dim)
+        k = effective_k(k, self.ntotal)
+        if k == 0 or len(x) == 0:
+            return np.zeros((len(x), k), dtype=np.float32), np.zeros((len(x), k), dtype=np.int64)
+        if self._ivf is None:
+            sims, ids = self.index.search(x, k)
+            return sims, ids.astype(np.int64)
+        fetch = k
+        if self.refine is not None:
+            fetch = min(self.ntotal, max(k, math.ceil(k * self.spec.rerank_factor)))
+        sims, ids = self._search_ivf(x, fetch)
+        if self.refine is None:
+            return sims, ids.astype(np.int64)
+        return self._rerank(x, ids.astype(np.int64), k)
+
+    def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self.refine is not None
+        b, fetch = cand.shape
+        vecs = self.refine.reconstruct_batch(cand.ravel()).reshape(b, fetch, self.dim)
+        exact = np.einsum("bfd,bd->bf", vecs, x)
+        top = (
+            np.argpartition(-exact, k - 1, axis=1)[:, :k]
+            if fetch > k
+            else np.broadcast_to(np.arange(fetch), (b, fetch))
+        )
+        top_s = np.take_along_axis(exact, top, axis=1)
+        order = np.argsort(-top_s, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        return np.take_along_axis(exact, top, axis=1).astype(np.float32), np.take_along_axis(cand, top, axis=1)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def write(self, path: Path) -> list[Path]:
+        """Write the index (and refine store) next to ``path``; returns the files written.
+
+        Each file is written to a temporary name, fsynced, then renamed into place.
+        """
+        files = [(self.index, Path(path))]
+        if self.refine is not None:
+            files.append((self.refine, refine_path(path)))
+        for index, target in files:
+            tmp = target.with_name(target.name + ".tmp")
+            faiss.write_index(index, str(tmp))
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        return [target for _, target in files]
+
+    @classmethod
+    def read(cls, path: Path, dim: int, spec: IndexSpec) -> AnchorStore:
+        index = faiss.read_index(str(path))
+        if index.d != dim:
+            raise StoreError(f"{path} holds {index.d}-d vectors, expected {dim}")
+        refine = faiss.read_index(str(refine_path(path))) if spec.refine else None
+        if refine is not None and refine.ntotal != index.ntotal:
+            raise StoreError(f"{path}: refine store holds {refine.ntotal} vectors, index {index.ntotal}")
+        return cls(dim, spec, index=index, refine=refine)
+
+
+def refine_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".refine" + path.suffix)
+
+
+def build_store(
+    vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec, seed: int = 0, add_batch: int = 65536
+) -> AnchorStore:
+    """Train (on a seeded sample) and fill a store."""
+    x = _as_matrix(vectors, vectors.shape[1] if vectors.ndim == 2 else 0)
+    store = AnchorStore(x.shape[1], spec)
+    if not store.is_trained:
+        n_train = min(len(x), max(spec.train_size, 1))
+        sample = x if n_train >= len(x) else x[np.random.default_rng(seed).choice(len(x), n_train, replace=False)]
+        store.train(sample)
+    for start in range(0, len(x), add_batch):
+        store.add(ids[start : start + add_batch], x[start : start + add_batch])
+    return store

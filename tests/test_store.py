@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from asif.relrep import exact_topk
+from asif.store import AnchorStore, StoreError, build_store, choose_index_spec, ivfpq_params
+from tests.conftest import random_unit
+
+
+def test_index_choice_rule():
+    assert choose_index_spec(10_000, 384).kind == "flat"
+    spec = choose_index_spec(1_000_000, 1280)
+    assert spec.kind == "ivfpq" and spec.factory == "IVF2048,PQ80x8" and spec.refine == "Flat"
+    assert ivfpq_params(1_000_000, 384) == (2048, 24)
+    assert ivfpq_params(1_000, 768) == (25, 48)  # nlist capped at n/39 training points per list
+    assert choose_index_spec(100, 64, "IVF16,Flat").factory == "IVF16,Flat"
+    with pytest.raises(StoreError):
+        AnchorStore(64, choose_index_spec(100, 64, "NotAnIndex"))
+
+
+def test_flat_search_is_exact_with_ids(rng):
+    a = random_unit(rng, 500, 16)
+    ids = rng.choice(10**12, size=500, replace=False).astype(np.int64)
+    store = build_store(a, ids, choose_index_spec(500, 16))
+    q = random_unit(rng, 4, 16)
+    sims, got = store.search(q, 60)
+    ref_s, ref_i = exact_topk(q, a, 60)
+    np.testing.assert_array_equal(got, ids[ref_i])
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+
+
+def test_ivf_always_returns_k_real_neighbours(rng):
+    # 64 lists of ~16 vectors: k=900 needs almost every list; nprobe must follow per call.
+    a = random_unit(rng, 1000, 16)
+    store = build_store(a, np.arange(1000), choose_index_spec(1000, 16, "IVF64,Flat"))
+    nprobe_before = store._ivf.nprobe
+    _, ids = store.search(random_unit(rng, 3, 16), 900)
+    assert ids.shape == (3, 900) and (ids >= 0).all()
+    assert all(len(set(r)) == 900 for r in ids)
+    assert store._ivf.nprobe == nprobe_before  # shared state untouched
+    _sims, ids = store.search(random_unit(rng, 2, 16), 5000)  # k capped at ntotal
+    assert ids.shape == (2, 1000) and (ids >= 0).all()
+
+
+def test_add_remove_duplicate_and_unknown(rng):
+    a = random_unit(rng, 300, 8)
+    store = build_store(a, np.arange(300), choose_index_spec(300, 8, "ivfpq"))
+    with pytest.raises(StoreError):
+        store.add(np.array([5]), a[:1])
+    with pytest.raises(StoreError):
+        store.add(np.array([1000]), a[:1, :4])
+    assert store.remove(np.array([3, 4, 99999])) == 2
+    assert store.remove(np.array([3])) == 0
+    assert store.ntotal == 298 and not store.contains(np.array([3, 4])).any()
+    _, ids = store.search(a[3:4], 298)
+    assert 3 not in ids and 4 not in ids
+    store.add(np.array([3]), a[3:4])
+    assert store.search(a[3:4], 1)[1][0, 0] == 3
+
+
+def test_save_load_roundtrip(tmp_path, rng):
+    a = random_unit(rng, 400, 8)
+    for kind in ["flat", "ivfpq"]:
+        spec = choose_index_spec(400, 8, kind)
+        store = build_store(a, np.arange(400) * 7, spec)
+        store.remove(np.array([0, 7]))
+        files = store.write(tmp_path / f"{kind}.faiss")
+        assert all(f.exists() for f in files) and not list(tmp_path.glob("*.tmp"))
+        loaded = AnchorStore.read(tmp_path / f"{kind}.faiss", 8, spec)
+        np.testing.assert_array_equal(loaded.ids(), store.ids())
+        q = random_unit(rng, 3, 8)
+        np.testing.assert_array_equal(loaded.search(q, 50)[1], store.search(q, 50)[1])
+        loaded.add(np.array([0]), a[:1])  # a loaded trained index accepts adds
+
+
+@pytest.mark.slow
+def test_ivfpq_recall_at_800_on_50k_clustered(recall_setup):
+    store, anchors, queries = recall_setup["image"]
+    sims, ids = store.search(queries, 800)
+    _, ref = exact_topk(queries, anchors, 800)
+    recall = np.mean([len(np.intersect1d(ids[r], ref[r])) / 800 for r in range(len(queries))])
+    print(f"IVF-PQ recall@800 on {len(anchors)} clustered anchors: {recall:.4f}")
+    assert recall >= 0.95
+    # Re-ranked similarities are the exact ones.
+    np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", anchors[ids], queries), atol=1e-5)
