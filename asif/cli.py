@@ -1,0 +1,85 @@
+"""The `asif` command line: `asif build` (more subcommands come with the service and evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from asif.relrep import DEFAULT_K, DEFAULT_P
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="embed image-caption pairs and write an index folder",
+        description="Embed image-caption pairs once and write an ASIF index folder. "
+        "An interrupted build resumes from its embedded chunks when run again with the same arguments.",
+    )
+    p.add_argument("--pairs", type=Path, required=True, help="CSV/TSV with image,caption columns, or JSONL")
+    p.add_argument("--images-root", type=Path, required=True, help="folder the image paths are relative to")
+    p.add_argument("--out", type=Path, required=True, help="index folder to write")
+    p.add_argument("--image-encoder", default="effnet-lite2", help="effnet-lite2 | effnet-lite0 | hf:<model>")
+    p.add_argument("--text-encoder", default="minilm", help="minilm | mpnet | st:<model>")
+    p.add_argument(
+        "--index-type", default="auto", help="auto | flat | ivfpq | a FAISS factory string (auto: flat up to 50k)"
+    )
+    p.add_argument(
+        "--anchors",
+        choices=("image", "caption"),
+        default="image",
+        help="one anchor per image with its captions' mean embedding (default), or one per caption",
+    )
+    p.add_argument("--rerank", default="Flat", help="IVF-PQ exact re-ranking store: Flat | SQfp16 | SQ8 | none")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="default k recorded in the manifest")
+    p.add_argument("--p", type=float, default=DEFAULT_P, help="default p recorded in the manifest")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="rebuild over an existing index folder")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from index_builder.build import BuildConfig, BuildError, run_build
+    from index_builder.pairs_io import PairsFileError
+
+    config = BuildConfig(
+        pairs=args.pairs,
+        images_root=args.images_root,
+        out=args.out,
+        image_encoder=args.image_encoder,
+        text_encoder=args.text_encoder,
+        index_type=args.index_type,
+        anchors=args.anchors,
+        rerank=None if args.rerank.lower() == "none" else args.rerank,
+        k=args.k,
+        p=args.p,
+        batch_size=args.batch_size,
+        device=args.device,
+        force=args.force,
+    )
+    try:
+        report = run_build(config)
+    except (BuildError, PairsFileError, ValueError) as exc:
+        print(f"asif build: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"index written to {args.out}")
+    print("\n".join(report.lines()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="asif", description="ASIF: multimodal models from unimodal encoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        return _run_build(args)
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

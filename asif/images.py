@@ -1,0 +1,53 @@
+"""Safe image decoding and thumbnails (PIL only): bad input raises ImageError, never crashes."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; a decompression bomb claims far more
+THUMBNAIL_SIZE = 96
+
+
+class ImageError(ValueError):
+    """The input is not a readable image (empty, truncated, not an image, too many pixels)."""
+
+
+def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image fully into RGB, checking the pixel count from the header before decoding."""
+    if isinstance(source, bytes | bytearray):
+        if not source:
+            raise ImageError("empty file")
+        fp: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        fp = Path(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+                img.load()
+                return img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image has too many pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not a recognised image format") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(f"file not found: {fp}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageError(f"corrupt or truncated image: {exc}") from exc
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_SIZE, quality: int = 80) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

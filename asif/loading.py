@@ -1,0 +1,57 @@
+"""Open an index folder as a ready ASIF model: stores, metadata, and (optionally) encoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.metadata import PairMetadata
+from asif.model import AsifModel
+from asif.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
+
+
+@dataclass
+class LoadedIndex:
+    folder: IndexFolder
+    model: AsifModel
+    metadata: PairMetadata
+
+
+def open_index(
+    path: str | Path,
+    image_encoder: ImageEncoder | str | None = None,
+    text_encoder: TextEncoder | str | None = None,
+    load_encoders: bool = True,
+    device: str | None = None,
+    verify: bool = True,
+) -> LoadedIndex:
+    """Load an index folder. Encoders default to the specs in its manifest; others must match it.
+
+    Raises :class:`asif.persist.EncoderMismatchError` when the given encoders are not the ones
+    the index was built with, and :class:`asif.persist.IndexFolderError` for a broken folder.
+    """
+    manifest = read_manifest(Path(path))
+    if load_encoders:
+        if image_encoder is None or isinstance(image_encoder, str):
+            image_encoder = load_image_encoder(image_encoder or manifest["image_encoder"]["spec"], device)
+        if text_encoder is None or isinstance(text_encoder, str):
+            text_encoder = load_text_encoder(text_encoder or manifest["text_encoder"]["spec"], device)
+    image_obj = image_encoder if isinstance(image_encoder, ImageEncoder) else None
+    text_obj = text_encoder if isinstance(text_encoder, TextEncoder) else None
+    check_encoders(
+        manifest, image_obj.identity if image_obj else None, text_obj.identity if text_obj else None
+    )
+    folder = load_index_folder(Path(path), verify=verify)
+    metadata = PairMetadata(folder.metadata_path)
+    defaults = manifest.get("defaults", {})
+    model = AsifModel(
+        folder.image_store,
+        folder.text_store,
+        k=int(defaults.get("k", 800)),
+        p=float(defaults.get("p", 8.0)),
+        image_encoder=image_obj,
+        text_encoder=text_obj,
+        captions=metadata.captions,
+    )
+    return LoadedIndex(folder, model, metadata)

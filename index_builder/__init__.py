@@ -1,0 +1,1 @@
+"""Offline builder: pair files + images -> ASIF index folder (see `asif build --help`)."""
