@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P
 
 
@@ -21,8 +22,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=Path, required=True, help="CSV/TSV with image,caption columns, or JSONL")
     p.add_argument("--images-root", type=Path, required=True, help="folder the image paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="index folder to write")
-    p.add_argument("--image-encoder", default="effnet-lite2", help="effnet-lite2 | effnet-lite0 | hf:<model>")
-    p.add_argument("--text-encoder", default="minilm", help="minilm | mpnet | st:<model>")
+    p.add_argument("--image-encoder", default="effnet-lite2", help=IMAGE_ENCODER_HELP)
+    p.add_argument("--text-encoder", default="minilm", help=TEXT_ENCODER_HELP)
     p.add_argument(
         "--index-type", default="auto", help="auto | flat | ivfpq | a FAISS factory string (auto: flat up to 50k)"
     )

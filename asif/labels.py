@@ -133,7 +133,9 @@ class NeighbourCache:
         s = self.queries @ np.asarray(new_vectors, dtype=np.float32).T  # (L, m)
         truncated = self.exact < n_before  # rows that do not hold every anchor
         last = np.take_along_axis(self.sims, np.maximum(self.exact - 1, 0)[:, None], axis=1)[:, 0]
-        cutoff = np.where(truncated & (self.exact > 0), last, -np.inf)
+        # A row holding every anchor takes any newcomer; a truncated row only those above its last
+        # known-exact entry; a truncated row that knows nothing (all deleted) waits for ensure().
+        cutoff = np.where(truncated, np.where(self.exact > 0, last, np.inf), -np.inf)
         enters = s > cutoff[:, None]
         rows = np.flatnonzero(enters.any(axis=1))
         if len(rows) == 0:

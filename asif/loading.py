@@ -39,9 +39,7 @@ def open_index(
             text_encoder = load_text_encoder(text_encoder or manifest["text_encoder"]["spec"], device)
     image_obj = image_encoder if isinstance(image_encoder, ImageEncoder) else None
     text_obj = text_encoder if isinstance(text_encoder, TextEncoder) else None
-    check_encoders(
-        manifest, image_obj.identity if image_obj else None, text_obj.identity if text_obj else None
-    )
+    check_encoders(manifest, image_obj.identity if image_obj else None, text_obj.identity if text_obj else None)
     folder = load_index_folder(Path(path), verify=verify)
     metadata = PairMetadata(folder.metadata_path)
     defaults = manifest.get("defaults", {})

@@ -98,7 +98,8 @@ class BuildReport:
             f"images embedded:   {rate(self.images_embedded_now, self.image_seconds, 'img')}",
             f"captions embedded: {rate(self.captions_embedded_now, self.caption_seconds, 'captions')}",
             f"resumed chunks:    {self.resumed_chunks}",
-            f"index build:       {self.index_seconds:.1f} s ({self.index.get('image', '')} / {self.index.get('text', '')})",
+            f"index build:       {self.index_seconds:.1f} s (image {self.index.get('image')}, "
+            f"text {self.index.get('text')})",
             f"total:             {self.total_seconds:.1f} s",
         ]
 
@@ -110,8 +111,14 @@ def _fingerprint(config: BuildConfig, image_id: dict[str, Any], text_id: dict[st
             h.update(block)
     h.update(
         json.dumps(
-            [str(config.images_root.resolve()), image_id, text_id, config.image_chunk, config.caption_chunk,
-             config.max_pixels],
+            [
+                str(config.images_root.resolve()),
+                image_id,
+                text_id,
+                config.image_chunk,
+                config.caption_chunk,
+                config.max_pixels,
+            ],
             sort_keys=True,
         ).encode()
     )

@@ -44,3 +44,73 @@ def recall_setup() -> dict:
         store = build_store(anchors, ids, choose_index_spec(len(anchors), anchors.shape[1], "ivfpq"))
         out[name] = (store, anchors, queries)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast deterministic encoders and a tiny on-disk pair collection, for builder and service tests.
+
+from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise  # noqa: E402
+
+
+class PixelEncoder(ImageEncoder):
+    """Image -> its 4x4 RGB thumbnail (48-d), centred and normalised. Counts calls."""
+
+    def __init__(self) -> None:
+        self.identity = EncoderIdentity("test:pixels", "pixels-4x4", "image", 48, {"size": 4})
+        self.calls = 0
+        self.fail_after: int | None = None
+
+    def encode(self, images):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        rows = [np.asarray(im.convert("RGB").resize((4, 4)), dtype=np.float32).ravel() - 127.5 for im in images]
+        return l2_normalise(np.stack(rows)) if rows else np.zeros((0, 48), np.float32)
+
+
+class HashTextEncoder(TextEncoder):
+    """Text -> hashed bag of words (64-d), normalised."""
+
+    def __init__(self) -> None:
+        self.identity = EncoderIdentity("test:hash", "hash-bow", "text", 64, {})
+
+    def encode(self, texts):
+        import zlib
+
+        out = np.zeros((len(texts), 64), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, zlib.crc32(w.encode()) % 64] += 1.0
+        return l2_normalise(out + 1e-3)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def write_pair_collection(root, n_per_colour: int = 5, seed: int = 0):
+    """Solid-ish coloured JPEGs with captions naming the colour; returns (images_root, csv path)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for colour, rgb in COLOURS.items():
+        for j in range(n_per_colour):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+            name = f"{colour}_{j}.jpg"
+            Image.fromarray(arr).save(images / name)
+            lines.append(f"{name},a {colour} square number {j}")
+            lines.append(f'{name},"something {colour}, painted"')
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return images, root / "pairs.csv"
+
+
+@pytest.fixture
+def pixel_encoder() -> PixelEncoder:
+    return PixelEncoder()
+
+
+@pytest.fixture
+def hash_encoder() -> HashTextEncoder:
+    return HashTextEncoder()

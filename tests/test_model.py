@@ -159,3 +159,20 @@ def test_ivfpq_edit_equals_rebuild_top1(small_world):
     a = [p.scores[0][0] for p in model.classify(data.image_queries, labels)]
     b = [p.scores[0][0] for p in rebuilt.classify(data.image_queries, rebuilt_labels)]
     assert a == b
+
+
+def test_neighbour_cache_row_emptied_by_deletes_ignores_adds_until_refilled(rng):
+    txt = random_unit(rng, 100, 8)
+    store = build_store(txt, np.arange(100), choose_index_spec(100, 8))
+    cache = NeighbourCache(random_unit(rng, 1, 8), depth=5)
+    cache.fill(np.arange(1), store.search, store.ntotal)
+    victims = cache.ids[0].copy()
+    store.remove(victims)
+    cache.remove(victims)
+    assert cache.exact[0] == 0
+    far = -cache.queries[:1]  # the least similar possible newcomer must not become "top"
+    store.add(np.array([500]), far)
+    cache.add(np.array([500]), far, n_before=95)
+    assert cache.exact[0] == 0
+    cache.ensure(5, store.search, store.ntotal)
+    np.testing.assert_array_equal(cache.topk(5)[1], store.search(cache.queries, 5)[1])
