@@ -1,8 +1,9 @@
-"""The `asif` command line: `asif build` (more subcommands come with the service and evaluation)."""
+"""The `asif` command line: `asif build` and `asif serve`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -70,14 +71,47 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve an index folder over HTTP",
+        description="Start the REST service. Other settings come from ASIF_* environment variables (see README).",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index folder written by `asif build`")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.core.config import Settings
+    from app.main import create_app
+    from asif.persist import IndexFolderError, read_manifest
+
+    try:
+        read_manifest(args.index)
+    except IndexFolderError as exc:
+        print(f"asif serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    settings = Settings(index=args.index)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="asif", description="ASIF: multimodal models from unimodal encoders")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     if args.command == "build":
         return _run_build(args)
+    if args.command == "serve":
+        return _run_serve(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 

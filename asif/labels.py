@@ -22,6 +22,7 @@ neighbours of the current anchor set; the invariant is checked against a rebuild
 from __future__ import annotations
 
 import string
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -192,6 +193,8 @@ class CachedLabels:
     label_set: LabelSet
     embeddings: np.ndarray  # (n_classes, d_text)
     neighbours: NeighbourCache
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards lazy refills and memos
+    synced: int = 0  # the model edit version these neighbours reflect
     _keys: dict[tuple[int, float, int], KeyMatrix] = field(default_factory=dict)
     _rr: dict[tuple[int, float, int], SparseRR] = field(default_factory=dict)
 

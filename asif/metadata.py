@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY,
@@ -23,7 +25,49 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Edit log: every live add/delete since the last snapshot, with the vectors, replayed on load.
+CREATE TABLE IF NOT EXISTS edits (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'delete')),
+    pair_id INTEGER NOT NULL,
+    image_vec BLOB,
+    text_vec BLOB
+);
+CREATE TABLE IF NOT EXISTS label_sets (
+    name TEXT PRIMARY KEY,
+    classes TEXT NOT NULL,
+    templates TEXT NOT NULL,
+    embeddings BLOB NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """A pair to add live: its reference, captions, thumbnail and embeddings."""
+
+    image: str
+    captions: list[str]
+    thumbnail: bytes | None
+    image_vec: np.ndarray
+    text_vec: np.ndarray
+
+
+@dataclass(frozen=True)
+class Edit:
+    seq: int
+    op: str
+    pair_id: int
+    image_vec: np.ndarray | None
+    text_vec: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class StoredLabelSet:
+    name: str
+    classes: list[str]
+    templates: list[str]
+    embeddings: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -117,3 +161,93 @@ class PairMetadata:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    # -- live edits (the edit log) ----------------------------------------------------------------
+    def log_add(self, pairs: Sequence[NewPair]) -> list[int]:
+        """Assign ids and durably record new pairs (rows, thumbnails, edit log) in one transaction."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'next_pair_id'").fetchone()
+            first = int(row[0]) if row else 0
+            ids = list(range(first, first + len(pairs)))
+            for pid, pair in zip(ids, pairs, strict=True):
+                self._db.execute(
+                    "INSERT INTO pairs (id, image, captions) VALUES (?, ?, ?)",
+                    (pid, pair.image, json.dumps(list(pair.captions), ensure_ascii=False)),
+                )
+                if pair.thumbnail:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO thumbnails (image, jpeg) VALUES (?, ?)", (pair.image, pair.thumbnail)
+                    )
+                self._db.execute(
+                    "INSERT INTO edits (op, pair_id, image_vec, text_vec) VALUES ('add', ?, ?, ?)",
+                    (pid, _blob(pair.image_vec), _blob(pair.text_vec)),
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_pair_id', ?)", (str(first + len(pairs)),)
+            )
+        return ids
+
+    def log_delete(self, ids: Sequence[int]) -> None:
+        """Durably delete pairs (rows, orphaned thumbnails) and record the deletes in the edit log."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for pid in ids:
+                self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
+                self._db.execute("INSERT INTO edits (op, pair_id) VALUES ('delete', ?)", (int(pid),))
+            self._db.execute("DELETE FROM thumbnails WHERE image NOT IN (SELECT image FROM pairs)")
+
+    def edits_after(self, seq: int) -> list[Edit]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, op, pair_id, image_vec, text_vec FROM edits WHERE seq > ? ORDER BY seq", (int(seq),)
+            ).fetchall()
+        return [Edit(r[0], r[1], r[2], _array(r[3]), _array(r[4])) for r in rows]
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM edits").fetchone()
+            if row[0] is not None:
+                return int(row[0])
+            # All edits compacted away: AUTOINCREMENT keeps counting in sqlite_sequence.
+            seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'edits'").fetchone()
+        return int(seq[0]) if seq else 0
+
+    def compact_log(self, upto_seq: int) -> None:
+        """Drop edits already contained in a committed snapshot."""
+        with self._lock:
+            self._db.execute("DELETE FROM edits WHERE seq <= ?", (int(upto_seq),))
+
+    # -- stored label sets -------------------------------------------------------------------------
+    def put_label_set(self, stored: StoredLabelSet) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO label_sets (name, classes, templates, embeddings) VALUES (?, ?, ?, ?)",
+                (
+                    stored.name,
+                    json.dumps(stored.classes, ensure_ascii=False),
+                    json.dumps(stored.templates, ensure_ascii=False),
+                    _blob(np.ascontiguousarray(stored.embeddings, dtype=np.float32)),
+                ),
+            )
+
+    def label_sets(self) -> list[StoredLabelSet]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, classes, templates, embeddings FROM label_sets ORDER BY name")
+            out = []
+            for name, classes, templates, emb in rows.fetchall():
+                cls = json.loads(classes)
+                out.append(StoredLabelSet(name, cls, json.loads(templates), _array(emb).reshape(len(cls), -1)))
+        return out
+
+    def delete_label_set(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM label_sets WHERE name = ?", (name,)).rowcount > 0
+
+
+def _blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def _array(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()

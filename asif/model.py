@@ -62,6 +62,7 @@ class AsifModel:
         self.text_encoder = text_encoder
         self.captions = captions
         self.label_sets: dict[str, CachedLabels] = {}
+        self.version = 0  # bumped by every edit; registered label sets are kept in step with it
 
     @property
     def n_pairs(self) -> int:
@@ -105,7 +106,7 @@ class AsifModel:
             raise ValueError(f"label embeddings must be ({len(label_set.classes)}, {self.text_store.dim})")
         cache = NeighbourCache(emb, depth=cache_depth(self.k))
         cache.fill(np.arange(len(emb)), self.text_store.search, self.n_pairs)
-        return CachedLabels(label_set, emb, cache)
+        return CachedLabels(label_set, emb, cache, synced=self.version)
 
     def register_labels(self, name: str, label_set: LabelSet, embeddings: np.ndarray | None = None) -> CachedLabels:
         """Add (or replace) a named label set whose representations follow every edit."""
@@ -114,10 +115,13 @@ class AsifModel:
         return cached
 
     def _label_keys(self, labels: CachedLabels, k: int, p: float) -> tuple[KeyMatrix, SparseRR]:
-        if labels.neighbours.depth < k:
-            labels.neighbours = NeighbourCache(labels.embeddings, depth=cache_depth(k))
-        labels.neighbours.ensure(k, self.text_store.search, self.n_pairs)
-        return labels.key_matrix(k, p), labels.relrep(k, p)
+        with labels.lock:  # concurrent readers may share a label set; refills and memos are lazy
+            if labels.neighbours.depth < k or labels.synced != self.version:
+                # Deeper k than cached, or labels that missed edits (not registered): start afresh.
+                labels.neighbours = NeighbourCache(labels.embeddings, depth=cache_depth(max(k, self.k)))
+                labels.synced = self.version
+            labels.neighbours.ensure(k, self.text_store.search, self.n_pairs)
+            return labels.key_matrix(k, p), labels.relrep(k, p)
 
     # -- classification -------------------------------------------------------------------------
     def classify(
@@ -184,8 +188,11 @@ class AsifModel:
         except Exception:
             self.image_store.remove(ids)  # keep the two stores in step
             raise
+        self.version += 1
         for cached in self.label_sets.values():
-            cached.neighbours.add(ids, text_embeddings, n_before)
+            with cached.lock:
+                cached.neighbours.add(ids, text_embeddings, n_before)
+                cached.synced = self.version
 
     def remove_pairs(self, ids: np.ndarray) -> int:
         """Remove pairs by id from both stores and every label set; returns how many were present."""
@@ -195,7 +202,10 @@ class AsifModel:
             return 0
         self.image_store.remove(present)
         self.text_store.remove(present)
+        self.version += 1
         for cached in self.label_sets.values():
-            cached.neighbours.remove(present)
-            cached.neighbours.ensure(self.k, self.text_store.search, self.n_pairs)
+            with cached.lock:
+                cached.neighbours.remove(present)
+                cached.neighbours.ensure(self.k, self.text_store.search, self.n_pairs)
+                cached.synced = self.version
         return len(present)

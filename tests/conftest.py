@@ -114,3 +114,36 @@ def pixel_encoder() -> PixelEncoder:
 @pytest.fixture
 def hash_encoder() -> HashTextEncoder:
     return HashTextEncoder()
+
+
+# ---------------------------------------------------------------------------------------------
+# The service on a tiny index built with the fast encoders.
+
+
+@pytest.fixture
+def built_index(tmp_path):
+    """A 20-image colour collection (two captions each) built with the fast test encoders."""
+    from index_builder.build import BuildConfig, run_build
+
+    images, pairs = write_pair_collection(tmp_path / "data")
+    out = tmp_path / "index"
+    run_build(BuildConfig(pairs=pairs, images_root=images, out=out, k=10), PixelEncoder(), HashTextEncoder())
+    return out, images
+
+
+def make_client(index_dir, **settings):
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+    from asif.live import LiveModel
+
+    cfg = Settings(index=index_dir, batch_max_wait_ms=1, snapshot_interval_s=3600, **settings)
+    app = create_app(cfg, live_factory=lambda s: LiveModel(s.index, PixelEncoder(), HashTextEncoder()))
+    return TestClient(app)
+
+
+@pytest.fixture
+def client(built_index):
+    with make_client(built_index[0]) as c:
+        yield c

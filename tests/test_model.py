@@ -176,3 +176,16 @@ def test_neighbour_cache_row_emptied_by_deletes_ignores_adds_until_refilled(rng)
     assert cache.exact[0] == 0
     cache.ensure(5, store.search, store.ntotal)
     np.testing.assert_array_equal(cache.topk(5)[1], store.search(cache.queries, 5)[1])
+
+
+def test_unregistered_labels_are_rebuilt_after_edits(small_world):
+    data = small_world.pairs(300, n_queries=10)
+    model = flat_model(data.image_anchors[:200], data.text_anchors[:200], np.arange(200), k=20)
+    detached = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)  # not registered
+    victims = detached.neighbours.ids[:, 0]
+    model.remove_pairs(victims)
+    model.add_pairs(np.arange(200, 300), data.image_anchors[200:], data.text_anchors[200:])
+    preds = model.classify(data.image_queries, detached, explain=100)
+    assert not {a.pair_id for p in preds for a in p.explanation} & set(victims.tolist())
+    fresh = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)
+    np.testing.assert_array_equal(detached.neighbours.topk(20)[1], fresh.neighbours.topk(20)[1])

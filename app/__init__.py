@@ -1,0 +1,1 @@
+"""The ASIF REST service (FastAPI). Start it with `asif serve --index DIR`."""

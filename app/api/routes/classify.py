@@ -1,0 +1,163 @@
+"""POST /v1/classify and POST /v1/similarity."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import State
+from app.core.errors import ApiError
+from app.inputs import check_k_p, decode_base64, decode_images, form_list, label_set_from, read_upload
+from app.schemas import (
+    ClassifyJSON,
+    ClassifyOptions,
+    ClassifyResponse,
+    Contribution,
+    ImageResult,
+    LabelScore,
+    SimilarityJSON,
+    SimilarityResponse,
+)
+from asif.relrep import effective_k
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "templates": {"type": "array", "items": {"type": "string"}},
+        "label_set": {"type": "string"},
+        "top": {"type": "integer"},
+        "k": {"type": "integer"},
+        "p": {"type": "number"},
+        "explain": {"type": "integer"},
+        "threshold": {"type": "number"},
+    },
+}
+
+
+def _body_doc(json_model: type) -> dict:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            },
+        }
+    }
+
+
+async def _parse(request: Request, state: State, model: type) -> tuple[object, list[bytes]]:
+    """JSON (base64 images) or multipart (image files + form fields) -> (options, image bytes)."""
+    settings = state.settings
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_labels + 64)
+            uploads = [f for f in form.getlist("images") if not isinstance(f, str)]
+            blobs = [await read_upload(f, settings) for f in uploads]
+            fields: dict[str, object] = {
+                key: form.get(key) for key in form if key not in ("images", "labels", "templates", "texts")
+            }
+            for key in ("labels", "templates", "texts"):
+                values = [v for v in form.getlist(key) if isinstance(v, str)]
+                if values:
+                    fields[key] = form_list(values)
+            options_model = ClassifyOptions if model is ClassifyJSON else model
+            if model is SimilarityJSON:
+                fields["images"] = []
+            return options_model.model_validate(fields), blobs
+        if ctype.startswith("application/json") or not ctype:
+            body = model.model_validate_json(await request.body())
+            blobs = [decode_base64(b, settings, f"image {i}") for i, b in enumerate(body.images)]
+            return body, blobs
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise ApiError(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "request body is not valid UTF-8") from exc
+    raise ApiError(415, "send application/json (base64 images) or multipart/form-data (image files)")
+
+
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_body_doc(ClassifyJSON))
+async def classify(request: Request, state: State) -> ClassifyResponse:
+    """Classify one or more images against inline labels or a stored label set."""
+    opts, blobs = await _parse(request, state, ClassifyJSON)
+    assert isinstance(opts, ClassifyOptions)
+    check_k_p(opts.k, opts.p, state.settings)
+    if opts.label_set is not None and opts.labels:
+        raise ApiError(422, "give either labels or label_set, not both")
+    if opts.label_set is not None:
+        labels = state.live.label_set(opts.label_set)
+        if labels is None:
+            raise ApiError(404, f"unknown label set {opts.label_set!r}")
+    else:
+        labels = await state.inline_labels(label_set_from(opts.labels, opts.templates, state.settings))
+    images = await decode_images(blobs, state.settings)
+    embeddings = await state.images.encode(images)
+    model = state.live.model
+
+    def run():
+        with state.live.reading():
+            k = effective_k(opts.k or model.k, model.n_pairs)
+            p = float(opts.p or model.p)
+            if k == 0:
+                raise ApiError(409, "the model holds no pairs")
+            preds = model.classify(
+                embeddings, labels, k=k, p=p, top=opts.top, threshold=opts.threshold, explain=opts.explain
+            )
+            return k, p, model.n_pairs, preds
+
+    k, p, n_pairs, preds = await run_in_threadpool(run)
+    results = [
+        ImageResult(
+            label=pred.label,
+            unknown=pred.unknown,
+            scores=[LabelScore(label=lbl, score=s) for lbl, s in pred.scores],
+            explanation=[
+                Contribution(
+                    pair_id=a.pair_id,
+                    caption=a.caption,
+                    contribution=a.contribution,
+                    thumbnail_url=f"/v1/pairs/{a.pair_id}/thumbnail",
+                )
+                for a in pred.explanation
+            ],
+        )
+        for pred in preds
+    ]
+    return ClassifyResponse(k=k, p=p, pairs=n_pairs, results=results)
+
+
+@router.post("/similarity", response_model=SimilarityResponse, openapi_extra=_body_doc(SimilarityJSON))
+async def similarity(request: Request, state: State) -> SimilarityResponse:
+    """ASIF similarity matrix between images and texts (the CLIP-style use)."""
+    body, blobs = await _parse(request, state, SimilarityJSON)
+    assert isinstance(body, SimilarityJSON)
+    check_k_p(body.k, body.p, state.settings)
+    texts = [t.strip() for t in body.texts]
+    if not texts or any(not t for t in texts):
+        raise ApiError(422, "texts must be a non-empty list of non-empty strings")
+    if len(texts) > state.settings.max_texts:
+        raise ApiError(422, f"too many texts: {len(texts)} > {state.settings.max_texts}")
+    images = await decode_images(blobs, state.settings)
+    image_emb = await state.images.encode(images)
+    text_emb = await state.texts.encode(texts)
+    model = state.live.model
+
+    def run():
+        with state.live.reading():
+            k = effective_k(body.k or model.k, model.n_pairs)
+            p = float(body.p or model.p)
+            if k == 0:
+                raise ApiError(409, "the model holds no pairs")
+            return k, p, model.similarity(image_emb, text_emb, k=k, p=p)
+
+    k, p, matrix = await run_in_threadpool(run)
+    return SimilarityResponse(k=k, p=p, matrix=matrix.tolist())

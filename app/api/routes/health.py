@@ -1,0 +1,50 @@
+"""GET /healthz, /readyz, /metrics and /v1/info."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import State
+from app.core.errors import ApiError
+from app.schemas import Info
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(state: State) -> dict:
+    """Index and encoders are loaded."""
+    if not state.ready:
+        raise ApiError(503, "loading")
+    return {"status": "ready", "pairs": state.live.model.n_pairs}
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(state: State) -> Response:
+    state.refresh_gauges()
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/info", response_model=Info, tags=["info"])
+async def info(state: State) -> Info:
+    live = state.live
+    model = live.model
+    return Info(
+        encoders={"image": model.image_encoder.identity.to_dict(), "text": model.text_encoder.identity.to_dict()},
+        pairs=model.n_pairs,
+        anchors=str(live.manifest.get("anchors", "image")),
+        index={
+            role: {"spec": store.spec.to_dict(), "ntotal": store.ntotal}
+            for role, store in (("image", model.image_store), ("text", model.text_store))
+        },
+        defaults={"k": model.k, "p": model.p},
+        generation=int(live.manifest.get("generation", 0)),
+        pending_edits=live.pending_edits(),
+        label_sets=sorted(live.stored_label_sets()),
+    )

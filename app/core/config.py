@@ -1,0 +1,40 @@
+"""Service configuration: one pydantic-settings class, environment variables prefixed ASIF_."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ASIF_", env_file=None, extra="ignore")
+
+    index: Path = Field(Path("index"), description="index folder written by `asif build`")
+    image_encoder: str | None = Field(None, description="override the manifest's image encoder spec")
+    text_encoder: str | None = Field(None, description="override the manifest's text encoder spec")
+    device: str | None = Field(None, description="cuda | cpu; default: cuda when available")
+    verify_checksums: bool = True
+
+    api_key: SecretStr | None = Field(None, description="when set, write endpoints need 'Authorization: Bearer <key>'")
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image (bytes)")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest accepted request body (bytes)")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
+    max_images: int = Field(64, ge=1, description="images per classify/similarity request")
+    max_texts: int = Field(1024, ge=1, description="texts per similarity request")
+    max_labels: int = Field(10_000, ge=1, le=10_000, description="labels per label set")
+    max_caption_chars: int = Field(2_000, ge=1)
+    max_pairs_per_request: int = Field(256, ge=1)
+    max_k: int = Field(10_000, ge=1, description="largest k a request may ask (k is also capped at the pairs)")
+    max_p: float = Field(64.0, gt=0)
+
+    batch_max_size: int = Field(32, ge=1, description="encoder micro-batch size")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    inline_label_cache: int = Field(64, ge=1, description="ad-hoc label sets kept with their representations")
+
+    snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
+    torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
+    faiss_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)

@@ -1,0 +1,82 @@
+"""Turning request payloads into validated images, labels and k/p (4xx on bad input)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from fastapi import UploadFile
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.core.config import Settings
+from app.core.errors import ApiError
+from asif.images import open_image
+from asif.labels import DEFAULT_TEMPLATES, LabelSet
+
+
+def decode_base64(data: str, settings: Settings, what: str) -> bytes:
+    # base64 grows data by 4/3: refuse before decoding anything too large.
+    if len(data) > settings.max_upload_bytes * 4 // 3 + 8:
+        raise ApiError(413, f"{what} is larger than the limit of {settings.max_upload_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, f"{what} is not valid base64") from exc
+    return raw
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(
+            413, f"{upload.filename or 'upload'} is larger than the limit of {settings.max_upload_bytes} bytes"
+        )
+    return data
+
+
+async def decode_images(blobs: list[bytes], settings: Settings) -> list[Image.Image]:
+    if not blobs:
+        raise ApiError(422, "at least one image is required")
+    if len(blobs) > settings.max_images:
+        raise ApiError(422, f"too many images: {len(blobs)} > {settings.max_images}")
+
+    def decode_all() -> list[Image.Image]:
+        out = []
+        for i, blob in enumerate(blobs):
+            try:
+                out.append(open_image(blob, max_pixels=settings.max_pixels))
+            except ValueError as exc:
+                raise ApiError(400, f"image {i}: {exc}") from exc
+        return out
+
+    return await run_in_threadpool(decode_all)
+
+
+def label_set_from(labels: list[str] | None, templates: list[str] | None, settings: Settings) -> LabelSet:
+    if not labels:
+        raise ApiError(422, "labels must be a non-empty list of class names (or name a stored label_set)")
+    if len(labels) > settings.max_labels:
+        raise ApiError(422, f"too many labels: {len(labels)} > {settings.max_labels}")
+    return LabelSet(tuple(labels), tuple(templates) if templates else DEFAULT_TEMPLATES)
+
+
+def check_k_p(k: int | None, p: float | None, settings: Settings) -> None:
+    if k is not None and not 1 <= k <= settings.max_k:
+        raise ApiError(422, f"k must be between 1 and {settings.max_k}, got {k}")
+    if p is not None and not 0 < p <= settings.max_p:
+        raise ApiError(422, f"p must be in (0, {settings.max_p}], got {p}")
+
+
+def form_list(values: list[str]) -> list[str]:
+    """Multipart list fields: repeated fields, or one field holding a JSON array."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(values[0])
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "list field is not a valid JSON array") from exc
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ApiError(422, "list field must be a JSON array of strings")
+        return parsed
+    return values

@@ -1,0 +1,131 @@
+"""App factory: `create_app(settings)` builds the FastAPI app; its lifespan loads the model once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.routes import classify, health, label_sets, pairs
+from app.batching import MicroBatcher
+from app.core.config import Settings
+from app.core.errors import install_error_handlers
+from app.metrics import Metrics
+from app.state import AppState
+from asif import __version__
+from asif.live import LiveModel
+
+log = logging.getLogger("asif.app")
+
+LiveFactory = Callable[[Settings], LiveModel]
+
+
+def load_live(settings: Settings) -> LiveModel:
+    return LiveModel(
+        settings.index,
+        settings.image_encoder,
+        settings.text_encoder,
+        device=settings.device,
+        verify=settings.verify_checksums,
+        inline_cache_size=settings.inline_label_cache,
+    )
+
+
+def _set_threads(settings: Settings) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.faiss_threads)
+
+
+async def _snapshot_loop(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.snapshot_interval_s)
+        if state.live.pending_edits() > 0:
+            info = await run_in_threadpool(state.live.snapshot)
+            log.info("snapshot generation %d (%d pairs)", info.generation, info.pairs)
+
+
+def create_app(settings: Settings | None = None, live_factory: LiveFactory = load_live) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _set_threads(settings)
+        live = await run_in_threadpool(live_factory, settings)
+        wait = settings.batch_max_wait_ms / 1000
+        state = AppState(
+            settings=settings,
+            live=live,
+            images=MicroBatcher(
+                live.image_encoder.encode,
+                settings.batch_max_size,
+                wait,
+                "image",
+                lambda n: metrics.encoder_batch.labels("image").observe(n),
+            ),
+            texts=MicroBatcher(
+                live.text_encoder.encode,
+                settings.batch_max_size * 4,
+                wait,
+                "text",
+                lambda n: metrics.encoder_batch.labels("text").observe(n),
+            ),
+            metrics=metrics,
+        )
+        app.state.asif = state
+        state.refresh_gauges()
+        state.ready = True
+        snapshots = asyncio.create_task(_snapshot_loop(state))
+        log.info("ready: %d pairs from %s (%d edits replayed)", live.model.n_pairs, settings.index, live.replayed)
+        try:
+            yield
+        finally:
+            state.ready = False
+            snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await snapshots
+            if live.pending_edits() > 0:  # clean shutdown (SIGTERM): flush a snapshot
+                info = await run_in_threadpool(live.snapshot)
+                log.info("final snapshot generation %d", info.generation)
+            state.close()
+            live.close()
+
+    app = FastAPI(
+        title="asif",
+        version=__version__,
+        description="ASIF: zero-shot image classification from two frozen encoders and image-caption pairs.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            return JSONResponse(
+                {"detail": f"request body larger than the limit of {settings.max_request_bytes} bytes"},
+                status_code=413,
+            )
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(label_sets.router)
+    app.include_router(pairs.router)
+    return app

@@ -1,0 +1,32 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "asif_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "asif_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.encoder_batch = Histogram(
+            "asif_encoder_batch_size",
+            "items per encoder call",
+            ["encoder"],
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.pairs = Gauge("asif_pairs", "pairs in the model", registry=self.registry)
+        self.pending_edits = Gauge("asif_pending_edits", "edits not yet in a snapshot", registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""Typed request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ClassifyOptions(BaseModel):
+    labels: list[str] | None = Field(None, description="inline class names (or use label_set)")
+    templates: list[str] | None = Field(None, description="prompt templates with one '{}' (default: 7 photo prompts)")
+    label_set: str | None = Field(None, description="name of a stored label set")
+    top: int = Field(5, ge=1, le=1000, description="how many ranked labels to return per image")
+    k: int | None = Field(None, ge=1, description="neighbours kept (default: the index's k; capped at the pairs)")
+    p: float | None = Field(None, gt=0, description="exponent (default: the index's p)")
+    explain: int = Field(0, ge=0, le=1000, description="how many contributing anchor pairs to return (0: none)")
+    threshold: float = Field(0.0, ge=0.0, le=1.0, description="answer 'unknown' when the best score is below this")
+
+
+class ClassifyJSON(ClassifyOptions):
+    images: list[str] = Field(..., description="base64-encoded image files")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Contribution(BaseModel):
+    pair_id: int
+    caption: str | None
+    contribution: float
+    thumbnail_url: str
+
+
+class ImageResult(BaseModel):
+    label: str = Field(..., description="best label, or 'unknown'")
+    unknown: bool
+    scores: list[LabelScore]
+    explanation: list[Contribution] = []
+
+
+class ClassifyResponse(BaseModel):
+    k: int
+    p: float
+    pairs: int
+    results: list[ImageResult]
+
+
+class SimilarityJSON(BaseModel):
+    images: list[str] = Field(..., description="base64-encoded image files")
+    texts: list[str]
+    k: int | None = Field(None, ge=1)
+    p: float | None = Field(None, gt=0)
+
+
+class SimilarityResponse(BaseModel):
+    k: int
+    p: float
+    matrix: list[list[float]] = Field(..., description="rows: images, columns: texts")
+
+
+class LabelSetBody(BaseModel):
+    labels: list[str]
+    templates: list[str] | None = None
+
+
+class LabelSetOut(BaseModel):
+    name: str
+    labels: list[str]
+    templates: list[str]
+
+
+class LabelSetList(BaseModel):
+    label_sets: list[LabelSetOut]
+
+
+class NewPairJSON(BaseModel):
+    image: str = Field(..., description="base64-encoded image file")
+    caption: str | None = None
+    captions: list[str] | None = None
+    image_ref: str | None = Field(None, max_length=1000, description="name to record for the image")
+
+
+class NewPairsJSON(BaseModel):
+    pairs: list[NewPairJSON]
+
+
+class PairIds(BaseModel):
+    ids: list[int]
+
+
+class PairOut(BaseModel):
+    id: int
+    image: str
+    caption: str
+    captions: list[str]
+    thumbnail_url: str
+
+
+class PairPage(BaseModel):
+    items: list[PairOut]
+    next_after: int | None = Field(None, description="pass as ?after= for the next page; null at the end")
+
+
+class Deleted(BaseModel):
+    deleted: int
+
+
+class Info(BaseModel):
+    encoders: dict[str, Any]
+    pairs: int
+    anchors: str
+    index: dict[str, Any]
+    defaults: dict[str, Any]
+    generation: int
+    pending_edits: int
+    label_sets: list[str]

@@ -1,0 +1,45 @@
+"""Everything the routes share: settings, the live model, encoder batchers, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from app.batching import MicroBatcher
+from app.core.config import Settings
+from app.metrics import Metrics
+from asif.labels import CachedLabels, LabelSet, combine_prompt_embeddings
+from asif.live import LiveModel
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    live: LiveModel
+    images: MicroBatcher[Image.Image]
+    texts: MicroBatcher[str]
+    metrics: Metrics
+    ready: bool = False
+
+    async def embed_labels(self, label_set: LabelSet) -> np.ndarray:
+        prompts = await self.texts.encode(label_set.prompts())
+        return combine_prompt_embeddings(prompts, len(label_set.classes))
+
+    async def inline_labels(self, label_set: LabelSet) -> CachedLabels:
+        cached = self.live.cached_inline(label_set)
+        if cached is None:
+            from starlette.concurrency import run_in_threadpool
+
+            embeddings = await self.embed_labels(label_set)
+            cached = await run_in_threadpool(self.live.add_inline, label_set, embeddings)
+        return cached
+
+    def refresh_gauges(self) -> None:
+        self.metrics.pairs.set(self.live.model.n_pairs)
+        self.metrics.pending_edits.set(self.live.pending_edits())
+
+    def close(self) -> None:
+        self.images.close()
+        self.texts.close()

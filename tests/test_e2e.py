@@ -1,0 +1,145 @@
+"""End to end: `asif build` then `asif serve` (uvicorn in a subprocess on loopback), over real HTTP."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import write_pair_collection
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkerboard() -> bytes:
+    tile = np.indices((64, 64)).sum(axis=0) // 8 % 2
+    arr = np.stack([tile * 255] * 3, axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def assert_same_results(a, b):
+    """Same labels, pairs and captions; scores equal up to float32 rounding (cache updated vs rebuilt)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_results(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_results(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7)
+    else:
+        assert a == b
+
+
+class Server:
+    def __init__(self, index, port):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("server did not become ready")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        self.http.close()
+        return self.proc.returncode, out.decode()
+
+
+def test_build_serve_edit_restart(tmp_path):
+    images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=3)
+    index = tmp_path / "index"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asif.cli",
+            "build",
+            "--pairs",
+            str(pairs),
+            "--images-root",
+            str(images),
+            "--out",
+            str(index),
+            "--image-encoder",
+            "effnet-lite0",
+            "--text-encoder",
+            "minilm",
+            "--k",
+            "4",
+        ],
+        check=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+    )
+    port = free_port()
+    board = base64.b64encode(checkerboard()).decode()
+    query = {"images": [board], "labels": ["checkerboard pattern", "red square", "blue square"], "explain": 10}
+
+    server = Server(index, port)
+    try:
+        http = server.http
+        assert http.get("/v1/info").json()["pairs"] == 12
+        first = http.post("/v1/classify", json=query)
+        assert first.status_code == 200, first.text
+        r = http.post(
+            "/v1/pairs", json={"pairs": [{"image": board, "caption": "a black and white checkerboard pattern"}]}
+        )
+        assert r.status_code == 201, r.text
+        (new_id,) = r.json()["ids"]
+        used = http.post("/v1/classify", json=query).json()["results"][0]
+        assert used["label"] == "checkerboard pattern"
+        assert new_id in [a["pair_id"] for a in used["explanation"]]
+        assert http.delete(f"/v1/pairs/{new_id}").status_code == 200
+        gone = http.post("/v1/classify", json=query).json()["results"][0]
+        assert new_id not in [a["pair_id"] for a in gone["explanation"]]
+        assert_same_results(gone, first.json()["results"][0])  # forgetting restores the model
+        r = http.post("/v1/pairs", json={"pairs": [{"image": board, "caption": "a chessboard", "image_ref": "c.jpg"}]})
+        kept_id = r.json()["ids"][0]
+        state = http.post("/v1/classify", json=query).json()
+    finally:
+        code, log = server.stop()
+    assert code in (0, -signal.SIGTERM), log  # uvicorn re-raises SIGTERM after a graceful shutdown
+    assert "final snapshot generation 2" in log
+
+    server = Server(index, free_port())
+    try:
+        http = server.http
+        info = http.get("/v1/info").json()
+        assert info["pairs"] == 13 and info["pending_edits"] == 0
+        assert http.get(f"/v1/pairs/{new_id}").status_code == 404
+        assert http.get(f"/v1/pairs/{kept_id}").json()["image"] == "c.jpg"
+        assert_same_results(http.post("/v1/classify", json=query).json(), state)
+    finally:
+        server.stop()
