@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,3 +38,9 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
     torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
     faiss_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
+
+    @field_validator("api_key", "image_encoder", "text_encoder", "device", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (e.g. ASIF_API_KEY= from compose) means unset, never an empty key."""
+        return None if isinstance(value, str) and not value.strip() else value

