@@ -21,6 +21,10 @@ T = TypeVar("T")
 _STOP = object()
 
 
+class Overloaded(RuntimeError):
+    """The encoder queue is full, or a request waited too long: the client should retry later."""
+
+
 class MicroBatcher(Generic[T]):
     def __init__(
         self,
@@ -29,16 +33,23 @@ class MicroBatcher(Generic[T]):
         max_wait_s: float = 0.005,
         name: str = "encoder",
         on_batch: Callable[[int], None] | None = None,
+        max_queue: int = 1024,
+        timeout_s: float = 30.0,
     ) -> None:
         self._encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, items: Sequence[T]) -> list[Future]:
+        """Queue items; raises Overloaded instead of letting the queue grow past max_queue."""
+        if self._queue.qsize() + len(items) > self.max_queue:
+            raise Overloaded(f"encoder queue full ({self.max_queue} items waiting)")
         futures: list[Future] = []
         for item in items:
             fut: Future = Future()
@@ -50,7 +61,15 @@ class MicroBatcher(Generic[T]):
         """Encode items (batched with other requests' items); rows in input order."""
         if not items:
             raise ValueError("nothing to encode")
-        rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit(items)))
+        futures = self.submit(items)
+        try:
+            rows = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout=self.timeout_s
+            )
+        except TimeoutError as exc:
+            for f in futures:
+                f.cancel()  # not started yet: the worker skips it
+            raise Overloaded(f"encoder did not answer within {self.timeout_s:g} s") from exc
         return np.stack(rows)
 
     def _run(self) -> None:

@@ -18,6 +18,7 @@ from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
 from app.metrics import Metrics
+from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
 from asif.live import LiveModel
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
                 wait,
                 "image",
                 lambda n: metrics.encoder_batch.labels("image").observe(n),
+                max_queue=settings.max_queue,
+                timeout_s=settings.request_timeout_s,
             ),
             texts=MicroBatcher(
                 live.text_encoder.encode,
@@ -79,6 +82,8 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
                 wait,
                 "text",
                 lambda n: metrics.encoder_batch.labels("text").observe(n),
+                max_queue=settings.max_queue * 16,  # texts are small: label prompts come in hundreds
+                timeout_s=settings.request_timeout_s,
             ),
             metrics=metrics,
         )
@@ -124,8 +129,7 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
-    app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(label_sets.router)
-    app.include_router(pairs.router)
+    app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
+    for router in (classify.router, label_sets.router, pairs.router):
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app

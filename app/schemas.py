@@ -7,6 +7,25 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(..., description="what is wrong with the request")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": desc}
+    for code, desc in {
+        400: "unreadable image or bad encoding",
+        401: "missing or wrong API key (write endpoints)",
+        404: "unknown pair id or label set",
+        409: "the model holds no pairs",
+        413: "upload or request body over the limit",
+        415: "unsupported content type",
+        422: "invalid parameters",
+        503: "overloaded or not ready: retry later (Retry-After)",
+    }.items()
+}
+
+
 class ClassifyOptions(BaseModel):
     labels: list[str] | None = Field(None, description="inline class names (or use label_set)")
     templates: list[str] | None = Field(None, description="prompt templates with one '{}' (default: 7 photo prompts)")

@@ -53,8 +53,12 @@ class LabelError(ValueError):
 
 
 def _template_ok(template: str) -> bool:
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    return fields == [""]
+    """Exactly one positional '{}' and otherwise valid format syntax (literal braces as '{{' '}}')."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:  # a lone '{' or '}'
+        return False
+    return fields == [("", "", None)]
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class PixelEncoder(ImageEncoder):
     """Image -> its 4x4 RGB thumbnail (48-d), centred and normalised. Counts calls."""
 
     def __init__(self) -> None:
-        self.identity = EncoderIdentity("test:pixels", "pixels-4x4", "image", 48, {"size": 4})
+        self.identity = EncoderIdentity("py:tests.conftest:PixelEncoder", "pixels-4x4", "image", 48, {"size": 4})
         self.calls = 0
         self.fail_after: int | None = None
 
@@ -68,11 +68,21 @@ class PixelEncoder(ImageEncoder):
         return l2_normalise(np.stack(rows)) if rows else np.zeros((0, 48), np.float32)
 
 
+class SlowPixelEncoder(PixelEncoder):
+    """PixelEncoder that takes 50 ms per call: lets tests kill a build or load a server mid-way."""
+
+    def encode(self, images):
+        import time
+
+        time.sleep(0.05)
+        return super().encode(images)
+
+
 class HashTextEncoder(TextEncoder):
     """Text -> hashed bag of words (64-d), normalised."""
 
     def __init__(self) -> None:
-        self.identity = EncoderIdentity("test:hash", "hash-bow", "text", 64, {})
+        self.identity = EncoderIdentity("py:tests.conftest:HashTextEncoder", "hash-bow", "text", 64, {})
 
     def encode(self, texts):
         import zlib

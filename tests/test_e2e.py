@@ -4,25 +4,17 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import write_pair_collection
+from tests.servers import Server
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkerboard() -> bytes:
@@ -47,34 +39,6 @@ def assert_same_results(a, b):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-7)
     else:
         assert a == b
-
-
-class Server:
-    def __init__(self, index, port):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read().decode()
-            try:
-                if self.http.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become ready")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        self.http.close()
-        return self.proc.returncode, out.decode()
 
 
 def test_build_serve_edit_restart(tmp_path):
@@ -103,11 +67,10 @@ def test_build_serve_edit_restart(tmp_path):
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
         capture_output=True,
     )
-    port = free_port()
     board = base64.b64encode(checkerboard()).decode()
     query = {"images": [board], "labels": ["checkerboard pattern", "red square", "blue square"], "explain": 10}
 
-    server = Server(index, port)
+    server = Server(index)
     try:
         http = server.http
         assert http.get("/v1/info").json()["pairs"] == 12
@@ -133,7 +96,7 @@ def test_build_serve_edit_restart(tmp_path):
     assert code in (0, -signal.SIGTERM), log  # uvicorn re-raises SIGTERM after a graceful shutdown
     assert "final snapshot generation 2" in log
 
-    server = Server(index, free_port())
+    server = Server(index)
     try:
         http = server.http
         info = http.get("/v1/info").json()

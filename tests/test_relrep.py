@@ -65,3 +65,16 @@ def test_shared_anchors_sum_to_score():
     ids, contrib = shared_anchors(ids_q, w_q, ids_k, w_k)
     assert ids.tolist() == [9, 5]  # 7 has zero query weight, 2 and 11 are not shared
     np.testing.assert_allclose(contrib, [0.15, 0.06])
+
+
+def test_label_set_validation():
+    from asif.labels import LabelError, LabelSet
+
+    assert LabelSet(("dog",), ("a {{photo}} of a {}",)).prompts() == ["a {photo} of a dog"]
+    for bad in ["{", "}", "no field", "{}{}", "{0}", "{x}", "{:>10}", "{!r}"]:
+        with pytest.raises(LabelError):
+            LabelSet(("dog",), (bad,))
+    with pytest.raises(LabelError, match="duplicated"):
+        LabelSet(("a", "b", "a"))
+    with pytest.raises(LabelError):
+        LabelSet(("a", "  "))

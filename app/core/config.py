@@ -33,6 +33,8 @@ class Settings(BaseSettings):
 
     batch_max_size: int = Field(32, ge=1, description="encoder micro-batch size")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    max_queue: int = Field(1024, ge=1, description="items waiting for an encoder before requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an encoder before a 503")
     inline_label_cache: int = Field(64, ge=1, description="ad-hoc label sets kept with their representations")
 
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from app.batching import Overloaded
 from asif.images import ImageError
 from asif.labels import LabelError
 
@@ -22,9 +24,21 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = str(first.get("msg", "invalid request"))
+        return JSONResponse({"detail": f"{where}: {msg}" if where else msg}, status_code=422)
+
     @app.exception_handler(ImageError)
     async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
         return JSONResponse({"detail": f"invalid image: {exc}"}, status_code=400)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": f"overloaded: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(LabelError)
     async def _label_error(_: Request, exc: LabelError) -> JSONResponse:

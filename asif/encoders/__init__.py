@@ -52,6 +52,8 @@ def load_image_encoder(spec: str, device: str | None = None, batch_size: int | N
         from asif.encoders.hf_vision import HFVisionEncoder
 
         return HFVisionEncoder(spec, device=device, batch_size=batch_size)
+    if spec.startswith("py:"):
+        return _plugin(spec, ImageEncoder)  # type: ignore[return-value]
     raise ValueError(f"unknown image encoder spec {spec!r}; valid choices: {', '.join(IMAGE_ENCODER_SPECS)}")
 
 
@@ -68,4 +70,25 @@ def load_text_encoder(spec: str, device: str | None = None, batch_size: int | No
         from asif.encoders.sentence import SentenceTransformerEncoder
 
         return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
+    if spec.startswith("py:"):
+        return _plugin(spec, TextEncoder)  # type: ignore[return-value]
     raise ValueError(f"unknown text encoder spec {spec!r}; valid choices: {', '.join(TEXT_ENCODER_SPECS)}")
+
+
+def _plugin(spec: str, kind: type) -> ImageEncoder | TextEncoder:
+    """``py:<module>:<class>``: a custom encoder class, constructed without arguments.
+
+    Importing code named by a spec (which can come from an index manifest) is opt-in:
+    set ASIF_PLUGIN_ENCODERS=1.
+    """
+    if os.environ.get("ASIF_PLUGIN_ENCODERS") != "1":
+        raise ValueError(f"encoder spec {spec!r} imports Python code: set ASIF_PLUGIN_ENCODERS=1 to allow it")
+    import importlib
+
+    module_name, _, attr = spec.removeprefix("py:").partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"plugin encoder spec must be py:<module>:<class>, got {spec!r}")
+    encoder = getattr(importlib.import_module(module_name), attr)()
+    if not isinstance(encoder, kind):
+        raise ValueError(f"{spec!r} is not a {kind.__name__}")
+    return encoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +18,8 @@ from asif.images import thumbnail_jpeg
 from asif.metadata import NewPair, PairRecord
 
 router = APIRouter(prefix="/v1/pairs", tags=["pairs"])
+MAX_ID = 2**63 - 1  # pair ids are signed 64-bit (FAISS ids)
+PairId = Path(..., ge=0, le=MAX_ID, description="pair id")
 
 _BODY_DOC = {
     "requestBody": {
@@ -121,7 +123,7 @@ async def add_pairs(request: Request, state: State) -> PairIds:
 @router.get("", response_model=PairPage)
 async def list_pairs(
     state: State,
-    after: int = Query(-1, ge=-1, description="return pairs with id > after"),
+    after: int = Query(-1, ge=-1, le=MAX_ID, description="return pairs with id > after"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> PairPage:
     records = await run_in_threadpool(state.live.metadata.page, after, limit)
@@ -137,12 +139,12 @@ def _record(state: State, pair_id: int) -> PairRecord:
 
 
 @router.get("/{pair_id}", response_model=PairOut)
-async def get_pair(state: State, pair_id: int) -> PairOut:
+async def get_pair(state: State, pair_id: int = PairId) -> PairOut:
     return _pair_out(_record(state, pair_id))
 
 
 @router.get("/{pair_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-async def get_thumbnail(state: State, pair_id: int) -> Response:
+async def get_thumbnail(state: State, pair_id: int = PairId) -> Response:
     jpeg = state.live.metadata.thumbnail(_record(state, pair_id).image)
     if jpeg is None:
         raise ApiError(404, f"pair {pair_id} has no thumbnail")
@@ -150,7 +152,7 @@ async def get_thumbnail(state: State, pair_id: int) -> Response:
 
 
 @router.delete("/{pair_id}", response_model=Deleted, dependencies=[WriteAccess])
-async def delete_pair(state: State, pair_id: int) -> Deleted:
+async def delete_pair(state: State, pair_id: int = PairId) -> Deleted:
     """Forget a pair: it never contributes to a score or appears in an explanation again."""
     deleted = await run_in_threadpool(state.live.delete_pairs, np.array([pair_id]))
     if not deleted:

@@ -1,0 +1,65 @@
+"""Running `asif serve` in a subprocess on a free loopback port, for end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m asif.cli serve` on loopback; waits until /readyz answers 200."""
+
+    def __init__(self, index: Path, env: dict[str, str] | None = None, ready_timeout: float = 120) -> None:
+        self.port = free_port()
+        full_env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1", ASIF_PLUGIN_ENCODERS="1")
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(self.port)],
+            env=full_env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited early:\n" + self.proc.stdout.read().decode())
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError("server did not become ready")
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM (graceful: flushes a snapshot); returns (exit code, output)."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        self.http.close()
+        return self.proc.returncode, out.decode()
+
+    def kill(self) -> str:
+        """SIGKILL: no shutdown code runs."""
+        self.proc.kill()
+        out, _ = self.proc.communicate(timeout=60)
+        self.http.close()
+        return out.decode()
