@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from asif.persist import load_index_folder, read_manifest
-from tests.conftest import COLOURS, PixelEncoder, make_client, write_pair_collection
+from tests.conftest import COLOURS, PixelEncoder, write_pair_collection
 from tests.servers import ROOT, Server
 
 LABELS = {"labels": list(COLOURS), "templates": ["a {} square"]}
@@ -78,9 +78,9 @@ def test_sigkill_during_edits_and_snapshots_loses_nothing_acknowledged(built_ind
     for it in range(iterations):
         stop = threading.Event()
 
-        def stream(seed: int) -> None:
+        def stream(seed: int, base_url: str, stop: threading.Event) -> None:
             r = random.Random(seed)
-            http = httpx.Client(base_url=server.http.base_url, timeout=10)
+            http = httpx.Client(base_url=base_url, timeout=10)
             try:
                 while not stop.is_set():
                     if r.random() < 0.6 or len(live) < 5:
@@ -101,7 +101,7 @@ def test_sigkill_during_edits_and_snapshots_loses_nothing_acknowledged(built_ind
             finally:
                 http.close()
 
-        writer = threading.Thread(target=stream, args=(it,))
+        writer = threading.Thread(target=stream, args=(it, str(server.http.base_url), stop))
         writer.start()
         time.sleep(rng.uniform(0.1, 1.2))
         log = server.kill()
@@ -278,9 +278,10 @@ def test_soak_concurrent_classify_and_edits(built_index):
     pid = server.proc.pid
 
     def rss_mb() -> float:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024
         return float("nan")
 
     url = server.http.base_url

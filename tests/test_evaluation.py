@@ -1,0 +1,146 @@
+"""Evaluation metrics on small cases with known answers, and the exactness of the k/p sweep."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asif.evaluation import (
+    DenseSweep,
+    auto_kp,
+    auto_ridge_lambda,
+    confusion_matrix,
+    evaluate,
+    fit_ridge,
+    nested_subsets,
+    predictions,
+    retrieval_at_1,
+    ridge_scores,
+    topk_accuracy,
+)
+from asif.relrep import dense_scores
+from tests.conftest import random_unit
+
+SCORES = np.array(
+    [
+        [0.9, 0.1, 0.0],  # true 0 -> right
+        [0.2, 0.3, 0.5],  # true 1 -> wrong (2), top-2 right
+        [0.0, 0.0, 0.0],  # true 2 -> unknown (nothing shared)
+        [0.1, 0.6, 0.3],  # true 1 -> right
+    ]
+)
+TRUTH = np.array([0, 1, 2, 1])
+
+
+def test_known_metrics():
+    assert topk_accuracy(SCORES, TRUTH, 1) == 0.5
+    assert topk_accuracy(SCORES, TRUTH, 2) == 0.75
+    assert topk_accuracy(SCORES, TRUTH, 3) == 1.0
+    assert predictions(SCORES).tolist() == [0, 2, -1, 1]
+    assert predictions(SCORES, threshold=0.55).tolist() == [0, -1, -1, 1]
+    m = evaluate(SCORES, TRUTH, ["a", "b", "c"])
+    assert m.top1 == 0.5 and m.unknown_share == 0.25 and m.n == 4
+    assert m.per_class == {"a": 1.0, "b": 0.5, "c": 0.0}
+    m = evaluate(SCORES, TRUTH, ["a", "b", "c"], threshold=0.55)
+    assert m.top1 == 0.5 and m.unknown_share == 0.5
+    conf = confusion_matrix(TRUTH, predictions(SCORES), 3)
+    assert conf.tolist() == [[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]
+
+
+def test_nested_subsets_are_nested_and_seeded():
+    subs = nested_subsets(100, [10, 30, 100, 500], seed=3)
+    assert [len(s) for s in subs] == [10, 30, 100, 100]
+    assert set(subs[0]) <= set(subs[1]) <= set(subs[2])
+    again = nested_subsets(100, [10, 30], seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(subs, again, strict=False))
+    assert not np.array_equal(nested_subsets(100, [10], seed=4)[0], subs[0])
+
+
+def test_sweep_equals_dense_reference(rng):
+    ia, ta = random_unit(rng, 500, 16), random_unit(rng, 500, 12)
+    qi, qt = random_unit(rng, 20, 16), random_unit(rng, 6, 12)
+    sweep = DenseSweep(qi, qt, ia, ta, k_max=200)
+    for k, p in [(10, 1.0), (50, 8.0), (200, 2.0)]:
+        np.testing.assert_allclose(sweep.scores(k, p), dense_scores(qi, qt, ia, ta, k, p), atol=1e-5)
+
+
+def test_ridge_recovers_a_linear_map(rng):
+    x = rng.standard_normal((400, 10))
+    w_true = rng.standard_normal((10, 6))
+    w = fit_ridge(x.astype(np.float32), (x @ w_true).astype(np.float32), lam=1e-6)
+    np.testing.assert_allclose(w, w_true, atol=1e-3)
+    texts = random_unit(rng, 5, 6)
+    images = np.linalg.lstsq(w_true.T, texts.T, rcond=None)[0].T.astype(np.float32)  # x such that x W = text
+    assert (np.argmax(ridge_scores(w, images, texts), axis=1) == np.arange(5)).all()
+    lam, table = auto_ridge_lambda(x.astype(np.float32), (x @ w_true).astype(np.float32), [1e-3, 1e4])
+    assert lam == 1e-3 and table[1e-3] > table[1e4]
+
+
+def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
+    assert retrieval_at_1(np.eye(4) + 0.1) == 1.0
+    assert retrieval_at_1(np.ones((4, 4)) - np.eye(4)) == 0.0
+    data = small_world.pairs(2000)
+    (k, _), table = auto_kp(data.image_anchors, data.text_anchors, [1, 100], [8.0])
+    assert k == 100 and table[(100, 8.0)] > table[(1, 8.0)]
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
+    """`asif eval` end to end on generated colour images: tables, JSON and plots are written."""
+    from asif.cli import main
+    from tests.conftest import COLOURS, write_pair_collection
+
+    images, pairs = write_pair_collection(tmp_path / "pairs", n_per_colour=6)
+    for colour, rgb in COLOURS.items():
+        folder = tmp_path / "test" / colour
+        folder.mkdir(parents=True)
+        for j in range(3):
+            Image.new("RGB", (40, 40), tuple(min(255, c + 10 * j) for c in rgb)).save(folder / f"{j}.png")
+    (tmp_path / "templates.txt").write_text("a {} square\n")
+    monkeypatch.setenv("ASIF_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "--test",
+        str(tmp_path / "test"),
+        "--pairs",
+        str(pairs),
+        "--images-root",
+        str(images),
+        "--image-encoder",
+        "effnet-lite0",
+        "--text-encoder",
+        "minilm",
+        "--out",
+        str(out),
+        "--templates",
+        str(tmp_path / "templates.txt"),
+        "--k",
+        "5",
+        "--ks",
+        "3,5",
+        "--ps",
+        "1,8",
+        "--sizes",
+        "8,16",
+        "--auto",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ridge baseline" in printed and "Accuracy vs pairs" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_test"] == 12 and report["n_pairs"] == 24
+    assert set(report["anchor_modes"]) == {"image", "caption"} and report["anchor_modes"]["caption"]["n_pairs"] == 48
+    assert report["accuracy_vs_pairs"]["sizes"] == [8, 16, 24]
+    assert report["served"]["top1_agreement"] == 1.0  # flat index: identical to the dense reference
+    assert report["test_anchor_image_overlap"] == 0
+    for name in ("report.md", "accuracy_vs_pairs.png", "confusion.png"):
+        assert (out / name).stat().st_size > 0
+    # Second run: the embeddings come from the cache (no image is encoded again).
+    from asif.embcache import EmbeddingCache, file_key
+    from asif.encoders import load_image_encoder
+
+    cache = EmbeddingCache(load_image_encoder("effnet-lite0").identity, tmp_path / "cache" / "embeddings")
+    found, _ = cache.get([file_key(p) for p in sorted((tmp_path / "test").rglob("*.png"))])
+    assert found.all()
