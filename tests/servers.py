@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,18 +30,20 @@ class Server:
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1", ASIF_PLUGIN_ENCODERS="1")
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
         full_env.update(env or {})
+        # Output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(self.port)],
             env=full_env,
             cwd=ROOT,
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
         deadline = time.time() + ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError("server exited early:\n" + self.proc.stdout.read().decode())
+                raise AssertionError("server exited early:\n" + self.output())
             try:
                 if self.http.get("/readyz").status_code == 200:
                     return
@@ -50,16 +53,20 @@ class Server:
         self.kill()
         raise AssertionError("server did not become ready")
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
     def stop(self) -> tuple[int, str]:
         """SIGTERM (graceful: flushes a snapshot); returns (exit code, output)."""
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
+        self.proc.wait(timeout=60)
         self.http.close()
-        return self.proc.returncode, out.decode()
+        return self.proc.returncode, self.output()
 
     def kill(self) -> str:
         """SIGKILL: no shutdown code runs."""
         self.proc.kill()
-        out, _ = self.proc.communicate(timeout=60)
+        self.proc.wait(timeout=60)
         self.http.close()
-        return out.decode()
+        return self.output()
