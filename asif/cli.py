@@ -1,4 +1,4 @@
-"""The `asif` command line: `asif build` and `asif serve`."""
+"""The `asif` command line: `asif build`, `asif serve` and `asif eval`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         default="image",
         help="one anchor per image with its captions' mean embedding (default), or one per caption",
     )
-    p.add_argument("--rerank", default="Flat", help="IVF-PQ exact re-ranking store: Flat | SQfp16 | SQ8 | none")
+    p.add_argument(
+        "--rerank", default="Flat", help="IVF-PQ re-ranking vectors: Flat (float32) | SQfp16 (float16) | none"
+    )
     p.add_argument("--k", type=int, default=DEFAULT_K, help="default k recorded in the manifest")
     p.add_argument("--p", type=float, default=DEFAULT_P, help="default p recorded in the manifest")
     p.add_argument("--batch-size", type=int, default=32)
@@ -101,17 +103,86 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot evaluation on a labelled image folder",
+        description="Evaluate an index (--index) or pairs (--pairs/--images-root) on a test set in ImageFolder "
+        "layout. Writes report.json, report.md, accuracy_vs_pairs.png and confusion.png to --out.",
+    )
+    p.add_argument("--test", type=Path, required=True, help="test set root: <root>/<class>/<image>")
+    p.add_argument("--out", type=Path, required=True, help="folder for the report and plots")
+    p.add_argument("--index", type=Path, help="an index folder built by `asif build`")
+    p.add_argument("--pairs", type=Path, help="pairs file (instead of --index): both anchor modes are compared")
+    p.add_argument("--images-root", type=Path)
+    p.add_argument("--image-encoder", default="effnet-lite2", help=IMAGE_ENCODER_HELP)
+    p.add_argument("--text-encoder", default="minilm", help=TEXT_ENCODER_HELP)
+    p.add_argument("--classes", type=Path, help="TSV 'folder<TAB>class name' (default: folder names)")
+    p.add_argument("--templates", type=Path, help="prompt templates, one per line with '{}'")
+    p.add_argument("--anchors", choices=("image", "caption"), default="image", help="primary anchor mode")
+    p.add_argument("--index-type", default="auto", help="index of the served path with --pairs")
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--p", type=float, default=DEFAULT_P)
+    p.add_argument("--ks", default="25,50,100,200,400,800", help="k values of the sweep")
+    p.add_argument("--ps", default="1,2,4,8", help="p values of the sweep")
+    p.add_argument("--sizes", default="1000,2000,5000,10000,20000", help="pair counts of the curve (plus all)")
+    p.add_argument("--threshold", type=float, default=None, help="answer 'unknown' below this score")
+    p.add_argument("--auto", action="store_true", help="also pick k and p from the pairs alone and report it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from evaluation.report import markdown
+    from evaluation.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        test=args.test,
+        out=args.out,
+        index=args.index,
+        pairs=args.pairs,
+        images_root=args.images_root,
+        image_encoder=args.image_encoder,
+        text_encoder=args.text_encoder,
+        classes=args.classes,
+        templates=args.templates,
+        anchors=args.anchors,
+        index_type=args.index_type,
+        k=args.k,
+        p=args.p,
+        ks=[int(x) for x in args.ks.split(",")],
+        ps=[float(x) for x in args.ps.split(",")],
+        sizes=[int(x) for x in args.sizes.split(",")],
+        threshold=args.threshold,
+        auto=args.auto,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    try:
+        report = run_eval(cfg)
+    except ValueError as exc:
+        print(f"asif eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="asif", description="ASIF: multimodal models from unimodal encoders")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_serve(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
     if args.command == "build":
         return _run_build(args)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "eval":
+        return _run_eval(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 

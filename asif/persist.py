@@ -32,7 +32,7 @@ FORMAT = "asif-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA = "pairs.sqlite"
-_GEN_FILE = re.compile(r"^(image|text)-g(\d{6})(\.refine)?\.faiss$")
+_GEN_FILE = re.compile(r"^(image|text)-g(\d{6})(\.faiss|\.refine\.npz)$")
 
 
 class IndexFolderError(ValueError):
@@ -162,7 +162,7 @@ def save_index_folder(
 def remove_stale_generations(folder: Path, keep: int) -> None:
     for path in Path(folder).iterdir():
         m = _GEN_FILE.match(path.name)
-        if (m and int(m.group(2)) != keep) or path.name.endswith(".faiss.tmp"):
+        if (m and int(m.group(2)) != keep) or path.name.endswith((".faiss.tmp", ".npz.tmp")):
             path.unlink(missing_ok=True)
 
 

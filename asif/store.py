@@ -15,7 +15,7 @@ Index choice (``choose_index_spec``), the documented rule:
   ``nprobe`` is at least nlist/8 and enough lists to hold 4x the candidates wanted.
   By default the candidates are re-ranked exactly: ``rerank_factor * k`` (5k) candidates come from
   the PQ codes, their exact inner products are computed from a refine store
-  (``IDMap2,Flat``, or ``SQfp16`` / ``SQ8`` to save memory), and the best ``k`` are kept, so
+  (a table of the float32 vectors by id, or float16 with ``SQfp16``), and the best ``k`` are kept, so
   the similarities raised to ``p`` are the true ones.
 - any other string is a FAISS ``index_factory`` string used as given (inner product metric).
 
@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from asif.relrep import effective_k
+from asif.vectors import VectorTable
 
 FLAT_MAX_N = 50_000
 TRAIN_MIN = 30_000
@@ -163,13 +164,16 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
 class AnchorStore:
     """FAISS anchor index with explicit pair ids, optional exact re-ranking. Not thread-safe for edits."""
 
-    def __init__(self, dim: int, spec: IndexSpec, index: faiss.Index | None = None, refine: faiss.Index | None = None):
+    def __init__(self, dim: int, spec: IndexSpec, index: faiss.Index | None = None, refine: VectorTable | None = None):
         self.dim = int(dim)
         self.spec = spec
         self.index = index if index is not None else _new_index(self.dim, spec.factory)
         self.refine = refine
         if self.refine is None and spec.refine:
-            self.refine = _new_index(self.dim, f"IDMap2,{spec.refine}")
+            try:
+                self.refine = VectorTable(self.dim, spec.refine)
+            except ValueError as exc:
+                raise StoreError(str(exc)) from exc
         self._ivf = _ivf_or_none(self.index)
         if self._ivf is not None:
             _enable_id_lookup(self.index)
@@ -182,7 +186,7 @@ class AnchorStore:
 
     @property
     def is_trained(self) -> bool:
-        return bool(self.index.is_trained) and (self.refine is None or bool(self.refine.is_trained))
+        return bool(self.index.is_trained)
 
     @property
     def is_exact(self) -> bool:
@@ -203,7 +207,7 @@ class AnchorStore:
         n = max(self.ntotal, 1)
         out = {"index": len(faiss.serialize_index(self.index)) / n}
         if self.refine is not None:
-            out["refine"] = len(faiss.serialize_index(self.refine)) / n
+            out["refine"] = self.refine.nbytes() / n
         return out
 
     # -- building and editing -----------------------------------------------------------------
@@ -214,8 +218,6 @@ class AnchorStore:
                 raise StoreError(f"need at least {self._ivf.nlist} training vectors, got {len(x)}")
             self.index.train(x)
             _enable_id_lookup(self.index)
-        if self.refine is not None and not self.refine.is_trained:
-            self.refine.train(x)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -232,7 +234,7 @@ class AnchorStore:
             return
         self.index.add_with_ids(x, ids)
         if self.refine is not None:
-            self.refine.add_with_ids(x, ids)
+            self.refine.add(ids, x)
         self._ids = np.union1d(self._ids, ids)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -243,7 +245,7 @@ class AnchorStore:
             return 0
         removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
         if self.refine is not None:
-            self.refine.remove_ids(faiss.IDSelectorArray(ids))
+            self.refine.remove(ids)
         self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
         return removed
 
@@ -253,8 +255,9 @@ class AnchorStore:
         missing = ~self.contains(ids)
         if missing.any():
             raise StoreError(f"unknown ids: {ids[missing][:10].tolist()}")
-        source = self.refine if self.refine is not None else self.index
-        return source.reconstruct_batch(ids).reshape(len(ids), self.dim)
+        if self.refine is not None:
+            return self.refine.get(ids)
+        return self.index.reconstruct_batch(ids).reshape(len(ids), self.dim)
 
     # -- search ---------------------------------------------------------------------------------
     def _nprobe_for(self, fetch: int) -> int:
@@ -300,7 +303,7 @@ class AnchorStore:
     def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         assert self.refine is not None
         b, fetch = cand.shape
-        vecs = self.refine.reconstruct_batch(cand.ravel()).reshape(b, fetch, self.dim)
+        vecs = self.refine.get(cand.ravel()).reshape(b, fetch, self.dim)
         exact = np.einsum("bfd,bd->bf", vecs, x)
         top = (
             np.argpartition(-exact, k - 1, axis=1)[:, :k]
@@ -318,23 +321,24 @@ class AnchorStore:
 
         Each file is written to a temporary name, fsynced, then renamed into place.
         """
-        files = [(self.index, Path(path))]
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        written = [path]
         if self.refine is not None:
-            files.append((self.refine, refine_path(path)))
-        for index, target in files:
-            tmp = target.with_name(target.name + ".tmp")
-            faiss.write_index(index, str(tmp))
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        return [target for _, target in files]
+            self.refine.write(refine_path(path))
+            written.append(refine_path(path))
+        return written
 
     @classmethod
     def read(cls, path: Path, dim: int, spec: IndexSpec) -> AnchorStore:
         index = faiss.read_index(str(path))
         if index.d != dim:
             raise StoreError(f"{path} holds {index.d}-d vectors, expected {dim}")
-        refine = faiss.read_index(str(refine_path(path))) if spec.refine else None
+        refine = VectorTable.read(refine_path(path), dim, spec.refine) if spec.refine else None
         if refine is not None and refine.ntotal != index.ntotal:
             raise StoreError(f"{path}: refine store holds {refine.ntotal} vectors, index {index.ntotal}")
         return cls(dim, spec, index=index, refine=refine)
@@ -342,7 +346,7 @@ class AnchorStore:
 
 def refine_path(path: Path) -> Path:
     path = Path(path)
-    return path.with_name(path.stem + ".refine" + path.suffix)
+    return path.with_name(path.stem + ".refine.npz")
 
 
 def build_store(

@@ -82,3 +82,25 @@ def test_ivfpq_recall_at_800_on_50k_clustered(recall_setup):
     assert recall >= 0.95
     # Re-ranked similarities are the exact ones.
     np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", anchors[ids], queries), atol=1e-5)
+
+
+def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
+    from asif.vectors import VectorTable
+
+    x = random_unit(rng, 50, 6)
+    table = VectorTable(6)
+    table.add(np.arange(50) * 2, x)
+    table.remove(np.array([0, 98, 40, 7]))  # first, last, middle, absent
+    assert table.ntotal == 47
+    keep = [i for i in range(50) if i * 2 not in (0, 98, 40)]
+    np.testing.assert_array_equal(table.get(np.array(keep) * 2), x[keep])
+    with pytest.raises(KeyError):
+        table.get(np.array([40]))
+    table.write(tmp_path / "t.npz")
+    again = VectorTable.read(tmp_path / "t.npz", 6, "Flat")
+    np.testing.assert_array_equal(again.get(np.array(keep) * 2), x[keep])
+    half = VectorTable(6, "SQfp16")
+    half.add(np.array([3]), x[:1])
+    np.testing.assert_allclose(half.get(np.array([3])), x[:1], atol=1e-3)
+    with pytest.raises(ValueError):
+        VectorTable(6, "SQ8")

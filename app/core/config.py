@@ -39,7 +39,9 @@ class Settings(BaseSettings):
 
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
     torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
-    faiss_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
+    # One FAISS thread per search: the service already runs searches of concurrent requests in parallel, and
+    # FAISS's OpenMP threads fighting other busy threads made single-image searches ~9x slower (bench/run.py).
+    faiss_threads: int = Field(1, ge=1)
 
     @field_validator("api_key", "image_encoder", "text_encoder", "device", mode="before")
     @classmethod
