@@ -25,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.labels import LabelSet, combine_prompt_embeddings  # noqa: E402
-from asif.model import AsifModel  # noqa: E402
-from asif.relrep import KeyMatrix, exact_topk, sparsify  # noqa: E402
-from asif.store import AnchorStore, choose_index_spec  # noqa: E402
-from asif.synthetic import SyntheticWorld  # noqa: E402
+from asif.labels import LabelSet, combine_prompt_embeddings
+from asif.model import AsifModel
+from asif.relrep import KeyMatrix, exact_topk, sparsify
+from asif.store import AnchorStore, choose_index_spec
+from asif.synthetic import SyntheticWorld
 
 K, P = 800, 8.0
 N_CLASSES, N_TEMPLATES = 100, 7
@@ -252,7 +252,8 @@ def table(results: list[dict], http: dict | None) -> str:
         rows.append("")
         rows.append(
             f"HTTP: POST /v1/classify p50 {http['http']['p50_ms']:.2f} ms (p99 {http['http']['p99_ms']:.2f}), "
-            f"in-process classify p50 {http['in_process']['p50_ms']:.2f} ms: overhead {http['overhead_p50_ms']:.2f} ms p50."
+            f"in-process classify p50 {http['in_process']['p50_ms']:.2f} ms: "
+            f"overhead {http['overhead_p50_ms']:.2f} ms p50."
         )
     return "\n".join(rows)
 

@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from asif.anchors import ANCHOR_MODES, form_anchors
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from asif.encoders.base import l2_normalise
 from asif.images import DEFAULT_MAX_PIXELS, ImageError, open_image, thumbnail_jpeg
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
@@ -40,7 +40,6 @@ from asif.store import build_store, choose_index_spec
 from index_builder.pairs_io import read_pairs, resolve_image
 
 WORK_DIR = ".build"
-ANCHOR_MODES = ("image", "caption")
 
 
 class BuildError(RuntimeError):
@@ -241,30 +240,6 @@ def embed_captions(
     bar.close()
     report.caption_seconds = time.perf_counter() - t0
     return emb
-
-
-def form_anchors(
-    mode: str,
-    row_image: np.ndarray,
-    caption_emb: np.ndarray,
-    image_emb: np.ndarray,
-    image_ok: np.ndarray,
-    captions: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[str]]]]:
-    """Anchors from embedded rows: (image vectors, text vectors, [(image index, captions)])."""
-    usable = image_ok[row_image]
-    if mode == "caption":
-        rows = np.flatnonzero(usable)
-        return image_emb[row_image[rows]], caption_emb[rows], [(int(row_image[r]), [captions[r]]) for r in rows]
-    if mode != "image":
-        raise BuildError(f"unknown anchor mode {mode!r}; choose one of {ANCHOR_MODES}")
-    by_image: dict[int, list[int]] = {}
-    for r in np.flatnonzero(usable):
-        by_image.setdefault(int(row_image[r]), []).append(int(r))
-    images = sorted(by_image)
-    text = np.stack([caption_emb[by_image[i]].mean(axis=0) for i in images]) if images else caption_emb[:0]
-    meta = [(i, [captions[r] for r in by_image[i]]) for i in images]
-    return image_emb[images], l2_normalise(text), meta
 
 
 def run_build(

@@ -1,0 +1,114 @@
+"""Markdown tables and PNG plots of an evaluation report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def write_plots(report: dict[str, Any], out: Path) -> None:
+    curve = report["accuracy_vs_pairs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curve["curves"].items():
+        ax.plot(curve["sizes"], values, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("pairs used as anchors (nested random subsets)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"{Path(report['test_set']).name}: accuracy vs pairs")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_pairs.png", dpi=120)
+    plt.close(fig)
+
+    conf = np.asarray(report["confusion"], dtype=float)
+    rows = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+    names = report["classes"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names) + 1), [*names, "unknown"], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            if conf[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    int(conf[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if rows[i, j] > 0.5 else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion (k={report['k']}, p={report['p']:g})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["metrics"]
+    lines = [
+        f"### {Path(report['test_set']).name}: {report['n_test']} test images, {len(report['classes'])} classes, "
+        f"{report['n_pairs']} anchors ('{report['anchors']}'), "
+        f"{report['encoders']['image']['name']} + {report['encoders']['text']['name']}",
+        "",
+        "| method | top-1 | top-5 |",
+        "|---|---|---|",
+        f"| ASIF dense reference (k={report['k']}, p={report['p']:g}) | {_pct(m['top1'])} | {_pct(m['top5'])} |",
+        f"| ASIF served path ({report['served']['index']['image']['factory']}) | {_pct(report['served']['top1'])} | |",
+        f"| ridge baseline (lambda={report['ridge_baseline']['lambda']:g}) | "
+        f"{_pct(report['ridge_baseline']['metrics']['top1'])} | {_pct(report['ridge_baseline']['metrics']['top5'])} |",
+        "",
+        f"Served vs dense: top-1 agreement {_pct(report['served']['top1_agreement'])}%, accuracy difference "
+        f"{report['served']['accuracy_difference_points']:+.2f} points."
+        + (f" Unknown answers: {_pct(m['unknown_share'])}%." if m["unknown_share"] else ""),
+        "",
+    ]
+    if len(report["anchor_modes"]) > 1:
+        lines += ["| anchors | pairs | top-1 | top-5 |", "|---|---|---|---|"]
+        for mode, r in report["anchor_modes"].items():
+            desc = "one per image, mean caption embedding" if mode == "image" else "one per caption"
+            lines.append(
+                f"| {mode} ({desc}) | {r['n_pairs']} | {_pct(r['metrics']['top1'])} | {_pct(r['metrics']['top5'])} |"
+            )
+        lines.append("")
+    sweep = report["anchor_modes"][report["anchors"]]["sweep_top1"]
+    ks = sorted({int(key.split(",")[0]) for key in sweep})
+    ps = sorted({float(key.split(",")[1]) for key in sweep})
+    lines += ["Top-1 by k (rows) and p (columns):", "", "| k \\ p | " + " | ".join(f"{p:g}" for p in ps) + " |"]
+    lines.append("|---" * (len(ps) + 1) + "|")
+    for k in ks:
+        lines.append(f"| {k} | " + " | ".join(_pct(sweep[f"{k},{p:g}"]) for p in ps) + " |")
+    lines.append("")
+    if "auto" in report:
+        a = report["auto"]
+        lines.append(
+            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, p={a['p']:g}: top-1 "
+            f"{_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the best setting on the test "
+            f"set (k,p = {a['best_test_setting']})."
+        )
+        lines.append("")
+    curve = report["accuracy_vs_pairs"]
+    lines += ["Accuracy vs pairs:", "", "| setting | " + " | ".join(str(s) for s in curve["sizes"]) + " |"]
+    lines.append("|---" * (len(curve["sizes"]) + 1) + "|")
+    for name, vals in curve["curves"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(v) for v in vals) + " |")
+    lines += ["", "Per-class top-1: " + ", ".join(f"{c} {_pct(v)}" for c, v in m["per_class"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict[str, Any], out: Path) -> None:
+    (out / "report.md").write_text(markdown(report) + "\n", encoding="utf-8")

@@ -1,0 +1,287 @@
+"""Run an evaluation: embed (cached), sweep k/p exactly, compare the served path, baseline, anchors, auto k/p."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from asif.anchors import ANCHOR_MODES, form_anchors
+from asif.embcache import EmbeddingCache, file_key, text_key
+from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.evaluation import (
+    DenseSweep,
+    auto_kp,
+    auto_ridge_lambda,
+    confusion_matrix,
+    evaluate,
+    fit_ridge,
+    nested_subsets,
+    predictions,
+    ridge_scores,
+)
+from asif.images import ImageError, open_image
+from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+from asif.loading import open_index
+from asif.model import AsifModel
+from asif.store import build_store, choose_index_spec
+from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
+from index_builder.pairs_io import read_pairs, resolve_image
+
+
+@dataclass
+class EvalConfig:
+    test: Path
+    out: Path
+    index: Path | None = None
+    pairs: Path | None = None
+    images_root: Path | None = None
+    image_encoder: str = "effnet-lite2"
+    text_encoder: str = "minilm"
+    classes: Path | None = None
+    templates: Path | None = None
+    anchors: str = "image"
+    index_type: str = "auto"
+    k: int = 800
+    p: float = 8.0
+    ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
+    ps: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    sizes: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000])
+    curve: list[tuple[int, float]] = field(default_factory=lambda: [(800, 8.0), (200, 8.0), (50, 4.0), (800, 1.0)])
+    threshold: float | None = None
+    auto: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    device: str | None = None
+    cache_dir: Path | None = None
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def embed_image_files(
+    files: list[Path], encoder: ImageEncoder, cache: EmbeddingCache, desc: str, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, readable mask); unreadable files get a zero row and False."""
+    keys = [file_key(f) if f.is_file() else f"missing:{f}" for f in files]
+    ok = np.array([f.is_file() for f in files])
+    bar = tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr)
+
+    def compute(idx: list[int]) -> np.ndarray:
+        out = np.zeros((len(idx), encoder.dim), dtype=np.float32)
+        imgs, where = [], []
+        for j, i in enumerate(idx):
+            try:
+                imgs.append(open_image(files[i]))
+                where.append(j)
+            except ImageError:
+                ok[i] = False
+        for s in range(0, len(imgs), batch):
+            out[where[s : s + batch]] = encoder.encode(imgs[s : s + batch])
+        return out
+
+    emb = cache.embed(keys, compute, chunk=batch * 8, progress=bar.update)
+    bar.close()
+    ok &= np.linalg.norm(emb, axis=1) > 0
+    return emb, ok
+
+
+def embed_texts(texts: list[str], encoder: TextEncoder, cache: EmbeddingCache, desc: str) -> np.ndarray:
+    bar = tqdm(total=len(texts), desc=desc, unit="txt", file=sys.stderr)
+    emb = cache.embed(
+        [text_key(t) for t in texts], lambda idx: encoder.encode([texts[i] for i in idx]), 1024, bar.update
+    )
+    bar.close()
+    return emb
+
+
+@dataclass
+class AnchorSet:
+    image: np.ndarray
+    text: np.ndarray
+    image_files: list[Path]
+
+
+def anchors_from_pairs(
+    cfg: EvalConfig, img_enc: ImageEncoder, txt_enc: TextEncoder, img_cache: EmbeddingCache, txt_cache: EmbeddingCache
+) -> dict[str, AnchorSet]:
+    assert cfg.pairs is not None and cfg.images_root is not None
+    rows = read_pairs(cfg.pairs).rows
+    index: dict[str, int] = {}
+    files: list[Path] = []
+    row_image, captions = [], []
+    for ref, caption in rows:
+        if ref not in index:
+            path = resolve_image(Path(cfg.images_root), ref)
+            if path is None:
+                continue
+            index[ref] = len(files)
+            files.append(path)
+        row_image.append(index[ref])
+        captions.append(caption)
+    img_emb, ok = embed_image_files(files, img_enc, img_cache, "pair images", cfg.batch_size)
+    cap_emb = embed_texts(captions, txt_enc, txt_cache, "captions")
+    out = {}
+    for mode in ANCHOR_MODES:
+        iv, tv, meta = form_anchors(mode, np.asarray(row_image), cap_emb, img_emb, ok, captions)
+        out[mode] = AnchorSet(iv, tv, [files[i] for i, _ in meta])
+    return out
+
+
+def served_top1(
+    model: AsifModel, test_emb: np.ndarray, label_emb: np.ndarray, names: list[str], k: int, p: float
+) -> np.ndarray:
+    labels = model.make_labels(LabelSet(tuple(names), ("{}",)), label_emb)
+    pred = []
+    for s in range(0, len(test_emb), 256):
+        for pr in model.classify(test_emb[s : s + 256], labels, k=k, p=p, top=1):
+            pred.append(names.index(pr.scores[0][0]) if not pr.unknown else -1)
+    return np.array(pred)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    test: TestSet = load_test_set(cfg.test, cfg.classes)
+    templates = read_templates(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES)
+    loaded = None
+    if cfg.index is not None:
+        loaded = open_index(cfg.index, device=cfg.device)
+        img_enc, txt_enc = loaded.model.image_encoder, loaded.model.text_encoder
+        assert img_enc is not None and txt_enc is not None
+    else:
+        if cfg.pairs is None or cfg.images_root is None:
+            raise ValueError("give --index, or --pairs with --images-root")
+        img_enc = load_image_encoder(cfg.image_encoder, cfg.device, cfg.batch_size)
+        txt_enc = load_text_encoder(cfg.text_encoder, cfg.device, cfg.batch_size)
+    img_cache = EmbeddingCache(img_enc.identity, cfg.cache_dir)
+    txt_cache = EmbeddingCache(txt_enc.identity, cfg.cache_dir)
+
+    test_emb, test_ok = embed_image_files(test.files, img_enc, img_cache, "test images", cfg.batch_size)
+    truth = np.asarray(test.labels)[test_ok]
+    test_emb = test_emb[test_ok]
+    prompts = LabelSet(tuple(test.names), tuple(templates)).prompts()
+    label_emb = combine_prompt_embeddings(txt_enc.encode(prompts), len(test.names))
+
+    if loaded is not None:
+        ids = loaded.model.image_store.ids()
+        sets = {
+            str(loaded.folder.manifest.get("anchors", "image")): AnchorSet(
+                loaded.model.image_store.reconstruct(ids), loaded.model.text_store.reconstruct(ids), []
+            )
+        }
+        primary = next(iter(sets))
+    else:
+        sets = anchors_from_pairs(cfg, img_enc, txt_enc, img_cache, txt_cache)
+        primary = cfg.anchors
+    main = sets[primary]
+    n = len(main.image)
+    overlap = len(content_hashes(test.files) & content_hashes(main.image_files)) if main.image_files else None
+    if overlap:
+        raise ValueError(f"{overlap} test images are also anchor images: the evaluation would not be zero-shot")
+    report: dict[str, Any] = {
+        "test_set": str(cfg.test),
+        "n_test": len(truth),
+        "unreadable_test_images": int((~test_ok).sum()),
+        "classes": test.names,
+        "templates": templates,
+        "encoders": {"image": img_enc.identity.to_dict(), "text": txt_enc.identity.to_dict()},
+        "anchors": primary,
+        "n_pairs": n,
+        "test_anchor_image_overlap": overlap,
+        "k": cfg.k,
+        "p": cfg.p,
+    }
+
+    # 1. Exact sweep over k and p, for every anchor mode available.
+    k_max = max([*cfg.ks, cfg.k])
+    report["anchor_modes"] = {}
+    sweep_main: DenseSweep | None = None
+    for mode, aset in sets.items():
+        _log(f"exact sweep over k x p with {len(aset.image)} '{mode}' anchors")
+        sweep = DenseSweep(test_emb, label_emb, aset.image, aset.text, k_max)
+        table = {
+            f"{k},{p:g}": float(evaluate(sweep.scores(k, p), truth, test.names).top1) for k in cfg.ks for p in cfg.ps
+        }
+        main_scores = sweep.scores(cfg.k, cfg.p)
+        report["anchor_modes"][mode] = {
+            "n_pairs": len(aset.image),
+            "metrics": evaluate(main_scores, truth, test.names, cfg.threshold).to_dict(),
+            "sweep_top1": table,
+        }
+        if mode == primary:
+            sweep_main, dense_scores_main = sweep, main_scores
+    assert sweep_main is not None
+    dense_pred = predictions(dense_scores_main, cfg.threshold)
+    report["metrics"] = report["anchor_modes"][primary]["metrics"]
+    report["confusion"] = confusion_matrix(truth, dense_pred, len(test.names)).tolist()
+
+    # 2. The served path (FAISS index as built) against the dense exact reference.
+    if loaded is not None:
+        model = loaded.model
+    else:
+        model = AsifModel(
+            build_store(main.image, np.arange(n), choose_index_spec(n, main.image.shape[1], cfg.index_type)),
+            build_store(main.text, np.arange(n), choose_index_spec(n, main.text.shape[1], cfg.index_type)),
+            k=cfg.k,
+            p=cfg.p,
+        )
+    _log(f"served path ({model.image_store.spec.factory}) vs dense reference")
+    served = served_top1(model, test_emb, label_emb, test.names, cfg.k, cfg.p)
+    served_acc = float((served == truth).mean())
+    dense_acc = float((dense_pred == truth).mean())
+    report["served"] = {
+        "index": {"image": model.image_store.spec.to_dict(), "text": model.text_store.spec.to_dict()},
+        "top1": served_acc,
+        "dense_top1": dense_acc,
+        "top1_agreement": float((served == dense_pred).mean()),
+        "accuracy_difference_points": 100 * (served_acc - dense_acc),
+    }
+
+    # 3. Accuracy vs number of pairs (nested seeded subsets).
+    sizes = sorted({s for s in cfg.sizes if s < n} | {n})
+    subsets = nested_subsets(n, sizes, cfg.seed)
+    curve: dict[str, list[float]] = {f"k={k},p={p:g}": [] for k, p in cfg.curve}
+    for size, sub in zip(sizes, subsets, strict=True):
+        sw = DenseSweep(test_emb, label_emb, main.image[sub], main.text[sub], max(k for k, _ in cfg.curve))
+        for k, p in cfg.curve:
+            curve[f"k={k},p={p:g}"].append(float(evaluate(sw.scores(k, p), truth, test.names).top1))
+        _log(f"pairs={size}: " + ", ".join(f"{name} {vals[-1]:.3f}" for name, vals in curve.items()))
+    report["accuracy_vs_pairs"] = {"sizes": sizes, "seed": cfg.seed, "curves": curve}
+
+    # 4. Trained baseline: ridge map image -> caption embedding, lambda chosen on held-out pairs.
+    lam, lam_table = auto_ridge_lambda(main.image, main.text, [0.01, 0.1, 1.0, 10.0, 100.0], cfg.seed)
+    w = fit_ridge(main.image, main.text, lam)
+    report["ridge_baseline"] = {
+        "lambda": lam,
+        "lambda_holdout_retrieval": {str(k): v for k, v in lam_table.items()},
+        "metrics": evaluate(ridge_scores(w, test_emb, label_emb), truth, test.names).to_dict(),
+    }
+
+    # 5. k and p chosen without test labels.
+    if cfg.auto:
+        (ak, ap), table = auto_kp(main.image, main.text, cfg.ks, cfg.ps, cfg.seed)
+        sweep_table = report["anchor_modes"][primary]["sweep_top1"]
+        best_key = max(sweep_table, key=sweep_table.get)
+        report["auto"] = {
+            "k": ak,
+            "p": ap,
+            "holdout_retrieval": {f"{k},{p:g}": v for (k, p), v in table.items()},
+            "test_top1_at_auto": float(evaluate(sweep_main.scores(ak, ap), truth, test.names).top1),
+            "best_test_setting": best_key,
+            "best_test_top1": sweep_table[best_key],
+        }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
+    from evaluation.report import write_markdown, write_plots
+
+    write_plots(report, cfg.out)
+    write_markdown(report, cfg.out)
+    return report
