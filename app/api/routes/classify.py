@@ -19,6 +19,7 @@ from app.schemas import (
     SimilarityJSON,
     SimilarityResponse,
 )
+from asif.model import AsifModel
 from asif.relrep import effective_k
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -85,6 +86,14 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
     raise ApiError(415, "send application/json (base64 images) or multipart/form-data (image files)")
 
 
+def _effective_kp(model: AsifModel, k: int | None, p: float | None) -> tuple[int, float]:
+    """The request's k/p or the index defaults; k capped at the pairs (call under the read lock)."""
+    k_eff = effective_k(k or model.k, model.n_pairs)
+    if k_eff == 0:
+        raise ApiError(409, "the model holds no pairs")
+    return k_eff, float(p or model.p)
+
+
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=_body_doc(ClassifyJSON))
 async def classify(request: Request, state: State) -> ClassifyResponse:
     """Classify one or more images against inline labels or a stored label set."""
@@ -105,10 +114,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
 
     def run():
         with state.live.reading():
-            k = effective_k(opts.k or model.k, model.n_pairs)
-            p = float(opts.p or model.p)
-            if k == 0:
-                raise ApiError(409, "the model holds no pairs")
+            k, p = _effective_kp(model, opts.k, opts.p)
             preds = model.classify(
                 embeddings, labels, k=k, p=p, top=opts.top, threshold=opts.threshold, explain=opts.explain
             )
@@ -153,10 +159,7 @@ async def similarity(request: Request, state: State) -> SimilarityResponse:
 
     def run():
         with state.live.reading():
-            k = effective_k(body.k or model.k, model.n_pairs)
-            p = float(body.p or model.p)
-            if k == 0:
-                raise ApiError(409, "the model holds no pairs")
+            k, p = _effective_kp(model, body.k, body.p)
             return k, p, model.similarity(image_emb, text_emb, k=k, p=p)
 
     k, p, matrix = await run_in_threadpool(run)
