@@ -161,7 +161,10 @@ class NeighbourCache:
 
     def remove(self, removed_ids: np.ndarray) -> None:
         """Drop removed anchors from every row that holds them."""
-        hit = np.isin(self.ids, np.asarray(removed_ids, dtype=np.int64)) & (self.ids >= 0)
+        removed_ids = np.asarray(removed_ids, dtype=np.int64)
+        # The common live delete is one id: a comparison beats isin's sort.
+        one = len(removed_ids) == 1
+        hit = (self.ids == removed_ids[0]) if one else (np.isin(self.ids, removed_ids) & (self.ids >= 0))
         rows = np.flatnonzero(hit.any(axis=1))
         if len(rows) == 0:
             return

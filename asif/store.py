@@ -177,7 +177,8 @@ class AnchorStore:
         self._ivf = _ivf_or_none(self.index)
         if self._ivf is not None:
             _enable_id_lookup(self.index)
-        self._ids = np.sort(_ids_of(self.index)) if index is not None else np.zeros(0, dtype=np.int64)
+        # A set, not a sorted array: an edit costs O(1) instead of re-sorting every id (~50 ms at 1M).
+        self._ids: set[int] = set(_ids_of(self.index).tolist()) if index is not None else set()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -194,13 +195,12 @@ class AnchorStore:
 
     def ids(self) -> np.ndarray:
         """Sorted ids currently in the store."""
-        return self._ids.copy()
+        return np.array(sorted(self._ids), dtype=np.int64)
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._ids, ids)
-        pos = np.minimum(pos, max(len(self._ids) - 1, 0))
-        return (self._ids[pos] == ids) if len(self._ids) else np.zeros(len(ids), dtype=bool)
+        known = self._ids
+        return np.fromiter((i in known for i in ids.tolist()), dtype=bool, count=len(ids))
 
     def bytes_per_vector(self) -> dict[str, float]:
         """Serialized size per stored vector, for the index and the refine store."""
@@ -235,7 +235,7 @@ class AnchorStore:
         self.index.add_with_ids(x, ids)
         if self.refine is not None:
             self.refine.add(ids, x)
-        self._ids = np.union1d(self._ids, ids)
+        self._ids.update(ids.tolist())
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
@@ -246,7 +246,7 @@ class AnchorStore:
         removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
         if self.refine is not None:
             self.refine.remove(ids)
-        self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
+        self._ids.difference_update(ids.tolist())
         return removed
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
