@@ -12,6 +12,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def test_name(report: dict[str, Any]) -> str:
+    """The test set's last two path parts, e.g. 'imagenette/val'."""
+    return "/".join(Path(report["test_set"]).parts[-2:])
+
+
 def write_plots(report: dict[str, Any], out: Path) -> None:
     curve = report["accuracy_vs_pairs"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -20,7 +25,7 @@ def write_plots(report: dict[str, Any], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("pairs used as anchors (nested random subsets)")
     ax.set_ylabel("top-1 accuracy")
-    ax.set_title(f"{Path(report['test_set']).name}: accuracy vs pairs")
+    ax.set_title(f"{test_name(report)}: accuracy vs pairs ({report['n_pairs']} '{report['anchors']}' anchors)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -48,7 +53,7 @@ def write_plots(report: dict[str, Any], out: Path) -> None:
                 )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion (k={report['k']}, p={report['p']:g})")
+    ax.set_title(f"{test_name(report)}: confusion (k={report['k']}, p={report['p']:g})")
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=120)
     plt.close(fig)
@@ -61,7 +66,7 @@ def _pct(x: float) -> str:
 def markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     lines = [
-        f"### {Path(report['test_set']).name}: {report['n_test']} test images, {len(report['classes'])} classes, "
+        f"### {test_name(report)}: {report['n_test']} test images, {len(report['classes'])} classes, "
         f"{report['n_pairs']} anchors ('{report['anchors']}'), "
         f"{report['encoders']['image']['name']} + {report['encoders']['text']['name']}",
         "",
