@@ -301,19 +301,23 @@ class AnchorStore:
         return self._rerank(x, ids.astype(np.int64), k)
 
     def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of the candidates, best k kept; in query chunks of ~64 MB of vectors."""
         assert self.refine is not None
         b, fetch = cand.shape
-        vecs = self.refine.get(cand.ravel()).reshape(b, fetch, self.dim)
-        exact = np.einsum("bfd,bd->bf", vecs, x)
-        top = (
-            np.argpartition(-exact, k - 1, axis=1)[:, :k]
-            if fetch > k
-            else np.broadcast_to(np.arange(fetch), (b, fetch))
-        )
+        exact = np.empty((b, fetch), dtype=np.float32)
+        step = max(1, (16 << 20) // max(1, fetch * self.dim))
+        for start in range(0, b, step):
+            stop = min(b, start + step)
+            vecs = self.refine.get(cand[start:stop].ravel()).reshape(stop - start, fetch, self.dim)
+            exact[start:stop] = np.einsum("bfd,bd->bf", vecs, x[start:stop])
+        if fetch > k:
+            top = np.argpartition(-exact, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(fetch), (b, fetch))
         top_s = np.take_along_axis(exact, top, axis=1)
         order = np.argsort(-top_s, axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)
-        return np.take_along_axis(exact, top, axis=1).astype(np.float32), np.take_along_axis(cand, top, axis=1)
+        return np.take_along_axis(exact, top, axis=1), np.take_along_axis(cand, top, axis=1)
 
     # -- persistence ----------------------------------------------------------------------------
     def write(self, path: Path) -> list[Path]:
