@@ -31,8 +31,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--anchors",
         choices=("image", "caption"),
-        default="image",
-        help="one anchor per image with its captions' mean embedding (default), or one per caption",
+        default="caption",
+        help="one anchor per caption (default), or one per image with its captions' mean embedding",
     )
     p.add_argument(
         "--rerank", default="Flat", help="IVF-PQ re-ranking vectors: Flat (float32) | SQfp16 (float16) | none"
@@ -119,7 +119,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder", default="minilm", help=TEXT_ENCODER_HELP)
     p.add_argument("--classes", type=Path, help="TSV 'folder<TAB>class name' (default: folder names)")
     p.add_argument("--templates", type=Path, help="prompt templates, one per line with '{}'")
-    p.add_argument("--anchors", choices=("image", "caption"), default="image", help="primary anchor mode")
+    p.add_argument("--anchors", choices=("image", "caption"), default="caption", help="primary anchor mode")
     p.add_argument("--index-type", default="auto", help="index of the served path with --pairs")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--p", type=float, default=DEFAULT_P)

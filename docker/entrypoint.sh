@@ -24,7 +24,7 @@ case "$cmd" in
             --image-encoder "${ASIF_IMAGE_ENCODER:-effnet-lite2}" \
             --text-encoder "${ASIF_TEXT_ENCODER:-minilm}" \
             --index-type "${ASIF_INDEX_TYPE:-auto}" \
-            --anchors "${ASIF_ANCHORS:-image}" \
+            --anchors "${ASIF_ANCHORS:-caption}" \
             $force "$@"
         ;;
     serve)

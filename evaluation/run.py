@@ -46,7 +46,7 @@ class EvalConfig:
     text_encoder: str = "minilm"
     classes: Path | None = None
     templates: Path | None = None
-    anchors: str = "image"
+    anchors: str = "caption"
     index_type: str = "auto"
     k: int = 800
     p: float = 8.0

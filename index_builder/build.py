@@ -7,9 +7,10 @@ anchors; train and fill the two FAISS indices; write metadata, indices and manif
 
 Anchors (``--anchors``):
 
-- ``image`` (default): one anchor per image; its text side is the L2-normalised mean of its
-  captions' embeddings (Flickr8k: 8,090 anchors from 40,450 captions).
-- ``caption``: one anchor per caption; the image embedding is repeated for each caption.
+- ``caption`` (default): one anchor per caption; the image embedding is repeated for each caption
+  (Flickr8k: 40,450 anchors). Measured better at the default k=800, p=8 (README, Evaluation).
+- ``image``: one anchor per image; its text side is the L2-normalised mean of its captions'
+  embeddings (Flickr8k: 8,090 anchors from 40,450 captions): 5x smaller, as good at its best k, p.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BuildConfig:
     image_encoder: str = "effnet-lite2"
     text_encoder: str = "minilm"
     index_type: str = "auto"
-    anchors: str = "image"
+    anchors: str = "caption"
     rerank: str | None = "Flat"
     k: int = DEFAULT_K
     p: float = DEFAULT_P

@@ -137,7 +137,9 @@ def built_index(tmp_path):
 
     images, pairs = write_pair_collection(tmp_path / "data")
     out = tmp_path / "index"
-    run_build(BuildConfig(pairs=pairs, images_root=images, out=out, k=10), PixelEncoder(), HashTextEncoder())
+    run_build(
+        BuildConfig(pairs=pairs, images_root=images, out=out, k=10, anchors="image"), PixelEncoder(), HashTextEncoder()
+    )
     return out, images
 
 

@@ -13,6 +13,7 @@ from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder, write_pair_co
 
 
 def config_for(tmp_path, images, pairs, **kw):
+    kw.setdefault("anchors", "image")
     return BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "index", image_chunk=4, batch_size=2, **kw)
 
 
@@ -92,7 +93,9 @@ def test_interrupted_build_resumes_without_reembedding(tmp_path, hash_encoder):
     report = run_build(config_for(tmp_path, images, pairs), enc2, hash_encoder)
     assert report.resumed_chunks == 2 and report.images_embedded_now == 12 and enc2.calls == 6
     fresh = run_build(
-        BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "fresh", image_chunk=4, batch_size=2),
+        BuildConfig(
+            pairs=pairs, images_root=images, out=tmp_path / "fresh", image_chunk=4, batch_size=2, anchors="image"
+        ),
         PixelEncoder(),
         hash_encoder,
     )
@@ -179,11 +182,12 @@ def test_cli_build_with_packaged_encoders(tmp_path, capsys):
     images, pairs = write_pair_collection(tmp_path, n_per_colour=2)
     out = tmp_path / "index"
     args = ["build", "--pairs", str(pairs), "--images-root", str(images), "--out", str(out)]
-    assert main([*args, "--image-encoder", "effnet-lite0", "--text-encoder", "minilm", "--anchors", "caption"]) == 0
+    assert main([*args, "--image-encoder", "effnet-lite0", "--text-encoder", "minilm"]) == 0  # default: per caption
     printed = capsys.readouterr().out
     assert "anchors (pairs):   16" in printed and "img/s" in printed
     manifest = read_manifest(out)
     assert manifest["image_encoder"]["name"] == "efficientnet-lite0" and manifest["image_encoder"]["dim"] == 1280
+    assert manifest["anchors"] == "caption"
     assert manifest["text_encoder"]["dim"] == 384
     loaded = open_index(out)
     assert loaded.model.n_pairs == 16

@@ -73,7 +73,7 @@ def test_build_serve_edit_restart(tmp_path):
     server = Server(index)
     try:
         http = server.http
-        assert http.get("/v1/info").json()["pairs"] == 12
+        assert http.get("/v1/info").json()["pairs"] == 24  # default anchors: one per caption
         first = http.post("/v1/classify", json=query)
         assert first.status_code == 200, first.text
         r = http.post(
@@ -100,7 +100,7 @@ def test_build_serve_edit_restart(tmp_path):
     try:
         http = server.http
         info = http.get("/v1/info").json()
-        assert info["pairs"] == 13 and info["pending_edits"] == 0
+        assert info["pairs"] == 25 and info["pending_edits"] == 0
         assert http.get(f"/v1/pairs/{new_id}").status_code == 404
         assert http.get(f"/v1/pairs/{kept_id}").json()["image"] == "c.jpg"
         assert_same_results(http.post("/v1/classify", json=query).json(), state)

@@ -130,9 +130,9 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "ridge baseline" in printed and "Accuracy vs pairs" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["n_test"] == 12 and report["n_pairs"] == 24
-    assert set(report["anchor_modes"]) == {"image", "caption"} and report["anchor_modes"]["caption"]["n_pairs"] == 48
-    assert report["accuracy_vs_pairs"]["sizes"] == [8, 16, 24]
+    assert report["n_test"] == 12 and report["n_pairs"] == 48 and report["anchors"] == "caption"  # the default
+    assert set(report["anchor_modes"]) == {"image", "caption"} and report["anchor_modes"]["image"]["n_pairs"] == 24
+    assert report["accuracy_vs_pairs"]["sizes"] == [8, 16, 48]
     assert report["served"]["top1_agreement"] == 1.0  # flat index: identical to the dense reference
     assert report["test_anchor_image_overlap"] == 0
     for name in ("report.md", "accuracy_vs_pairs.png", "confusion.png"):
