@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.relrep import KeyMatrix, SparseRR, sparsify
+from asif.relrep import KeyMatrix, SparseRR, sparsify, top_sorted
 
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 1_000
@@ -153,9 +153,7 @@ class NeighbourCache:
         new_i = np.where(enters[rows], np.broadcast_to(new_ids, new_s.shape), -1)
         cat_s = np.concatenate([old_s, new_s], axis=1)
         cat_i = np.concatenate([old_i, new_i], axis=1)
-        order = np.argsort(-cat_s, axis=1, kind="stable")[:, : self.depth]
-        self.sims[rows] = np.take_along_axis(cat_s, order, axis=1)
-        self.ids[rows] = np.take_along_axis(cat_i, order, axis=1)
+        self.sims[rows], self.ids[rows] = top_sorted(cat_s, cat_i, self.depth)
         self.exact[rows] = np.minimum(self.depth, self.exact[rows] + enters[rows].sum(axis=1))
         self.version += 1
 
@@ -171,7 +169,7 @@ class NeighbourCache:
         gone_in_prefix = (hit[rows] & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
         s = np.where(hit[rows], -np.inf, self.sims[rows])
         i = np.where(hit[rows], -1, self.ids[rows])
-        order = np.argsort(-s, axis=1, kind="stable")
+        order = np.argsort(hit[rows], axis=1, kind="stable")  # compact: survivors keep their order
         self.sims[rows] = np.take_along_axis(s, order, axis=1)
         self.ids[rows] = np.take_along_axis(i, order, axis=1)
         self.exact[rows] -= gone_in_prefix

@@ -73,6 +73,21 @@ def sparsify(sims: np.ndarray, ids: np.ndarray, p: float) -> SparseRR:
     return SparseRR(ids=np.asarray(ids, dtype=np.int64), weights=w64.astype(np.float32))
 
 
+TIE_MARGIN = 64  # extra neighbours kept so that ties at the k-th place are settled by id, not by chance
+TIE_GRID = 2.0**-17  # similarities closer than ~8e-6 count as equal (duplicated anchors differ by rounding)
+
+
+def top_sorted(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by decreasing similarity, ties (within TIE_GRID) by increasing id; first k kept.
+
+    Every top-k selection in the project goes through this order, so the dense reference, the
+    FAISS indices and the label caches pick the same neighbours when anchors are duplicated
+    (one image with five captions gives five identical image anchors).
+    """
+    order = np.lexsort((ids, -np.floor(sims / TIE_GRID)), axis=-1)[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
 def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of each query against all anchors (rows), sorted descending.
 
@@ -82,6 +97,7 @@ def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65
     anchors = np.asarray(anchors, dtype=np.float32)
     n = anchors.shape[0]
     k = effective_k(k, n)
+    keep = min(n, k + TIE_MARGIN)
     b = queries.shape[0]
     best_s = np.full((b, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((b, 0), dtype=np.int64)
@@ -91,13 +107,12 @@ def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65
         cand_i = np.concatenate(
             [best_i, np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)], axis=1
         )
-        if cand_s.shape[1] > k:
-            part = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+        if cand_s.shape[1] > keep:
+            part = np.argpartition(-cand_s, keep - 1, axis=1)[:, :keep]
             cand_s = np.take_along_axis(cand_s, part, axis=1)
             cand_i = np.take_along_axis(cand_i, part, axis=1)
         best_s, best_i = cand_s, cand_i
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    return top_sorted(best_s, best_i, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +130,7 @@ def dense_relrep(queries: np.ndarray, anchors: np.ndarray, k: int, p: float) -> 
     out = np.zeros_like(sims)
     if k == 0:
         return out
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    _, top = top_sorted(sims, np.broadcast_to(np.arange(n), sims.shape), k)
     kept = np.take_along_axis(sims, top, axis=1)
     np.put_along_axis(out, top, np.power(np.maximum(kept, 0.0), p), axis=1)
     norms = np.linalg.norm(out, axis=1, keepdims=True)

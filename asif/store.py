@@ -36,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from asif.relrep import effective_k
+from asif.relrep import TIE_MARGIN, effective_k, top_sorted
 from asif.vectors import VectorTable
 
 FLAT_MAX_N = 50_000
@@ -290,14 +290,14 @@ class AnchorStore:
         if k == 0 or len(x) == 0:
             return np.zeros((len(x), k), dtype=np.float32), np.zeros((len(x), k), dtype=np.int64)
         if self._ivf is None:
-            sims, ids = self.index.search(x, k)
-            return sims, ids.astype(np.int64)
-        fetch = k
+            sims, ids = self.index.search(x, min(self.ntotal, k + TIE_MARGIN))
+            return top_sorted(sims, ids.astype(np.int64), k)
+        fetch = min(self.ntotal, k + TIE_MARGIN)
         if self.refine is not None:
             fetch = min(self.ntotal, max(k, math.ceil(k * self.spec.rerank_factor)))
         sims, ids = self._search_ivf(x, fetch)
         if self.refine is None:
-            return sims, ids.astype(np.int64)
+            return top_sorted(sims, ids.astype(np.int64), k)
         return self._rerank(x, ids.astype(np.int64), k)
 
     def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -310,14 +310,7 @@ class AnchorStore:
             stop = min(b, start + step)
             vecs = self.refine.get(cand[start:stop].ravel()).reshape(stop - start, fetch, self.dim)
             exact[start:stop] = np.einsum("bfd,bd->bf", vecs, x[start:stop])
-        if fetch > k:
-            top = np.argpartition(-exact, k - 1, axis=1)[:, :k]
-        else:
-            top = np.broadcast_to(np.arange(fetch), (b, fetch))
-        top_s = np.take_along_axis(exact, top, axis=1)
-        order = np.argsort(-top_s, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        return np.take_along_axis(exact, top, axis=1), np.take_along_axis(cand, top, axis=1)
+        return top_sorted(exact, cand, k)
 
     # -- persistence ----------------------------------------------------------------------------
     def write(self, path: Path) -> list[Path]:

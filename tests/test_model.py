@@ -189,3 +189,22 @@ def test_unregistered_labels_are_rebuilt_after_edits(small_world):
     assert not {a.pair_id for p in preds for a in p.explanation} & set(victims.tolist())
     fresh = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)
     np.testing.assert_array_equal(detached.neighbours.topk(20)[1], fresh.neighbours.topk(20)[1])
+
+
+def test_duplicated_image_anchors_tie_break_by_id_like_the_reference(small_world):
+    """Per-caption anchors repeat each image five times: the k-th place often falls inside a group of
+    identical anchors. Engine and dense reference must pick the same members (lowest ids)."""
+    data = small_world.pairs(300, n_queries=40)
+    img = np.repeat(data.image_anchors, 5, axis=0)  # five identical image anchors per "image"
+    txt = small_world.anchors(1500)[1]  # five different captions
+    model = flat_model(img, txt, k=37, p=8)  # 37 is not a multiple of 5: ties straddle the cut
+    rr = model.image_relrep(data.image_queries)
+    dense = dense_relrep(data.image_queries, img, 37, 8)
+    for b in range(len(data.image_queries)):
+        assert set(rr.ids[b][rr.weights[b] > 0]) == set(np.flatnonzero(dense[b]))
+    labels = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)
+    got = np.array([[s for _, s in sorted(p.scores)] for p in model.classify(data.image_queries, labels, top=99)])
+    names = sorted(f"class {j}" for j in range(len(data.label_queries)))
+    order = [int(n.split()[1]) for n in names]
+    ref = dense_scores(data.image_queries, data.label_queries, img, txt, 37, 8)[:, order]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
