@@ -13,7 +13,7 @@ Index choice (``choose_index_spec``), the documented rule:
   nearest to dim/16 (16 dimensions per 8-bit sub-quantiser: 80 bytes for 1280-d, 24 for 384-d,
   48 for 768-d). Trained on a seeded sample of ``max(64*nlist, 30000)`` vectors (at most n).
   ``nprobe`` is at least nlist/8 and enough lists to hold 4x the candidates wanted.
-  By default the candidates are re-ranked exactly: ``rerank_factor * k`` (5k) candidates come from
+  By default the candidates are re-ranked exactly: ``rerank_factor * k`` (10k) candidates come from
   the PQ codes, their exact inner products are computed from a refine store
   (a table of the float32 vectors by id, or float16 with ``SQfp16``), and the best ``k`` are kept, so
   the similarities raised to ``p`` are the true ones.
@@ -94,7 +94,7 @@ def choose_index_spec(n: int, dim: int, index_type: str = "auto", refine: str | 
             factory=f"IVF{nlist},PQ{m}x8",
             refine=refine,
             nprobe=max(1, nlist // 8),
-            rerank_factor=5.0 if refine else 1.0,
+            rerank_factor=10.0 if refine else 1.0,
             train_size=int(min(n, max(64 * nlist, TRAIN_MIN))),
         )
     return IndexSpec(
