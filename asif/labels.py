@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.relrep import KeyMatrix, SparseRR, sparsify, top_sorted
+from asif.relrep import TIE_GRID, KeyMatrix, SparseRR, sparsify, top_sorted
 
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 1_000
@@ -132,30 +132,55 @@ class NeighbourCache:
         self.version += 1
 
     def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int) -> None:
-        """Account for anchors just added (n_before = anchor count before the add)."""
+        """Account for anchors just added (n_before = anchor count before the add).
+
+        Rows keep the canonical order of :func:`asif.relrep.top_sorted` (similarity on a grid, then id).
+        """
         if len(new_ids) == 0 or len(self.queries) == 0:
             return
+        new_ids = np.asarray(new_ids, dtype=np.int64)
         s = self.queries @ np.asarray(new_vectors, dtype=np.float32).T  # (L, m)
-        truncated = self.exact < n_before  # rows that do not hold every anchor
-        last = np.take_along_axis(self.sims, np.maximum(self.exact - 1, 0)[:, None], axis=1)[:, 0]
-        # A row holding every anchor takes any newcomer; a truncated row only those above its last
-        # known-exact entry; a truncated row that knows nothing (all deleted) waits for ensure().
-        cutoff = np.where(truncated, np.where(self.exact > 0, last, np.inf), -np.inf)
-        enters = s > cutoff[:, None]
+        qs = np.floor(s / TIE_GRID)
+        last = np.maximum(self.exact - 1, 0)[:, None]
+        last_q = np.floor(np.take_along_axis(self.sims, last, axis=1) / TIE_GRID)
+        last_id = np.take_along_axis(self.ids, last, axis=1)
+        before_last = (qs > last_q) | ((qs == last_q) & (new_ids[None, :] < last_id))
+        # A row holding every anchor takes any newcomer; a truncated row only those that sort before
+        # its last known-exact entry; a truncated row that knows nothing (all deleted) waits for ensure().
+        truncated = (self.exact < n_before)[:, None]
+        enters = np.where(truncated, before_last & (self.exact > 0)[:, None], True)
         rows = np.flatnonzero(enters.any(axis=1))
         if len(rows) == 0:
             return
-        # Entries beyond `exact` are not trusted: drop them before merging.
-        keep = np.arange(self.depth)[None, :] < self.exact[rows, None]
-        old_s = np.where(keep, self.sims[rows], -np.inf)
-        old_i = np.where(keep, self.ids[rows], -1)
-        new_s = np.where(enters[rows], s[rows], -np.inf)
-        new_i = np.where(enters[rows], np.broadcast_to(new_ids, new_s.shape), -1)
-        cat_s = np.concatenate([old_s, new_s], axis=1)
-        cat_i = np.concatenate([old_i, new_i], axis=1)
-        self.sims[rows], self.ids[rows] = top_sorted(cat_s, cat_i, self.depth)
-        self.exact[rows] = np.minimum(self.depth, self.exact[rows] + enters[rows].sum(axis=1))
+        if len(new_ids) == 1:
+            self._insert_one(rows, new_ids[0], s[rows, 0])
+        else:
+            # Entries beyond `exact` are not trusted: drop them before merging.
+            keep = np.arange(self.depth)[None, :] < self.exact[rows, None]
+            old_s = np.where(keep, self.sims[rows], -np.inf)
+            old_i = np.where(keep, self.ids[rows], -1)
+            new_s = np.where(enters[rows], s[rows], -np.inf)
+            new_i = np.where(enters[rows], np.broadcast_to(new_ids, new_s.shape), -1)
+            cat_s = np.concatenate([old_s, new_s], axis=1)
+            cat_i = np.concatenate([old_i, new_i], axis=1)
+            self.sims[rows], self.ids[rows] = top_sorted(cat_s, cat_i, self.depth)
+            self.exact[rows] = np.minimum(self.depth, self.exact[rows] + enters[rows].sum(axis=1))
         self.version += 1
+
+    def _insert_one(self, rows: np.ndarray, new_id: int, sims: np.ndarray) -> None:
+        """The common live add: one anchor, inserted at its place in each row without sorting."""
+        old_s, old_i, exact = self.sims[rows], self.ids[rows], self.exact[rows]
+        col = np.arange(self.depth)[None, :]
+        q_old, q_new = np.floor(old_s / TIE_GRID), np.floor(sims / TIE_GRID)[:, None]
+        before = (col < exact[:, None]) & ((q_old > q_new) | ((q_old == q_new) & (old_i < new_id)))
+        pos = before.sum(axis=1)[:, None]  # the valid prefix is sorted, so these come first
+        src = np.clip(np.where(col < pos, col, col - 1), 0, self.depth - 1)
+        out_s = np.where(col == pos, sims[:, None], np.take_along_axis(old_s, src, axis=1))
+        out_i = np.where(col == pos, new_id, np.take_along_axis(old_i, src, axis=1))
+        untrusted = col > exact[:, None]  # shifted-in leftovers past the new exact prefix
+        self.sims[rows] = np.where(untrusted, -np.inf, out_s)
+        self.ids[rows] = np.where(untrusted, -1, out_i)
+        self.exact[rows] = np.minimum(self.depth, exact + 1)
 
     def remove(self, removed_ids: np.ndarray) -> None:
         """Drop removed anchors from every row that holds them."""

@@ -208,3 +208,19 @@ def test_duplicated_image_anchors_tie_break_by_id_like_the_reference(small_world
     order = [int(n.split()[1]) for n in names]
     ref = dense_scores(data.image_queries, data.label_queries, img, txt, 37, 8)[:, order]
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_single_adds_and_removes_keep_caches_equal_to_a_rebuild(small_world, rng):
+    """One pair at a time (the live path), with duplicated image anchors and tied captions."""
+    data = small_world.pairs(400, n_queries=5)
+    img = np.repeat(data.image_anchors[:200], 2, axis=0)
+    txt = np.repeat(data.text_anchors[:200], 2, axis=0)  # identical captions tie exactly
+    model = flat_model(img[:300], txt[:300], np.arange(300), k=25)
+    labels = model.register_labels("s", labels_of(len(data.label_queries)), data.label_queries)
+    for i in range(300, 400):
+        model.add_pairs(np.array([i]), img[i : i + 1], txt[i : i + 1])
+        if i % 3 == 0:
+            model.remove_pairs(np.array([int(rng.integers(0, i))]))
+    fresh = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)
+    np.testing.assert_array_equal(labels.neighbours.topk(25)[1], fresh.neighbours.topk(25)[1])
+    np.testing.assert_allclose(labels.neighbours.topk(25)[0], fresh.neighbours.topk(25)[0], atol=1e-6)
