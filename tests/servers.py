@@ -16,6 +16,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def build_command(
+    pairs: Path, images: Path, out: Path, image_encoder: str, text_encoder: str, *extra: str
+) -> list[str]:
+    """`asif build` as a subprocess command line."""
+    return [
+        sys.executable, "-m", "asif.cli", "build", "--pairs", str(pairs), "--images-root", str(images),
+        "--out", str(out), "--image-encoder", image_encoder, "--text-encoder", text_encoder, *extra,
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,14 +5,13 @@ import io
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import write_pair_collection
-from tests.servers import Server
+from tests.servers import Server, build_command
 
 pytestmark = pytest.mark.slow
 
@@ -45,24 +44,7 @@ def test_build_serve_edit_restart(tmp_path):
     images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=3)
     index = tmp_path / "index"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asif.cli",
-            "build",
-            "--pairs",
-            str(pairs),
-            "--images-root",
-            str(images),
-            "--out",
-            str(index),
-            "--image-encoder",
-            "effnet-lite0",
-            "--text-encoder",
-            "minilm",
-            "--k",
-            "4",
-        ],
+        build_command(pairs, images, index, "effnet-lite0", "minilm", "--k", "4"),
         check=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
         capture_output=True,

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 from asif.persist import load_index_folder, read_manifest
 from tests.conftest import COLOURS, PixelEncoder, write_pair_collection
-from tests.servers import ROOT, Server
+from tests.servers import ROOT, Server, build_command
 
 LABELS = {"labels": list(COLOURS), "templates": ["a {} square"]}
 
@@ -115,25 +114,8 @@ def test_sigkill_during_edits_and_snapshots_loses_nothing_acknowledged(built_ind
 
 
 def build_cmd(pairs, images, out, encoder="py:tests.conftest:SlowPixelEncoder", force=False):
-    return [
-        sys.executable,
-        "-m",
-        "asif.cli",
-        "build",
-        "--pairs",
-        str(pairs),
-        "--images-root",
-        str(images),
-        "--out",
-        str(out),
-        "--image-encoder",
-        encoder,
-        "--text-encoder",
-        "py:tests.conftest:HashTextEncoder",
-        "--batch-size",
-        "2",
-        *(["--force"] if force else []),
-    ]
+    extra = ["--batch-size", "2", *(["--force"] if force else [])]
+    return build_command(pairs, images, out, encoder, "py:tests.conftest:HashTextEncoder", *extra)
 
 
 @pytest.mark.slow
