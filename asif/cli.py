@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P
+
+T = TypeVar("T")
+
+
+def _config(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """A config dataclass from the parsed arguments of the same names, plus overrides."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    return cls(**{**values, **overrides})
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -48,21 +58,7 @@ def _run_build(args: argparse.Namespace) -> int:
     from index_builder.build import BuildConfig, BuildError, run_build
     from index_builder.pairs_io import PairsFileError
 
-    config = BuildConfig(
-        pairs=args.pairs,
-        images_root=args.images_root,
-        out=args.out,
-        image_encoder=args.image_encoder,
-        text_encoder=args.text_encoder,
-        index_type=args.index_type,
-        anchors=args.anchors,
-        rerank=None if args.rerank.lower() == "none" else args.rerank,
-        k=args.k,
-        p=args.p,
-        batch_size=args.batch_size,
-        device=args.device,
-        force=args.force,
-    )
+    config = _config(BuildConfig, args, rerank=None if args.rerank.lower() == "none" else args.rerank)
     try:
         report = run_build(config)
     except (BuildError, PairsFileError, ValueError) as exc:
@@ -137,28 +133,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     from evaluation.report import markdown
     from evaluation.run import EvalConfig, run_eval
 
-    cfg = EvalConfig(
-        test=args.test,
-        out=args.out,
-        index=args.index,
-        pairs=args.pairs,
-        images_root=args.images_root,
-        image_encoder=args.image_encoder,
-        text_encoder=args.text_encoder,
-        classes=args.classes,
-        templates=args.templates,
-        anchors=args.anchors,
-        index_type=args.index_type,
-        k=args.k,
-        p=args.p,
+    cfg = _config(
+        EvalConfig,
+        args,
         ks=[int(x) for x in args.ks.split(",")],
         ps=[float(x) for x in args.ps.split(",")],
         sizes=[int(x) for x in args.sizes.split(",")],
-        threshold=args.threshold,
-        auto=args.auto,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
     )
     try:
         report = run_eval(cfg)
