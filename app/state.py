@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from app.batching import MicroBatcher
 from app.core.config import Settings
@@ -30,8 +31,6 @@ class AppState:
     async def inline_labels(self, label_set: LabelSet) -> CachedLabels:
         cached = self.live.cached_inline(label_set)
         if cached is None:
-            from starlette.concurrency import run_in_threadpool
-
             embeddings = await self.embed_labels(label_set)
             cached = await run_in_threadpool(self.live.add_inline, label_set, embeddings)
         return cached

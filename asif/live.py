@@ -26,7 +26,7 @@ from asif.encoders import ImageEncoder, TextEncoder
 from asif.labels import CachedLabels, LabelSet
 from asif.loading import open_index
 from asif.metadata import NewPair, StoredLabelSet
-from asif.persist import read_manifest, save_index_folder
+from asif.persist import save_index_folder
 from asif.rwlock import RWLock
 
 INLINE_PREFIX = "\x00inline:"
@@ -166,7 +166,7 @@ class LiveModel:
         with self._snapshot_lock:
             with self.lock.read():
                 seq = self.metadata.last_seq()
-                manifest = dict(read_manifest(self.path))
+                manifest = dict(self.manifest)  # kept current by every snapshot
                 manifest["applied_seq"] = seq
                 manifest["counts"] = dict(manifest.get("counts", {}), pairs=self.model.n_pairs)
                 self.manifest = save_index_folder(self.path, self.model.image_store, self.model.text_store, manifest)

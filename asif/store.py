@@ -40,6 +40,7 @@ from asif.relrep import TIE_MARGIN, effective_k, top_sorted
 from asif.vectors import VectorTable
 
 FLAT_MAX_N = 50_000
+RERANK_FACTOR = 10.0  # candidates re-ranked per neighbour kept (5 lost 4-6% recall on real features)
 TRAIN_MIN = 30_000
 
 
@@ -94,7 +95,7 @@ def choose_index_spec(n: int, dim: int, index_type: str = "auto", refine: str | 
             factory=f"IVF{nlist},PQ{m}x8",
             refine=refine,
             nprobe=max(1, nlist // 8),
-            rerank_factor=10.0 if refine else 1.0,
+            rerank_factor=RERANK_FACTOR if refine else 1.0,
             train_size=int(min(n, max(64 * nlist, TRAIN_MIN))),
         )
     return IndexSpec(
@@ -102,7 +103,7 @@ def choose_index_spec(n: int, dim: int, index_type: str = "auto", refine: str | 
         factory=kind,
         refine=refine if kind.upper().startswith("IVF") and "PQ" in kind.upper() else None,
         nprobe=16,
-        rerank_factor=3.0 if refine else 1.0,
+        rerank_factor=RERANK_FACTOR if refine else 1.0,
         train_size=int(min(n, TRAIN_MIN * 4)),
     )
 
