@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P
+from asif.store import RERANK_FACTOR
 
 T = TypeVar("T")
 
@@ -46,6 +47,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rerank", default="Flat", help="IVF-PQ re-ranking vectors: Flat (float32) | SQfp16 (float16) | none"
+    )
+    p.add_argument(
+        "--rerank-factor",
+        type=float,
+        default=RERANK_FACTOR,
+        help=f"IVF-PQ candidates re-ranked per neighbour kept (default {RERANK_FACTOR:g}; see README)",
     )
     p.add_argument("--k", type=int, default=DEFAULT_K, help="default k recorded in the manifest")
     p.add_argument("--p", type=float, default=DEFAULT_P, help="default p recorded in the manifest")
@@ -117,6 +124,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", type=Path, help="prompt templates, one per line with '{}'")
     p.add_argument("--anchors", choices=("image", "caption"), default="caption", help="primary anchor mode")
     p.add_argument("--index-type", default="auto", help="index of the served path with --pairs")
+    p.add_argument("--rerank-factor", type=float, default=RERANK_FACTOR, help="IVF-PQ re-ranking factor, with --pairs")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--p", type=float, default=DEFAULT_P)
     p.add_argument("--ks", default="25,50,100,200,400,800", help="k values of the sweep")

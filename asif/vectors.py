@@ -82,6 +82,16 @@ class VectorTable:
             raise KeyError(f"ids not in the table: {ids[rows < 0][:10].tolist()}")
         return self.vectors[rows].astype(np.float32, copy=False)
 
+    def all(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors, ids) of every stored row, in row order."""
+        return self.vectors[: self.n].astype(np.float32, copy=False), self.ids[: self.n]
+
+    def any_id(self) -> int:
+        """Some stored id (for padding a gather); the table must not be empty."""
+        if self.n == 0:
+            raise KeyError("the table is empty")
+        return int(self.ids[0])
+
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:

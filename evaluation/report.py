@@ -79,6 +79,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Served vs dense: top-1 agreement {_pct(report['served']['top1_agreement'])}%, accuracy difference "
         f"{report['served']['accuracy_difference_points']:+.2f} points."
+        + (
+            f" Image-index recall@k against exact search: {report['served']['image_recall_at_k']:.3f}."
+            if report["served"].get("image_recall_at_k") is not None
+            else ""
+        )
         + (f" Unknown answers: {_pct(m['unknown_share'])}%." if m["unknown_share"] else ""),
         "",
     ]

@@ -30,7 +30,8 @@ from asif.images import ImageError, open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
 from asif.loading import open_index
 from asif.model import AsifModel
-from asif.store import build_store, choose_index_spec
+from asif.relrep import exact_topk
+from asif.store import RERANK_FACTOR, build_store, choose_index_spec
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 
@@ -48,6 +49,7 @@ class EvalConfig:
     templates: Path | None = None
     anchors: str = "caption"
     index_type: str = "auto"
+    rerank_factor: float = RERANK_FACTOR
     k: int = 800
     p: float = 8.0
     ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
@@ -224,15 +226,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     report["confusion"] = confusion_matrix(truth, dense_pred, len(test.names)).tolist()
 
     # 2. The served path (FAISS index as built) against the dense exact reference.
+    recall: float | None = None
     if loaded is not None:
         model = loaded.model
     else:
+        image_spec, text_spec = (
+            choose_index_spec(n, x.shape[1], cfg.index_type, rerank_factor=cfg.rerank_factor)
+            for x in (main.image, main.text)
+        )
         model = AsifModel(
-            build_store(main.image, np.arange(n), choose_index_spec(n, main.image.shape[1], cfg.index_type)),
-            build_store(main.text, np.arange(n), choose_index_spec(n, main.text.shape[1], cfg.index_type)),
+            build_store(main.image, np.arange(n), image_spec),
+            build_store(main.text, np.arange(n), text_spec),
             k=cfg.k,
             p=cfg.p,
         )
+        # Recall@k of the image index against exact search (store ids are the anchor rows here).
+        probe = test_emb[: min(len(test_emb), 500)]
+        _, got = model.image_store.search(probe, cfg.k)
+        _, ref = exact_topk(probe, main.image, cfg.k)
+        recall = float(np.mean([len(np.intersect1d(g, r)) / got.shape[1] for g, r in zip(got, ref, strict=True)]))
     _log(f"served path ({model.image_store.spec.factory}) vs dense reference")
     served = served_top1(model, test_emb, label_emb, test.names, cfg.k, cfg.p)
     served_acc = float((served == truth).mean())
@@ -243,6 +255,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "dense_top1": dense_acc,
         "top1_agreement": float((served == dense_pred).mean()),
         "accuracy_difference_points": 100 * (served_acc - dense_acc),
+        "image_recall_at_k": recall,
     }
 
     # 3. Accuracy vs number of pairs (nested seeded subsets).

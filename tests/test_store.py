@@ -9,9 +9,9 @@ from tests.conftest import random_unit
 def test_index_choice_rule():
     assert choose_index_spec(10_000, 384).kind == "flat"
     spec = choose_index_spec(1_000_000, 1280)
-    assert spec.kind == "ivfpq" and spec.factory == "IVF2048,PQ80x8" and spec.refine == "Flat"
-    assert ivfpq_params(1_000_000, 384) == (2048, 24)
-    assert ivfpq_params(1_000, 768) == (25, 48)  # nlist capped at n/39 training points per list
+    assert spec.kind == "ivfpq" and spec.factory == "IVF2048,PQ160x4fs" and spec.refine == "Flat"
+    assert ivfpq_params(1_000_000, 384) == (2048, 48)
+    assert ivfpq_params(1_000, 768) == (25, 96)  # nlist capped at n/39 training points per list
     assert choose_index_spec(100, 64, "IVF16,Flat").factory == "IVF16,Flat"
     with pytest.raises(StoreError):
         AnchorStore(64, choose_index_spec(100, 64, "NotAnIndex"))
@@ -39,6 +39,34 @@ def test_ivf_always_returns_k_real_neighbours(rng):
     assert store._ivf.nprobe == nprobe_before  # shared state untouched
     _sims, ids = store.search(random_unit(rng, 2, 16), 5000)  # k capped at ntotal
     assert ids.shape == (2, 1000) and (ids >= 0).all()
+
+
+def test_fast_scan_padding_never_reaches_the_caller(rng):
+    # 1 sub-quantiser of 16 centroids: FAISS's fast-scan drops the vectors whose quantised distance
+    # saturates and pads rows with -1 even with every list probed. Searches must still return k real,
+    # distinct neighbours with exact similarities, before and after removals.
+    a = random_unit(rng, 300, 8)
+    store = build_store(a, np.arange(300), choose_index_spec(300, 8, "IVF16,PQ1x4fs", rerank_factor=1.0))
+    q = random_unit(rng, 5, 8)
+    _, raw = store._search_ivf(q, 286)
+    assert (raw < 0).any()  # the situation under test does occur
+    for k in (30, 250, 300):
+        sims, ids = store.search(q, k)
+        assert ids.shape == (5, k) and (ids >= 0).all()
+        assert all(len(set(r)) == k for r in ids)
+        np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", a[ids], q), atol=1e-5)
+    store.remove(np.arange(0, 300, 3))
+    sims, ids = store.search(q, 200)
+    assert (ids >= 0).all() and not np.isin(ids, np.arange(0, 300, 3)).any()
+    ref_s, _ = exact_topk(q, np.delete(a, np.arange(0, 300, 3), axis=0), 200)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)  # fetch >= ntotal: exact over the whole store
+
+
+def test_rerank_factor_is_validated_and_recorded():
+    assert choose_index_spec(1_000_000, 1280, rerank_factor=10).rerank_factor == 10
+    assert choose_index_spec(1_000_000, 1280, refine=None).rerank_factor == 1.0
+    with pytest.raises(StoreError, match="rerank_factor"):
+        choose_index_spec(1_000_000, 1280, rerank_factor=0.5)
 
 
 def test_add_remove_duplicate_and_unknown(rng):
