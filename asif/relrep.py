@@ -84,6 +84,11 @@ def top_sorted(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     FAISS indices and the label caches pick the same neighbours when anchors are duplicated
     (one image with five captions gives five identical image anchors).
     """
+    keep = k + TIE_MARGIN
+    if sims.shape[1] > 2 * keep:
+        # Long rows (re-ranked candidates): an O(n) partition first, as exact_topk keeps k + TIE_MARGIN.
+        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
+        sims, ids = np.take_along_axis(sims, part, axis=1), np.take_along_axis(ids, part, axis=1)
     order = np.lexsort((ids, -np.floor(sims / TIE_GRID)), axis=-1)[:, :k]
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
 

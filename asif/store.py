@@ -335,17 +335,16 @@ class AnchorStore:
         return top_sorted(sims, np.broadcast_to(ids, sims.shape), k)
 
     def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates (``-1``: none), best k kept, in chunks of ~64 MB of vectors."""
+        """Exact inner products of the candidates (``-1``: none), best k kept."""
         assert self.refine is not None
-        b, fetch = cand.shape
         valid = cand >= 0
         safe = cand if valid.all() else np.where(valid, cand, self.refine.any_id())
-        exact = np.empty((b, fetch), dtype=np.float32)
-        step = max(1, (16 << 20) // max(1, fetch * self.dim))
-        for start in range(0, b, step):
-            stop = min(b, start + step)
-            vecs = self.refine.get(safe[start:stop].ravel()).reshape(stop - start, fetch, self.dim)
-            exact[start:stop] = np.einsum("bfd,bd->bf", vecs, x[start:stop])
+        exact = np.empty(cand.shape, dtype=np.float32)
+        step = max(1, (64 << 20) // max(1, cand.shape[1] * self.dim * 4))  # float16 tables gather ~64 MB at most
+        for start in range(0, len(x), step):
+            exact[start : start + step] = self.refine.inner_products(
+                safe[start : start + step], x[start : start + step]
+            )
         exact[~valid] = -np.inf
         return top_sorted(exact, cand, k)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 DTYPES = {"Flat": np.float32, "SQfp16": np.float16}
@@ -81,6 +82,32 @@ class VectorTable:
         if (rows < 0).any():
             raise KeyError(f"ids not in the table: {ids[rows < 0][:10].tolist()}")
         return self.vectors[rows].astype(np.float32, copy=False)
+
+    def inner_products(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """(b, f) inner products of query row i with the vectors of ids[i] (all present), float32.
+
+        float32 tables use FAISS's ``fvec_inner_products_by_idx``, which reads the rows in place:
+        gathering 4,000 rows of 1280 floats first (20 MB) took longer than the products themselves.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.row_of[ids]
+        if (rows < 0).any():
+            raise KeyError(f"ids not in the table: {ids[rows < 0][:10].tolist()}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.vectors.dtype != np.float32:
+            return np.einsum("bfd,bd->bf", self.vectors[rows].astype(np.float32), x)
+        rows = np.ascontiguousarray(rows)
+        out = np.empty(rows.shape, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(out),
+            faiss.swig_ptr(x),
+            faiss.swig_ptr(self.vectors),
+            faiss.swig_ptr(rows),
+            self.dim,
+            rows.shape[0],
+            rows.shape[1],
+        )
+        return out
 
     def all(self) -> tuple[np.ndarray, np.ndarray]:
         """(float32 vectors, ids) of every stored row, in row order."""

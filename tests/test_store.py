@@ -132,3 +132,21 @@ def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
     np.testing.assert_allclose(half.get(np.array([3])), x[:1], atol=1e-3)
     with pytest.raises(ValueError):
         VectorTable(6, "SQ8")
+
+
+@pytest.mark.parametrize("kind", ["Flat", "SQfp16"])
+def test_vector_table_inner_products_match_numpy_after_edits(rng, kind):
+    from asif.vectors import VectorTable
+
+    x = random_unit(rng, 200, 24)
+    table = VectorTable(24, kind)
+    table.add(np.arange(200) + 1000, x)
+    table.remove(np.arange(1000, 1200, 7))  # rows move: products must follow ids, not rows
+    alive = np.setdiff1d(np.arange(1000, 1200), np.arange(1000, 1200, 7))
+    q = random_unit(rng, 3, 24)
+    cand = np.stack([rng.choice(alive, 40, replace=False) for _ in range(3)])
+    got = table.inner_products(cand, q)
+    want = np.einsum("bfd,bd->bf", x[cand - 1000], q)
+    np.testing.assert_allclose(got, want, atol=1e-6 if kind == "Flat" else 2e-3)
+    with pytest.raises(KeyError):
+        table.inner_products(np.array([[1000]]), q[:1])  # removed id
