@@ -3,8 +3,9 @@
 Layout (``g`` = generation number, bumped by every save)::
 
     manifest.json            the commit point: names the files of the current generation
-    image-g000001.faiss      image anchor index (+ image-g000001.refine.faiss when re-ranking)
-    text-g000001.faiss       caption anchor index (+ .refine.faiss)
+    image-g000001.faiss      image anchor index (+ image-g000001.refine.npz when re-ranking: the
+                             exact vectors and the groups of pairs sharing one vector)
+    text-g000001.faiss       caption anchor index (+ .refine.npz)
     pairs.sqlite             pair metadata (id, image reference, captions, thumbnails)
 
 A save writes the new generation's files (temp name, fsync, rename), then replaces

@@ -21,6 +21,14 @@ Index choice (``choose_index_spec``), the documented rule:
   the similarities raised to ``p`` are the true ones.
 - any other string is a FAISS ``index_factory`` string used as given (inner product metric).
 
+Identical vectors are indexed once when the store re-ranks (IVF-PQ with a refine table): with one
+anchor per caption, every image appears once per caption (five times in Flickr8k). The vectors of one
+``add`` call that are bitwise identical form a group; FAISS and the refine table hold one entry per
+group, keyed by the group's smallest pair id, and a search expands each group into its pairs. Results
+are the same as without grouping (same similarities, same canonical order, ties by pair id); the image
+index, its re-ranking table and its candidate lists shrink by the duplication factor, and candidates
+are counted in distinct vectors. Duplicates added by different calls stay separate (still correct).
+
 Searches always return ``min(k, ntotal)`` real neighbours, never FAISS's ``-1`` padding:
 the IVF ``nprobe`` is chosen per call (``SearchParametersIVF``) so the probed lists hold
 enough vectors, and rows that still come back short are searched again with more lists, up
@@ -38,7 +46,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from asif.relrep import TIE_MARGIN, effective_k, top_sorted
+from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
 from asif.vectors import VectorTable
 
 FLAT_MAX_N = 50_000
@@ -178,7 +186,14 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
 class AnchorStore:
     """FAISS anchor index with explicit pair ids, optional exact re-ranking. Not thread-safe for edits."""
 
-    def __init__(self, dim: int, spec: IndexSpec, index: faiss.Index | None = None, refine: VectorTable | None = None):
+    def __init__(
+        self,
+        dim: int,
+        spec: IndexSpec,
+        index: faiss.Index | None = None,
+        refine: VectorTable | None = None,
+        groups: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         self.dim = int(dim)
         self.spec = spec
         self.index = index if index is not None else _new_index(self.dim, spec.factory)
@@ -193,10 +208,30 @@ class AnchorStore:
             _enable_id_lookup(self.index)
         # A set, not a sorted array: an edit costs O(1) instead of re-sorting every id (~50 ms at 1M).
         self._ids: set[int] = set(_ids_of(self.index).tolist()) if index is not None else set()
+        # Groups of identical vectors (only with a refine table): the indexed key of a group is its
+        # smallest pair id; _members[key] lists all its pair ids, _key_of maps the other members to it.
+        self._members: dict[int, list[int]] = {}
+        self._key_of: dict[int, int] = {}
+        if groups is not None:
+            for member, key in zip(groups[0].tolist(), groups[1].tolist(), strict=True):
+                self._key_of[member] = key
+                self._members.setdefault(key, [key]).append(member)
+            self._ids.update(self._key_of)
+
+    @property
+    def groups_vectors(self) -> bool:
+        """Whether identical vectors of one add call are indexed once (needs the exact refine table)."""
+        return self.refine is not None
 
     # -- state ------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
+        """Pairs held (a group of identical vectors counts each of its pairs)."""
+        return len(self._ids)
+
+    @property
+    def nvectors(self) -> int:
+        """Distinct vectors indexed by FAISS."""
         return int(self.index.ntotal)
 
     @property
@@ -233,7 +268,7 @@ class AnchorStore:
             self.index.train(x)
             _enable_id_lookup(self.index)
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = _as_matrix(vectors, self.dim)
         if len(ids) != len(x):
@@ -246,10 +281,37 @@ class AnchorStore:
             raise StoreError("index is not trained; call train() first")
         if len(ids) == 0:
             return
-        self.index.add_with_ids(x, ids)
-        if self.refine is not None:
-            self.refine.add(ids, x)
+        rows = self._group_rows(ids, x) if self.groups_vectors else np.arange(len(ids))
+        for start in range(0, len(rows), batch):
+            part = rows[start : start + batch]
+            self.index.add_with_ids(x[part], ids[part])
+            if self.refine is not None:
+                self.refine.add(ids[part], x[part])
         self._ids.update(ids.tolist())
+
+    def _group_rows(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Group bitwise-identical rows; records the groups and returns the rows to index (one per group)."""
+        buckets: dict[int, list[int]] = {}  # hash of the row's bytes -> rows (equality checked below)
+        for row, vec in enumerate(x):
+            buckets.setdefault(hash(vec.tobytes()), []).append(row)
+        groups: list[list[int]] = []
+        for rows in buckets.values():
+            while rows:  # split a bucket by exact equality (hash collisions stay apart)
+                same = [r for r in rows if np.array_equal(x[r], x[rows[0]])]
+                groups.append(same)
+                rows = [r for r in rows if r not in same] if len(same) < len(rows) else []
+        keep = []
+        for rows in groups:
+            if len(rows) == 1:
+                keep.append(rows[0])
+                continue
+            group = sorted(int(ids[r]) for r in rows)
+            key = group[0]
+            keep.append(next(r for r in rows if ids[r] == key))
+            self._members[key] = group
+            for member in group[1:]:
+                self._key_of[member] = key
+        return np.sort(np.asarray(keep, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
@@ -257,11 +319,44 @@ class AnchorStore:
         ids = ids[self.contains(ids)]
         if len(ids) == 0:
             return 0
-        removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
-        if self.refine is not None:
-            self.refine.remove(ids)
+        drop = []  # indexed keys whose vector goes
+        # Descending: a group's other members go before its key (the smallest id), so a group deleted
+        # whole is removed from FAISS once instead of being re-keyed member by member.
+        for pid in ids[::-1].tolist():
+            key = self._key_of.pop(pid, None)
+            if key is not None:  # a non-key member: only the group shrinks
+                group = self._members[key]
+                group.remove(pid)
+                if len(group) == 1:
+                    del self._members[key]
+                continue
+            group = self._members.pop(pid, None)
+            if group is None:
+                drop.append(pid)
+            else:
+                self._rekey(pid, [m for m in group if m != pid])
+        if drop:
+            self.index.remove_ids(faiss.IDSelectorArray(np.asarray(drop, dtype=np.int64)))
+            if self.refine is not None:
+                self.refine.remove(np.asarray(drop, dtype=np.int64))
         self._ids.difference_update(ids.tolist())
-        return removed
+        return len(ids)
+
+    def _rekey(self, old: int, rest: list[int]) -> None:
+        """The key of a group was deleted: index its vector under the smallest remaining member."""
+        assert self.refine is not None
+        new = min(rest)
+        vec = self.refine.get(np.array([old]))
+        self.index.remove_ids(faiss.IDSelectorArray(np.array([old], dtype=np.int64)))
+        self.refine.remove(np.array([old]))
+        self.index.add_with_ids(vec, np.array([new], dtype=np.int64))
+        self.refine.add(np.array([new]), vec)
+        del self._key_of[new]
+        if len(rest) > 1:
+            self._members[new] = sorted(rest)
+            for member in rest:
+                if member != new:
+                    self._key_of[member] = new
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of the given ids (exact for Flat and the Flat refine store)."""
@@ -270,8 +365,15 @@ class AnchorStore:
         if missing.any():
             raise StoreError(f"unknown ids: {ids[missing][:10].tolist()}")
         if self.refine is not None:
-            return self.refine.get(ids)
+            keys = np.fromiter((self._key_of.get(i, i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+            return self.refine.get(keys)
         return self.index.reconstruct_batch(ids).reshape(len(ids), self.dim)
+
+    def groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(member ids, their group keys) for every pair that is not its group's key."""
+        members = np.fromiter(self._key_of.keys(), dtype=np.int64, count=len(self._key_of))
+        keys = np.fromiter(self._key_of.values(), dtype=np.int64, count=len(self._key_of))
+        return members, keys
 
     # -- search ---------------------------------------------------------------------------------
     def _nprobe_for(self, fetch: int) -> int:
@@ -317,15 +419,68 @@ class AnchorStore:
                     "use a smaller k or build with re-ranking vectors"
                 )
             return top_sorted(np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids, k)
-        fetch = max(k + RERANK_MIN, math.ceil(k * self.spec.rerank_factor))
-        if fetch >= self.ntotal:
-            return self._exact_all(x, k)  # the candidates would be the whole store
-        _, cand = self._search_ivf(x, fetch)
-        sims, ids = self._rerank(x, cand, k)
-        short = (cand >= 0).sum(axis=1) < k
-        if short.any():
-            sims[short], ids[short] = self._exact_all(x[short], k)
+        return self._search_refined(x, k)
+
+    def _search_refined(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """PQ candidates re-ranked exactly, counted in distinct vectors, groups expanded into pairs.
+
+        The k pairs wanted come from about k * nvectors / ntotal distinct vectors (k / 5 with five
+        captions per image); rows whose groups turn out smaller are searched again counting one vector
+        per pair (always enough), then, if FAISS still came back short, exactly over the whole table.
+        """
+        sims = np.empty((len(x), k), dtype=np.float32)
+        ids = np.empty((len(x), k), dtype=np.int64)
+        todo = np.arange(len(x))
+        k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
+        for want in (k_vec, k, None):
+            fetch = self.nvectors if want is None else max(want + RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
+            if fetch >= self.nvectors:  # the candidates would be the whole table: exact
+                s, keys = self._exact_all(x[todo], min(k, self.nvectors))
+            else:
+                _, cand = self._search_ivf(x[todo], fetch)
+                s, keys = self._rerank(x[todo], cand, k)
+            s, i, ok = self._expand(s, keys, k)
+            sims[todo[ok]], ids[todo[ok]] = s[ok], i[ok]
+            todo = todo[~ok]
+            if len(todo) == 0 or fetch >= self.nvectors:
+                break
+        if len(todo):  # pragma: no cover - k <= ntotal and an exact pass over every vector covers it
+            raise StoreError("index returned fewer neighbours than it holds")
         return sims, ids
+
+    def _expand(self, sims: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indexed vectors (canonical order, ``-1``/``-inf`` padding last) -> top-k pairs and a per-row ok mask.
+
+        The top k pairs lie in the first k vectors: every vector ranked ahead of a pair's own has a
+        member (its key, the smallest id) ranked ahead of that pair. Vectors are taken until k pairs are
+        in hand and the similarity cell of the last one is complete, then sorted in the canonical order.
+        """
+        b = len(keys)
+        out_s = np.full((b, k), -np.inf, dtype=np.float32)
+        out_i = np.full((b, k), -1, dtype=np.int64)
+        if not self._members:
+            m = min(k, keys.shape[1])
+            out_s[:, :m], out_i[:, :m] = sims[:, :m], keys[:, :m]
+            return out_s, out_i, (out_i >= 0).all(axis=1) & np.isfinite(out_s).all(axis=1)
+        ok = np.zeros(b, dtype=bool)
+        for r in range(b):
+            got_s: list[float] = []
+            got_i: list[int] = []
+            cell = None
+            for sim, key in zip(sims[r].tolist(), keys[r].tolist(), strict=True):
+                if key < 0 or sim == -math.inf:
+                    break
+                this_cell = math.floor(sim / TIE_GRID)
+                if len(got_i) >= k and this_cell != cell:
+                    break
+                cell = this_cell
+                members = self._members.get(key, (key,))
+                got_i.extend(members)
+                got_s.extend([sim] * len(members))
+            if len(got_i) >= k:
+                ts, ti = top_sorted(np.array([got_s], dtype=np.float32), np.array([got_i], dtype=np.int64), k)
+                out_s[r], out_i[r], ok[r] = ts[0], ti[0], True
+        return out_s, out_i, ok
 
     def _exact_all(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact search over every vector of the re-ranking table (small stores only)."""
@@ -362,7 +517,8 @@ class AnchorStore:
         os.replace(tmp, path)
         written = [path]
         if self.refine is not None:
-            self.refine.write(refine_path(path))
+            members, keys = self.groups()
+            self.refine.write(refine_path(path), group_members=members, group_keys=keys)
             written.append(refine_path(path))
         return written
 
@@ -374,7 +530,10 @@ class AnchorStore:
         refine = VectorTable.read(refine_path(path), dim, spec.refine) if spec.refine else None
         if refine is not None and refine.ntotal != index.ntotal:
             raise StoreError(f"{path}: refine store holds {refine.ntotal} vectors, index {index.ntotal}")
-        return cls(dim, spec, index=index, refine=refine)
+        groups = None
+        if refine is not None and "group_members" in refine.extra:
+            groups = (refine.extra["group_members"], refine.extra["group_keys"])
+        return cls(dim, spec, index=index, refine=refine, groups=groups)
 
 
 def refine_path(path: Path) -> Path:
@@ -392,6 +551,5 @@ def build_store(
         n_train = min(len(x), max(spec.train_size, 1))
         sample = x if n_train >= len(x) else x[np.random.default_rng(seed).choice(len(x), n_train, replace=False)]
         store.train(sample)
-    for start in range(0, len(x), add_batch):
-        store.add(ids[start : start + add_batch], x[start : start + add_batch])
+    store.add(ids, x, batch=add_batch)  # one call: identical vectors anywhere in x are grouped
     return store

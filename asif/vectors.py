@@ -27,6 +27,7 @@ class VectorTable:
         self.ids = np.zeros(0, dtype=np.int64)
         self.row_of = np.full(0, -1, dtype=np.int64)  # pair id -> row, -1 when absent
         self.n = 0
+        self.extra: dict[str, np.ndarray] = {}  # other arrays of the file read
 
     @property
     def ntotal(self) -> int:
@@ -119,10 +120,11 @@ class VectorTable:
             raise KeyError("the table is empty")
         return int(self.ids[0])
 
-    def write(self, path: Path) -> None:
+    def write(self, path: Path, **extra: np.ndarray) -> None:
+        """Save ids, vectors and any extra named arrays (read back into ``extra``), atomically."""
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, ids=self.ids[: self.n], vectors=self.vectors[: self.n])
+            np.savez(fh, ids=self.ids[: self.n], vectors=self.vectors[: self.n], **extra)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -132,6 +134,7 @@ class VectorTable:
         table = cls(dim, kind)
         with np.load(path, allow_pickle=False) as z:
             ids, vectors = z["ids"], z["vectors"]
+            table.extra = {name: z[name] for name in z.files if name not in ("ids", "vectors")}
         if vectors.ndim != 2 or vectors.shape[1] != dim or len(ids) != len(vectors):
             raise ValueError(f"{path}: vectors of shape {vectors.shape} for {len(ids)} ids, expected dim {dim}")
         table.add(ids, vectors)

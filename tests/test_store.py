@@ -150,3 +150,80 @@ def test_vector_table_inner_products_match_numpy_after_edits(rng, kind):
     np.testing.assert_allclose(got, want, atol=1e-6 if kind == "Flat" else 2e-3)
     with pytest.raises(KeyError):
         table.inner_products(np.array([[1000]]), q[:1])  # removed id
+
+
+def _lattice(rng, n, dim):
+    """Vectors with coordinates in {-2..2}/8: every inner product is exact in float32 whatever the
+    summation order, so FAISS Flat, the re-ranking kernel and numpy agree bit for bit (and tie often)."""
+    return (rng.integers(-2, 3, size=(n, dim)) / 8).astype(np.float32)
+
+
+def _duplicated_anchors(rng, n_distinct=300, copies=5, singles=100, dim=32):
+    """Anchors where each of n_distinct vectors appears `copies` times (like one image per caption),
+    plus singletons, under shuffled ids so a group's members are not adjacent."""
+    base = _lattice(rng, n_distinct + singles, dim)
+    x = np.concatenate([np.repeat(base[:n_distinct], copies, axis=0), base[n_distinct:]])
+    ids = rng.permutation(len(x)).astype(np.int64) * 3 + 7
+    return x, ids
+
+
+def _grouped_and_flat(x, ids):
+    # 8-bit codes of one dimension each: PQ ranks almost exactly, so the candidates hold the true
+    # neighbours and the comparison with the flat index can be exact, on both search paths.
+    grouped = build_store(x, ids, choose_index_spec(len(x), x.shape[1], "IVF16,PQ32x8"))
+    flat = build_store(x, ids, choose_index_spec(len(x), x.shape[1], "flat"))
+    return grouped, flat
+
+
+def _assert_same_search(a, b, q, k):
+    sa, ia = a.search(q, k)
+    sb, ib = b.search(q, k)
+    np.testing.assert_array_equal(ia, ib)  # same pairs in the same canonical order (ties by id)
+    np.testing.assert_allclose(sa, sb, atol=1e-5)
+
+
+def test_identical_vectors_are_indexed_once_and_search_like_a_flat_index(rng):
+    x, ids = _duplicated_anchors(rng)
+    grouped, flat = _grouped_and_flat(x, ids)
+    assert grouped.ntotal == flat.ntotal == 1600
+    assert grouped.nvectors == 400 and grouped.refine.ntotal == 400  # 300 groups of 5 + 100 singletons
+    q = np.concatenate([_lattice(rng, 4, 32), x[:2]])
+    for k in (1, 7, 50, 160, 900, 1600):  # PQ path (fetch < 400 vectors) and the exact whole-table path
+        _assert_same_search(grouped, flat, q, k)
+    member = int(ids[1])  # second copy of the first vector: not its group's key unless its id is smallest
+    np.testing.assert_array_equal(grouped.reconstruct(np.array([member]))[0], x[1])
+
+
+def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path):
+    x, ids = _duplicated_anchors(rng)
+    grouped, flat = _grouped_and_flat(x, ids)
+    q = _lattice(rng, 5, 32)
+    groups_of_first = ids[:5]  # the five pairs sharing vector 0
+    key = int(groups_of_first.min())
+    removals = [
+        np.array([key]),  # a group's key: the vector is re-indexed under the next smallest member
+        np.sort(groups_of_first)[-1:],  # a plain member
+        ids[5:10],  # a whole group in one call
+        ids[1500:1510],  # singletons
+        np.array([10**9]),  # unknown: ignored
+    ]
+    for r in removals:
+        assert grouped.remove(r) == flat.remove(r)
+        assert grouped.ntotal == flat.ntotal and set(grouped.ids().tolist()) == set(flat.ids().tolist())
+        _assert_same_search(grouped, flat, q, 40)
+    assert grouped.nvectors == 400 - 1 - 10  # one whole group and ten singletons gone
+    new = np.arange(5) + 10**6
+    same = np.repeat(_lattice(rng, 1, 32), 5, axis=0)
+    grouped.add(new, same)
+    flat.add(new, same)
+    assert grouped.nvectors == 390
+    _assert_same_search(grouped, flat, np.concatenate([q, same[:1]]), 40)
+    # Groups survive a save and load.
+    grouped.write(tmp_path / "g.faiss")
+    again = AnchorStore.read(tmp_path / "g.faiss", 32, grouped.spec)
+    assert again.ntotal == grouped.ntotal and again.nvectors == grouped.nvectors
+    _assert_same_search(again, flat, q, 40)
+    # The remaining members of the first group still go together after removing the new key.
+    again.remove(np.array([int(np.sort(groups_of_first)[1])]))
+    flat.remove(np.array([int(np.sort(groups_of_first)[1])]))
+    _assert_same_search(again, flat, np.concatenate([q, x[:1]]), 40)
