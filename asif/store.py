@@ -52,7 +52,8 @@ from asif.vectors import VectorTable
 FLAT_MAX_N = 50_000
 RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Index choice")
 TRAIN_MIN = 30_000
-RERANK_MIN = 256  # extra candidates re-ranked at least, so small k is not left to a handful of PQ guesses
+RERANK_MIN = 4096  # candidates re-ranked at least (~1.7 ms at 1M): small k and grouped anchors need them on real data
+SCAN_MIN = 131_072  # PQ codes scanned at least per query (~1 ms with fast-scan)
 
 
 class StoreError(ValueError):
@@ -252,7 +253,7 @@ class AnchorStore:
         return np.fromiter((i in known for i in ids.tolist()), dtype=bool, count=len(ids))
 
     def bytes_per_vector(self) -> dict[str, float]:
-        """Serialized size per stored vector, for the index and the refine store."""
+        """Serialized bytes per pair held, for the index and the refine store (groups share one entry)."""
         n = max(self.ntotal, 1)
         out = {"index": len(faiss.serialize_index(self.index)) / n}
         if self.refine is not None:
@@ -379,9 +380,11 @@ class AnchorStore:
     def _nprobe_for(self, fetch: int) -> int:
         assert self._ivf is not None
         nlist = self._ivf.nlist
-        per_list = max(self.ntotal / nlist, 1e-9)
-        # Probe enough lists to hold ~4x the candidates wanted on average; at least spec.nprobe.
-        wanted = math.ceil(4.0 * fetch / per_list)
+        per_list = max(self.nvectors / nlist, 1e-9)
+        # Probe enough lists to hold ~4x the candidates wanted on average, and at least SCAN_MIN vectors
+        # (all of a smaller index: cheap, and real queries' neighbours spread over many lists); at least
+        # spec.nprobe.
+        wanted = math.ceil(max(4.0 * fetch, SCAN_MIN) / per_list)
         return int(max(1, min(nlist, max(self.spec.nprobe, wanted))))
 
     def _search_ivf(self, x: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -433,7 +436,7 @@ class AnchorStore:
         todo = np.arange(len(x))
         k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
         for want in (k_vec, k, None):
-            fetch = self.nvectors if want is None else max(want + RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
+            fetch = self.nvectors if want is None else max(RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
             if fetch >= self.nvectors:  # the candidates would be the whole table: exact
                 s, keys = self._exact_all(x[todo], min(k, self.nvectors))
             else:

@@ -153,12 +153,13 @@ def test_vector_table_inner_products_match_numpy_after_edits(rng, kind):
 
 
 def _lattice(rng, n, dim):
-    """Vectors with coordinates in {-2..2}/8: every inner product is exact in float32 whatever the
-    summation order, so FAISS Flat, the re-ranking kernel and numpy agree bit for bit (and tie often)."""
-    return (rng.integers(-2, 3, size=(n, dim)) / 8).astype(np.float32)
+    """Vectors with coordinates in {-8..8}/16: every inner product is exact in float32 whatever the
+    summation order, so FAISS Flat, the re-ranking kernel and numpy agree bit for bit. Equal
+    similarities happen (a few per value) but stay within the TIE_MARGIN the searches allow for."""
+    return (rng.integers(-8, 9, size=(n, dim)) / 16).astype(np.float32)
 
 
-def _duplicated_anchors(rng, n_distinct=300, copies=5, singles=100, dim=32):
+def _duplicated_anchors(rng, n_distinct=1500, copies=5, singles=3000, dim=32):
     """Anchors where each of n_distinct vectors appears `copies` times (like one image per caption),
     plus singletons, under shuffled ids so a group's members are not adjacent."""
     base = _lattice(rng, n_distinct + singles, dim)
@@ -185,10 +186,11 @@ def _assert_same_search(a, b, q, k):
 def test_identical_vectors_are_indexed_once_and_search_like_a_flat_index(rng):
     x, ids = _duplicated_anchors(rng)
     grouped, flat = _grouped_and_flat(x, ids)
-    assert grouped.ntotal == flat.ntotal == 1600
-    assert grouped.nvectors == 400 and grouped.refine.ntotal == 400  # 300 groups of 5 + 100 singletons
+    assert grouped.ntotal == flat.ntotal == 10_500
+    assert grouped.nvectors == grouped.refine.ntotal == 4500  # 1,500 groups of 5 + 3,000 singletons
     q = np.concatenate([_lattice(rng, 4, 32), x[:2]])
-    for k in (1, 7, 50, 160, 900, 1600):  # PQ path (fetch < 400 vectors) and the exact whole-table path
+    # PQ path (fetch = max(4096, 5 * k * 4500 / 10500) < 4500 vectors) and the exact whole-table path
+    for k in (1, 7, 50, 160, 1000, 10_500):
         _assert_same_search(grouped, flat, q, k)
     member = int(ids[1])  # second copy of the first vector: not its group's key unless its id is smallest
     np.testing.assert_array_equal(grouped.reconstruct(np.array([member]))[0], x[1])
@@ -204,19 +206,19 @@ def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path):
         np.array([key]),  # a group's key: the vector is re-indexed under the next smallest member
         np.sort(groups_of_first)[-1:],  # a plain member
         ids[5:10],  # a whole group in one call
-        ids[1500:1510],  # singletons
+        ids[7500:7510],  # singletons
         np.array([10**9]),  # unknown: ignored
     ]
     for r in removals:
         assert grouped.remove(r) == flat.remove(r)
         assert grouped.ntotal == flat.ntotal and set(grouped.ids().tolist()) == set(flat.ids().tolist())
         _assert_same_search(grouped, flat, q, 40)
-    assert grouped.nvectors == 400 - 1 - 10  # one whole group and ten singletons gone
+    assert grouped.nvectors == 4500 - 1 - 10  # one whole group and ten singletons gone
     new = np.arange(5) + 10**6
     same = np.repeat(_lattice(rng, 1, 32), 5, axis=0)
     grouped.add(new, same)
     flat.add(new, same)
-    assert grouped.nvectors == 390
+    assert grouped.nvectors == 4490
     _assert_same_search(grouped, flat, np.concatenate([q, same[:1]]), 40)
     # Groups survive a save and load.
     grouped.write(tmp_path / "g.faiss")
