@@ -435,7 +435,7 @@ class AnchorStore:
         ids = np.empty((len(x), k), dtype=np.int64)
         todo = np.arange(len(x))
         k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
-        for want in (k_vec, k, None):
+        for want in dict.fromkeys((k_vec, k, None)):  # without groups k_vec == k: one PQ pass
             fetch = self.nvectors if want is None else max(RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
             if fetch >= self.nvectors:  # the candidates would be the whole table: exact
                 s, keys = self._exact_all(x[todo], min(k, self.nvectors))
@@ -481,8 +481,10 @@ class AnchorStore:
                 got_i.extend(members)
                 got_s.extend([sim] * len(members))
             if len(got_i) >= k:
-                ts, ti = top_sorted(np.array([got_s], dtype=np.float32), np.array([got_i], dtype=np.int64), k)
-                out_s[r], out_i[r], ok[r] = ts[0], ti[0], True
+                # A full sort, no partition first: a group larger than TIE_MARGIN may straddle the k-th place.
+                got = np.array(got_s, dtype=np.float32)
+                order = np.lexsort((np.array(got_i), -np.floor(got / TIE_GRID)))[:k]
+                out_s[r], out_i[r], ok[r] = got[order], np.array(got_i, dtype=np.int64)[order], True
         return out_s, out_i, ok
 
     def _exact_all(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

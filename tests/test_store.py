@@ -229,3 +229,22 @@ def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path):
     again.remove(np.array([int(np.sort(groups_of_first)[1])]))
     flat.remove(np.array([int(np.sort(groups_of_first)[1])]))
     _assert_same_search(again, flat, np.concatenate([q, x[:1]]), 40)
+
+
+def test_a_group_larger_than_the_tie_margin_straddling_k_keeps_its_smallest_ids(rng):
+    # One image with 400 captions: 400 pairs tie exactly. When k cuts through them, the canonical
+    # order (similarity, then id) wants the smallest ids, which a partition of k + TIE_MARGIN could lose.
+    x = _lattice(rng, 4500, 32)
+    x = np.concatenate([x, np.repeat(x[:1], 399, axis=0)])
+    ids = rng.permutation(len(x)).astype(np.int64)
+    store = build_store(x, ids, choose_index_spec(len(x), 32, "IVF16,PQ32x8"))
+    assert store.nvectors == 4500
+    q = x[:1] * 0.75 + _lattice(rng, 1, 32) * 0.25  # the big group ranks among the first few
+    sims = (q @ x.T)[0]
+    order = np.lexsort((ids, -sims))  # exact arithmetic: the reference canonical order
+    group = set(ids[np.all(x == x[0], axis=1)].tolist())
+    first = next(i for i, pid in enumerate(ids[order].tolist()) if pid in group)
+    k = first + 70
+    assert k < 1500  # PQ path: fetch 4096 < 4500 vectors
+    _, got = store.search(q, k)
+    np.testing.assert_array_equal(got[0], ids[order][:k])
