@@ -93,10 +93,24 @@ def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
     return int(nlist), int(m)
 
 
+def count_distinct_rows(x: np.ndarray) -> int:
+    """Distinct rows of x, by a hash of their bytes (a collision undercounts by one: harmless for sizing)."""
+    return len({hash(row.tobytes()) for row in np.ascontiguousarray(x)})
+
+
 def choose_index_spec(
-    n: int, dim: int, index_type: str = "auto", refine: str | None = "Flat", rerank_factor: float = RERANK_FACTOR
+    n: int,
+    dim: int,
+    index_type: str = "auto",
+    refine: str | None = "Flat",
+    rerank_factor: float = RERANK_FACTOR,
+    distinct: int | None = None,
 ) -> IndexSpec:
-    """Pick the index for n anchors of dimension dim. ``index_type``: auto, flat, ivfpq or a factory string."""
+    """Pick the index for n anchors of dimension dim. ``index_type``: auto, flat, ivfpq or a factory string.
+
+    ``distinct``: how many distinct vectors the n anchors hold (one image, several captions). With re-ranking
+    the store indexes each once, so the IVF lists are sized for them; ``auto`` still decides on n.
+    """
     if not 1.0 <= rerank_factor <= 100.0:
         raise StoreError(f"rerank_factor must be in [1, 100], got {rerank_factor}")
     kind = index_type.strip()
@@ -105,7 +119,7 @@ def choose_index_spec(
     if kind.lower() == "flat":
         return IndexSpec(kind="flat", factory="IDMap2,Flat")
     if kind.lower() == "ivfpq":
-        nlist, m = ivfpq_params(n, dim)
+        nlist, m = ivfpq_params(distinct if refine and distinct else n, dim)
         return IndexSpec(
             kind="ivfpq",
             factory=f"IVF{nlist},PQ{m}x4fs",

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asif.labels import LabelSet, combine_prompt_embeddings
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, exact_topk, sparsify
-from asif.store import AnchorStore, choose_index_spec
+from asif.store import AnchorStore, choose_index_spec, count_distinct_rows
 from asif.synthetic import SyntheticWorld
 
 K, P = 800, 8.0
@@ -67,7 +67,7 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def build(vectors: np.ndarray, ids: np.ndarray) -> tuple[AnchorStore, dict[str, float]]:
-    spec = choose_index_spec(len(vectors), vectors.shape[1])
+    spec = choose_index_spec(len(vectors), vectors.shape[1], distinct=count_distinct_rows(vectors))
     store = AnchorStore(vectors.shape[1], spec)
     t0 = time.perf_counter()
     if not store.is_trained:

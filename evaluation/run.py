@@ -31,7 +31,7 @@ from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
 from asif.loading import open_index
 from asif.model import AsifModel
 from asif.relrep import exact_topk
-from asif.store import RERANK_FACTOR, build_store, choose_index_spec
+from asif.store import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 
@@ -231,7 +231,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         model = loaded.model
     else:
         image_spec, text_spec = (
-            choose_index_spec(n, x.shape[1], cfg.index_type, rerank_factor=cfg.rerank_factor)
+            choose_index_spec(
+                n, x.shape[1], cfg.index_type, rerank_factor=cfg.rerank_factor, distinct=count_distinct_rows(x)
+            )
             for x in (main.image, main.text)
         )
         model = AsifModel(

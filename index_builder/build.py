@@ -37,7 +37,7 @@ from asif.images import DEFAULT_MAX_PIXELS, ImageError, open_image, thumbnail_jp
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
 from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
-from asif.store import RERANK_FACTOR, build_store, choose_index_spec
+from asif.store import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from index_builder.pairs_io import read_pairs, resolve_image
 
 WORK_DIR = ".build"
@@ -317,7 +317,12 @@ def run_build(
     stores = {}
     for role, vecs in (("image", img_vecs), ("text", txt_vecs)):
         spec = choose_index_spec(
-            len(vecs), vecs.shape[1], config.index_type, refine=config.rerank, rerank_factor=config.rerank_factor
+            len(vecs),
+            vecs.shape[1],
+            config.index_type,
+            refine=config.rerank,
+            rerank_factor=config.rerank_factor,
+            distinct=count_distinct_rows(vecs),
         )
         print(f"building {role} index {spec.factory} over {len(vecs)} anchors", file=log)
         stores[role] = build_store(vecs, ids, spec, seed=config.seed)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from asif.relrep import exact_topk
-from asif.store import AnchorStore, StoreError, build_store, choose_index_spec, ivfpq_params
+from asif.store import AnchorStore, StoreError, build_store, choose_index_spec, count_distinct_rows, ivfpq_params
 from tests.conftest import random_unit
 
 
@@ -13,6 +13,13 @@ def test_index_choice_rule():
     assert ivfpq_params(1_000_000, 384) == (2048, 48)
     assert ivfpq_params(1_000, 768) == (25, 96)  # nlist capped at n/39 training points per list
     assert choose_index_spec(100, 64, "IVF16,Flat").factory == "IVF16,Flat"
+    # Five captions per image: the grouped image index holds n/5 vectors, its lists are sized for them;
+    # without re-ranking nothing is grouped. auto still decides on the number of pairs.
+    assert choose_index_spec(1_000_000, 1280, distinct=200_000).factory == "IVF1024,PQ160x4fs"
+    assert choose_index_spec(1_000_000, 1280, refine=None, distinct=200_000).factory == "IVF2048,PQ160x4fs"
+    assert choose_index_spec(60_000, 1280, distinct=12_000).kind == "ivfpq"
+    x = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
+    assert count_distinct_rows(x) == 4 and count_distinct_rows(x[:0]) == 0
     with pytest.raises(StoreError):
         AnchorStore(64, choose_index_spec(100, 64, "NotAnIndex"))
 
