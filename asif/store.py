@@ -14,8 +14,9 @@ Index choice (``choose_index_spec``), the documented rule:
   48 for 768-d, the same bytes as 8-bit PQ with half as many sub-quantisers). At 100k clustered
   1280-d vectors, fast-scan scans ~3x faster than ``PQ80x8`` and ranks better (PQ-only recall@800
   0.87 vs 0.82). Trained on a seeded sample of ``max(64*nlist, 30000)`` vectors (at most n).
-  ``nprobe`` is at least nlist/8 and enough lists to hold 4x the candidates wanted.
-  By default the candidates are re-ranked exactly: ``max(rerank_factor * k, k + 256)`` (5k) candidates come from
+  ``nprobe`` is at least nlist/8, enough lists to hold 4x the candidates wanted and 131,072 vectors.
+  By default the candidates are re-ranked exactly: ``max(rerank_factor * k', 4096)`` candidates (k' = the
+  distinct vectors k pairs span, see below) come from
   the PQ codes, their exact inner products are computed from a refine store
   (a table of the float32 vectors by id, or float16 with ``SQfp16``), and the best ``k`` are kept, so
   the similarities raised to ``p`` are the true ones.
@@ -234,7 +235,7 @@ class AnchorStore:
             self._ids.update(self._key_of)
 
     @property
-    def groups_vectors(self) -> bool:
+    def groups_duplicates(self) -> bool:
         """Whether identical vectors of one add call are indexed once (needs the exact refine table)."""
         return self.refine is not None
 
@@ -296,7 +297,7 @@ class AnchorStore:
             raise StoreError("index is not trained; call train() first")
         if len(ids) == 0:
             return
-        rows = self._group_rows(ids, x) if self.groups_vectors else np.arange(len(ids))
+        rows = self._group_rows(ids, x) if self.groups_duplicates else np.arange(len(ids))
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
             self.index.add_with_ids(x[part], ids[part])
@@ -430,13 +431,21 @@ class AnchorStore:
             return top_sorted(sims, ids.astype(np.int64), k)
         if self.refine is None:
             sims, ids = self._search_ivf(x, min(self.ntotal, k + TIE_MARGIN))
-            if ((ids >= 0).sum(axis=1) < k).any():
-                raise StoreError(
-                    f"the index found fewer than k={k} neighbours with every list probed; "
-                    "use a smaller k or build with re-ranking vectors"
-                )
+            for r in np.flatnonzero((ids >= 0).sum(axis=1) < k):
+                self._fill_dropped(sims[r], ids[r])
             return top_sorted(np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids, k)
         return self._search_refined(x, k)
+
+    def _fill_dropped(self, sims: np.ndarray, ids: np.ndarray) -> None:
+        """Without re-ranking vectors, fill the ``-1`` slots FAISS left (the farthest vectors, dropped by
+        fast-scan's saturated distances) with the ids it did not return, ranked last: no similarity is
+        known for them, and the clamp at 0 and the power p give such far anchors ~zero weight anyway."""
+        empty = np.flatnonzero(ids < 0)
+        found = set(ids[ids >= 0].tolist())
+        rest = [i for i in sorted(self._ids) if i not in found][: len(empty)]
+        floor = sims[ids >= 0].min() if len(found) else 0.0
+        ids[empty[: len(rest)]] = rest
+        sims[empty[: len(rest)]] = np.nextafter(np.float32(floor), np.float32(-np.inf))
 
     def _search_refined(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """PQ candidates re-ranked exactly, counted in distinct vectors, groups expanded into pairs.

@@ -67,6 +67,11 @@ def test_fast_scan_padding_never_reaches_the_caller(rng):
     assert (ids >= 0).all() and not np.isin(ids, np.arange(0, 300, 3)).any()
     ref_s, _ = exact_topk(q, np.delete(a, np.arange(0, 300, 3), axis=0), 200)
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)  # fetch >= ntotal: exact over the whole store
+    # Without re-ranking vectors the dropped ids are appended last, so a search still returns k real ids.
+    bare = build_store(a, np.arange(300), choose_index_spec(300, 8, "IVF16,PQ1x4fs", refine=None))
+    assert (bare._search_ivf(q, 300)[1] < 0).any()
+    _, ids = bare.search(q, 300)
+    assert all(sorted(r) == list(range(300)) for r in ids.tolist())
 
 
 def test_rerank_factor_is_validated_and_recorded():
