@@ -44,6 +44,11 @@ def topk_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((top == truth[:, None]).any(axis=1).mean())
 
 
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row of ``truth`` (the exact neighbours' ids) that ``found`` holds."""
+    return float(np.mean([len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
 def predictions(scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """argmax per row; -1 ('unknown') where the best score is 0 or below the threshold."""
     pred = np.argmax(scores, axis=1)

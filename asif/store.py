@@ -94,9 +94,17 @@ def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
     return int(nlist), int(m)
 
 
+def _rows_by_hash(x: np.ndarray) -> dict[int, list[int]]:
+    """Row numbers of x bucketed by a hash of the row's bytes (equal rows share a bucket)."""
+    buckets: dict[int, list[int]] = {}
+    for row, vec in enumerate(np.ascontiguousarray(x)):
+        buckets.setdefault(hash(vec.tobytes()), []).append(row)
+    return buckets
+
+
 def count_distinct_rows(x: np.ndarray) -> int:
-    """Distinct rows of x, by a hash of their bytes (a collision undercounts by one: harmless for sizing)."""
-    return len({hash(row.tobytes()) for row in np.ascontiguousarray(x)})
+    """Distinct rows of x (a hash collision undercounts by one: harmless for sizing an index)."""
+    return len(_rows_by_hash(x))
 
 
 def choose_index_spec(
@@ -307,11 +315,8 @@ class AnchorStore:
 
     def _group_rows(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Group bitwise-identical rows; records the groups and returns the rows to index (one per group)."""
-        buckets: dict[int, list[int]] = {}  # hash of the row's bytes -> rows (equality checked below)
-        for row, vec in enumerate(x):
-            buckets.setdefault(hash(vec.tobytes()), []).append(row)
         groups: list[list[int]] = []
-        for rows in buckets.values():
+        for rows in _rows_by_hash(x).values():
             while rows:  # split a bucket by exact equality (hash collisions stay apart)
                 same = [r for r in rows if np.array_equal(x[r], x[rows[0]])]
                 groups.append(same)

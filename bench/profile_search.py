@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asif.evaluation import recall_at_k
 from asif.relrep import exact_topk
 from asif.store import build_store, choose_index_spec
 from asif.synthetic import SyntheticWorld
@@ -48,8 +49,8 @@ def main(n: int) -> None:
             scan.append(t1 - t0)
             rerank.append(t2 - t1)
             found.append((ids[0], cand[0, :800]))
-        recall = np.mean([len(np.intersect1d(f[0], ref[i])) / 800 for i, f in enumerate(found)])
-        pq_only = np.mean([len(np.intersect1d(f[1], ref[i])) / 800 for i, f in enumerate(found)])
+        recall = recall_at_k(np.array([f[0] for f in found]), ref)
+        pq_only = recall_at_k(np.array([f[1] for f in found]), ref)
         print(
             f"re-rank {factor}x ({fetch} candidates), nprobe {store._nprobe_for(fetch)}: "
             f"IVF-PQ scan p50 {1000 * np.median(scan):.2f} ms, re-rank p50 {1000 * np.median(rerank):.2f} ms, "

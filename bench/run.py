@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asif.evaluation import recall_at_k
 from asif.labels import LabelSet, combine_prompt_embeddings
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, exact_topk, sparsify
@@ -155,9 +156,7 @@ def bench_size(n: int, n_queries: int, seed: int, captions_per_image: int = 1) -
     # Quality: recall@800 of the image index, top-1 agreement with the dense reference.
     _, served_ids = img_store.search(queries, K)
     _, exact_idx = exact_topk(queries, img, K)
-    out["recall_at_800"] = float(
-        np.mean([len(np.intersect1d(served_ids[i], ids[exact_idx[i]])) / K for i in range(n_queries)])
-    )
+    out["recall_at_800"] = recall_at_k(served_ids, ids[exact_idx])
     dense_all = (
         np.concatenate([dense_scores, dense_reference(queries[64:], img, keys)]) if n_queries > 64 else dense_scores
     )

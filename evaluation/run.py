@@ -24,6 +24,7 @@ from asif.evaluation import (
     fit_ridge,
     nested_subsets,
     predictions,
+    recall_at_k,
     ridge_scores,
 )
 from asif.images import ImageError, open_image
@@ -246,7 +247,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         probe = test_emb[: min(len(test_emb), 500)]
         _, got = model.image_store.search(probe, cfg.k)
         _, ref = exact_topk(probe, main.image, cfg.k)
-        recall = float(np.mean([len(np.intersect1d(g, r)) / got.shape[1] for g, r in zip(got, ref, strict=True)]))
+        recall = recall_at_k(got, ref)
     _log(f"served path ({model.image_store.spec.factory}) vs dense reference")
     served = served_top1(model, test_emb, label_emb, test.names, cfg.k, cfg.p)
     served_acc = float((served == truth).mean())

@@ -15,6 +15,7 @@ from asif.evaluation import (
     fit_ridge,
     nested_subsets,
     predictions,
+    recall_at_k,
     retrieval_at_1,
     ridge_scores,
     topk_accuracy,
@@ -144,3 +145,9 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     cache = EmbeddingCache(load_image_encoder("effnet-lite0").identity, tmp_path / "cache" / "embeddings")
     found, _ = cache.get([file_key(p) for p in sorted((tmp_path / "test").rglob("*.png"))])
     assert found.all()
+
+
+def test_recall_at_k_counts_the_share_of_true_neighbours_found():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, 1], [0, 0, 0, 0]])  # 3 of 4, then none
+    assert recall_at_k(found, truth) == pytest.approx((0.75 + 0.0) / 2)
