@@ -447,7 +447,7 @@ class AnchorStore:
         known for them, and the clamp at 0 and the power p give such far anchors ~zero weight anyway."""
         empty = np.flatnonzero(ids < 0)
         found = set(ids[ids >= 0].tolist())
-        rest = [i for i in sorted(self._ids) if i not in found][: len(empty)]
+        rest = [i for i in self.ids().tolist() if i not in found][: len(empty)]
         floor = sims[ids >= 0].min() if len(found) else 0.0
         ids[empty[: len(rest)]] = rest
         sims[empty[: len(rest)]] = np.nextafter(np.float32(floor), np.float32(-np.inf))
