@@ -35,7 +35,8 @@ def load_live(settings: Settings) -> LiveModel:
         settings.text_encoder,
         device=settings.device,
         verify=settings.verify_checksums,
-        inline_cache_size=settings.inline_label_cache,
+        inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
+        compact_ratio=settings.compact_ratio,
     )
 
 
@@ -52,7 +53,13 @@ async def _snapshot_loop(state: AppState) -> None:
         await asyncio.sleep(state.settings.snapshot_interval_s)
         if state.live.pending_edits() > 0:
             info = await run_in_threadpool(state.live.snapshot)
-            log.info("snapshot generation %d (%d pairs)", info.generation, info.pairs)
+            log.info(
+                "snapshot: generation %d, %d edits written, %d pairs%s",
+                info.generation,
+                info.edits,
+                info.pairs,
+                " (compacted into a new base)" if info.compacted else "",
+            )
 
 
 def create_app(settings: Settings | None = None, live_factory: LiveFactory = load_live) -> FastAPI:
@@ -101,7 +108,7 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
                 await snapshots
             if live.pending_edits() > 0:  # clean shutdown (SIGTERM): flush a snapshot
                 info = await run_in_threadpool(live.snapshot)
-                log.info("final snapshot generation %d", info.generation)
+                log.info("final snapshot: generation %d, %d edits written", info.generation, info.edits)
             state.close()
             live.close()
 

@@ -64,6 +64,9 @@ class ClassifyResponse(BaseModel):
     k: int
     p: float
     pairs: int
+    version: int = Field(
+        ..., description="edit sequence number of the model that answered (grows with every added or deleted pair)"
+    )
     results: list[ImageResult]
 
 
@@ -134,5 +137,8 @@ class Info(BaseModel):
     index: dict[str, Any]
     defaults: dict[str, Any]
     generation: int
+    delta_files: int = Field(..., description="snapshots since the generation's base files (folded in by compaction)")
+    version: int = Field(..., description="edit sequence number: grows with every added or deleted pair")
     pending_edits: int
     label_sets: list[str]
+    inline_label_cache: dict[str, int] = Field(..., description="ad-hoc label lists cached: count and bytes")

@@ -21,14 +21,17 @@ neighbours of the current anchor set; the invariant is checked against a rebuild
 
 from __future__ import annotations
 
+import itertools
 import string
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.relrep import TIE_GRID, KeyMatrix, SparseRR, sparsify, top_sorted
+from asif.relrep import TIE_GRID, top_sorted
+from asif.scoring import LabelScorer
 
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 1_000
@@ -46,6 +49,15 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+NO_ROWS = np.zeros(0, dtype=np.int64)
+
+# Versions of neighbour caches come from one process-wide counter: a cache that replaces another never
+# reuses a version the old one had, so nothing memoised on (cache, version) can be mistaken for current.
+_versions = itertools.count(1)
+
+
+def _next_version() -> int:
+    return next(_versions)
 
 
 class LabelError(ValueError):
@@ -110,7 +122,7 @@ class NeighbourCache:
     ids: np.ndarray = field(init=False)  # (L, depth) int64, -1 in empty slots, sorted by sim desc
     sims: np.ndarray = field(init=False)  # (L, depth) float32, -inf in empty slots
     exact: np.ndarray = field(init=False)  # (L,) leading entries known to be the true top neighbours
-    version: int = 0
+    version: int = field(default_factory=_next_version)
 
     def __post_init__(self) -> None:
         n = len(self.queries)
@@ -118,10 +130,23 @@ class NeighbourCache:
         self.sims = np.full((n, self.depth), -np.inf, dtype=np.float32)
         self.exact = np.zeros(n, dtype=np.int64)
 
-    def fill(self, rows: np.ndarray, search: SearchFn, n_anchors: int) -> None:
-        """Recompute the given rows from the index."""
+    def nbytes(self) -> int:
+        return int(self.queries.nbytes + self.ids.nbytes + self.sims.nbytes + self.exact.nbytes)
+
+    @classmethod
+    def concat(cls, parts: Sequence[NeighbourCache]) -> NeighbourCache:
+        """One cache over the rows of several caches of the same depth, in order."""
+        out = cls(np.concatenate([c.queries for c in parts]), parts[0].depth)
+        out.ids = np.concatenate([c.ids for c in parts])
+        out.sims = np.concatenate([c.sims for c in parts])
+        out.exact = np.concatenate([c.exact for c in parts])
+        return out
+
+    def fill(self, rows: np.ndarray, search: SearchFn, n_anchors: int) -> np.ndarray:
+        """Recompute the given rows from the index; returns them."""
+        rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
-            return
+            return NO_ROWS
         sims, ids = search(self.queries[rows], self.depth)
         width = ids.shape[1]
         self.ids[rows] = -1
@@ -129,15 +154,16 @@ class NeighbourCache:
         self.ids[rows, :width] = ids
         self.sims[rows, :width] = sims
         self.exact[rows] = min(width, n_anchors)
-        self.version += 1
+        self.version = _next_version()
+        return rows
 
-    def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int) -> None:
-        """Account for anchors just added (n_before = anchor count before the add).
+    def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int) -> np.ndarray:
+        """Account for anchors just added (n_before = anchor count before the add); returns the rows changed.
 
         Rows keep the canonical order of :func:`asif.relrep.top_sorted` (similarity on a grid, then id).
         """
         if len(new_ids) == 0 or len(self.queries) == 0:
-            return
+            return NO_ROWS
         new_ids = np.asarray(new_ids, dtype=np.int64)
         s = self.queries @ np.asarray(new_vectors, dtype=np.float32).T  # (L, m)
         qs = np.floor(s / TIE_GRID)
@@ -151,7 +177,7 @@ class NeighbourCache:
         enters = np.where(truncated, before_last & (self.exact > 0)[:, None], True)
         rows = np.flatnonzero(enters.any(axis=1))
         if len(rows) == 0:
-            return
+            return NO_ROWS
         if len(new_ids) == 1:
             self._insert_one(rows, new_ids[0], s[rows, 0])
         else:
@@ -165,7 +191,8 @@ class NeighbourCache:
             cat_i = np.concatenate([old_i, new_i], axis=1)
             self.sims[rows], self.ids[rows] = top_sorted(cat_s, cat_i, self.depth)
             self.exact[rows] = np.minimum(self.depth, self.exact[rows] + enters[rows].sum(axis=1))
-        self.version += 1
+        self.version = _next_version()
+        return rows
 
     def _insert_one(self, rows: np.ndarray, new_id: int, sims: np.ndarray) -> None:
         """The common live add: one anchor, inserted at its place in each row without sorting."""
@@ -182,15 +209,15 @@ class NeighbourCache:
         self.ids[rows] = np.where(untrusted, -1, out_i)
         self.exact[rows] = np.minimum(self.depth, exact + 1)
 
-    def remove(self, removed_ids: np.ndarray) -> None:
-        """Drop removed anchors from every row that holds them."""
+    def remove(self, removed_ids: np.ndarray) -> np.ndarray:
+        """Drop removed anchors from every row that holds them; returns those rows."""
         removed_ids = np.asarray(removed_ids, dtype=np.int64)
         # The common live delete is one id: a comparison beats isin's sort.
         one = len(removed_ids) == 1
         hit = (self.ids == removed_ids[0]) if one else (np.isin(self.ids, removed_ids) & (self.ids >= 0))
         rows = np.flatnonzero(hit.any(axis=1))
         if len(rows) == 0:
-            return
+            return NO_ROWS
         gone_in_prefix = (hit[rows] & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
         s = np.where(hit[rows], -np.inf, self.sims[rows])
         i = np.where(hit[rows], -1, self.ids[rows])
@@ -198,13 +225,14 @@ class NeighbourCache:
         self.sims[rows] = np.take_along_axis(s, order, axis=1)
         self.ids[rows] = np.take_along_axis(i, order, axis=1)
         self.exact[rows] -= gone_in_prefix
-        self.version += 1
+        self.version = _next_version()
+        return rows
 
-    def ensure(self, k: int, search: SearchFn, n_anchors: int) -> None:
-        """Make every row know its exact top-min(k, n_anchors); refill the rows that do not."""
+    def ensure(self, k: int, search: SearchFn, n_anchors: int) -> np.ndarray:
+        """Make every row know its exact top-min(k, n_anchors); refills the rows that do not and returns them."""
         need = min(k, n_anchors)
         rows = np.flatnonzero(self.exact < need)
-        self.fill(rows, search, n_anchors)
+        return self.fill(rows, search, n_anchors)
 
     def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(sims, ids) of the first k entries; call ensure(k) first."""
@@ -216,37 +244,68 @@ def cache_depth(k: int) -> int:
     return int(k + max(16, k // 4))
 
 
+MAX_SCORERS = 4  # (k, p) combinations kept per label set: the model's default plus recent others
+
+
 @dataclass
 class CachedLabels:
-    """A label set with its class embeddings and maintained caption-anchor neighbours."""
+    """A label set with its class embeddings, maintained caption-anchor neighbours and scorers.
+
+    ``synced`` is the model edit version the neighbours reflect. Each scorer holds the classes'
+    representations for one (k, p) and is patched row by row when neighbours change (see
+    :mod:`asif.scoring`). ``lock`` serialises everything that reads or changes this state.
+    """
 
     label_set: LabelSet
     embeddings: np.ndarray  # (n_classes, d_text)
     neighbours: NeighbourCache
-    lock: threading.Lock = field(default_factory=threading.Lock)  # guards lazy refills and memos
-    synced: int = 0  # the model edit version these neighbours reflect
-    _keys: dict[tuple[int, float, int], KeyMatrix] = field(default_factory=dict)
-    _rr: dict[tuple[int, float, int], SparseRR] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    synced: int = 0
+    scorers: OrderedDict[tuple[int, float], LabelScorer] = field(default_factory=OrderedDict)
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.label_set.classes
 
-    def relrep(self, k: int, p: float) -> SparseRR:
-        """Sparse relative representations of the classes (memoised per neighbour-cache version)."""
-        key = (k, float(p), self.neighbours.version)
-        if key not in self._rr:
-            sims, ids = self.neighbours.topk(k)
-            self._rr.clear()
-            self._rr[key] = sparsify(np.maximum(sims, 0.0), np.maximum(ids, 0), p)
-        return self._rr[key]
+    def nbytes(self) -> int:
+        """Memory held by the cached state (neighbours, embeddings, scorers)."""
+        return int(self.neighbours.nbytes() + self.embeddings.nbytes + sum(s.nbytes() for s in self.scorers.values()))
 
-    def key_matrix(self, k: int, p: float) -> KeyMatrix:
-        key = (k, float(p), self.neighbours.version)
-        if key not in self._keys:
-            self._keys.clear()
-            self._keys[key] = KeyMatrix.from_rr(self.relrep(k, p))
-        return self._keys[key]
+    def max_k(self) -> int:
+        return max((k for k, _ in self.scorers), default=0)
+
+    def scorer(self, k: int, p: float, pinned: tuple[int, float] | None = None) -> LabelScorer:
+        """The scorer for (k, p), made from the neighbours if new (call with ``k <= neighbours.depth``
+        after :meth:`NeighbourCache.ensure`). ``pinned`` (the model's default) is never evicted."""
+        key = (int(k), float(p))
+        found = self.scorers.get(key)
+        if found is not None:
+            self.scorers.move_to_end(key)
+            return found
+        sims, ids = self.neighbours.topk(key[0])
+        made = LabelScorer(key[0], key[1], sims, ids)
+        self.scorers[key] = made
+        for old in list(self.scorers):
+            if len(self.scorers) <= MAX_SCORERS:
+                break
+            if old != pinned and old != key:
+                del self.scorers[old]
+        return made
+
+    def rows_changed(self, rows: np.ndarray) -> None:
+        """Neighbour rows changed: patch every scorer's representations of those rows."""
+        if len(rows) == 0:
+            return
+        rows = np.unique(rows)
+        for s in self.scorers.values():
+            sims, ids = self.neighbours.topk(s.k)
+            s.update(rows, sims[rows], ids[rows])
+
+    def reset(self, neighbours: NeighbourCache, synced: int) -> None:
+        """Replace the neighbours (all rows recomputed): scorers are rebuilt on next use."""
+        self.neighbours = neighbours
+        self.synced = synced
+        self.scorers.clear()
 
 
 def labels_from_names(names: Sequence[str], templates: Sequence[str] | None = None) -> LabelSet:

@@ -1,21 +1,31 @@
-"""A served ASIF model: the loaded index plus durable live edits, stored label sets and snapshots.
+"""A served ASIF model: the loaded index plus durable live edits, label sets and snapshots.
 
-Durability: an add or delete is first committed to the SQLite metadata database (pair rows and
-an edit-log row holding the vectors, one transaction), then applied in memory, then
-acknowledged. On load, the edits newer than the snapshot named by the manifest
-(``applied_seq``) are replayed over it. A snapshot writes both indices and a new manifest
-atomically (see :mod:`asif.persist`), then drops the edits it contains from the log.
+Durability: an add or delete is validated, then committed to the SQLite metadata database (pair
+rows and an edit-log row holding the vectors, one transaction), then applied in memory, then
+acknowledged. A rejected edit is never logged; one that fails to apply after logging is taken out of
+the log again. On load, the edits newer than the snapshot named by the manifest (``applied_seq``) are
+replayed over it.
 
-Concurrency: a readers-writer lock; classification and similarity take the read side, edits
-and label-set changes the write side, so readers never see half an edit.
+Snapshots never touch the in-memory model: a snapshot turns the edit log's entries since the last one
+into a delta file of the index folder (:func:`asif.persist.write_delta`) and compacts the log, so it
+costs what changed since the last snapshot and takes no lock that classification or edits wait on.
+When the deltas add up to ``compact_ratio`` of the pairs, :func:`asif.persist.compact_index_folder`
+writes a new base generation from the files, also without any model lock.
+
+Concurrency: a readers-writer lock; searches take the read side, edits and label-set registration
+the write side (briefly), so readers never see half an edit. Anything an unauthenticated request can
+trigger (an ad-hoc label list) runs under the read side only, in short steps, and its cache is bounded
+in bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +35,20 @@ import numpy as np
 from asif.encoders import ImageEncoder, TextEncoder
 from asif.labels import CachedLabels, LabelSet
 from asif.loading import open_index
-from asif.metadata import NewPair, StoredLabelSet
-from asif.persist import save_index_folder
+from asif.metadata import Edit, NewPair, StoredLabelSet
+from asif.model import Prediction
+from asif.persist import Delta, compact_index_folder, delta_pairs, write_delta
 from asif.rwlock import RWLock
+from asif.store import StoreError
 
-INLINE_PREFIX = "\x00inline:"
+log = logging.getLogger("asif.live")
+
+INLINE_CACHE_BYTES = 256 << 20
+COMPACT_RATIO = 0.25  # fold deltas into a new base once they touch this fraction of the pairs
+
+
+class NoPairsError(StoreError):
+    """Classification asked of a model that holds no pairs."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,40 @@ class SnapshotInfo:
     generation: int
     applied_seq: int
     pairs: int
+    edits: int  # edit-log entries this snapshot wrote
+    compacted: bool  # whether a new base generation was written
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Predictions and the model state they were computed on."""
+
+    predictions: list[Prediction]
+    k: int
+    p: float
+    pairs: int
+    version: int  # edit-log sequence number of the last edit the model held (durable across restarts)
+
+
+def net_delta(edits: Sequence[Edit], to_seq: int) -> Delta:
+    """Edit-log entries -> their net effect (pair ids are never reused, so order only matters within an id)."""
+    added: dict[int, Edit] = {}
+    deleted: list[int] = []
+    for e in edits:
+        if e.op == "add":
+            added[e.pair_id] = e
+        elif e.pair_id in added:
+            del added[e.pair_id]
+        else:
+            deleted.append(e.pair_id)
+    adds = list(added.values())
+    return Delta(
+        add_ids=np.array([e.pair_id for e in adds], dtype=np.int64),
+        add_image=np.stack([e.image_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
+        add_text=np.stack([e.text_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
+        delete_ids=np.array(sorted(set(deleted)), dtype=np.int64),
+        to_seq=to_seq,
+    )
 
 
 class LiveModel:
@@ -47,23 +100,39 @@ class LiveModel:
         text_encoder: TextEncoder | str | None = None,
         device: str | None = None,
         verify: bool = True,
-        inline_cache_size: int = 64,
+        inline_cache_bytes: int = INLINE_CACHE_BYTES,
+        compact_ratio: float = COMPACT_RATIO,
     ) -> None:
         self.path = Path(path)
         loaded = open_index(self.path, image_encoder, text_encoder, device=device, verify=verify)
         self.model = loaded.model
         self.metadata = loaded.metadata
         self.manifest = loaded.folder.manifest
+        self.verify = verify
         self.lock = RWLock()
         self._snapshot_lock = threading.Lock()
         self._inline: OrderedDict[str, CachedLabels] = OrderedDict()
         self._inline_lock = threading.Lock()
-        self.inline_cache_size = inline_cache_size
+        self.inline_cache_bytes = int(inline_cache_bytes)
+        self.compact_ratio = float(compact_ratio)
+        # Label scorers are rebuilt here, off the request path (one at a time).
+        self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asif-labels")
+        self.model.schedule = self._schedule
         self.replayed = self._replay(int(self.manifest.get("applied_seq", 0)))
+        self._seq = self.metadata.last_seq()  # every logged edit is applied now
         for stored in self.metadata.label_sets():
             self.model.register_labels(
                 stored.name, LabelSet(tuple(stored.classes), tuple(stored.templates)), stored.embeddings
             )
+
+    def _schedule(self, job) -> None:
+        def run() -> None:
+            try:
+                job()
+            except Exception:  # pragma: no cover - a failed rebuild leaves the patched state, still exact
+                log.exception("label scorer rebuild failed")
+
+        self._maintenance.submit(run)
 
     def _replay(self, after: int) -> int:
         edits = self.metadata.edits_after(after)
@@ -91,15 +160,36 @@ class LiveModel:
         with self.lock.read():
             yield
 
+    def classify(self, embeddings: np.ndarray, labels: CachedLabels, k: int, p: float, **options: object) -> Answer:
+        """Classify under the read lock; ``k`` is capped at the pairs held (0 pairs: StoreError)."""
+        with self.lock.read():
+            model = self.model
+            k_eff = min(int(k), model.n_pairs)
+            if k_eff == 0:
+                raise NoPairsError("the model holds no pairs")
+            preds = model.classify(embeddings, labels, k=k_eff, p=p, **options)  # type: ignore[arg-type]
+            return Answer(preds, k_eff, float(p), model.n_pairs, self._seq)
+
     # -- edits -------------------------------------------------------------------------------------
     def add_pairs(self, pairs: Sequence[NewPair]) -> list[int]:
+        """Validate, log durably, apply; returns the new ids. Invalid pairs raise StoreError, unlogged."""
         if not pairs:
             return []
-        img = np.stack([p.image_vec for p in pairs]).astype(np.float32)
-        txt = np.stack([p.text_vec for p in pairs]).astype(np.float32)
+        try:
+            img = np.stack([np.asarray(p.image_vec, dtype=np.float32) for p in pairs])
+            txt = np.stack([np.asarray(p.text_vec, dtype=np.float32) for p in pairs])
+        except ValueError as exc:
+            raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
         with self.lock.write():
+            # The ids the log will assign are not in the stores (never reused): validate with stand-ins.
+            self.model.check_new_pairs(np.arange(-len(pairs), 0), img, txt)
             ids = self.metadata.log_add(pairs)
-            self.model.add_pairs(np.array(ids, dtype=np.int64), img, txt)
+            try:
+                self.model.add_pairs(np.array(ids, dtype=np.int64), img, txt)
+            except Exception:
+                self.metadata.revert_add(ids)  # never replayed
+                raise
+            self._seq = self.metadata.last_seq()
         return ids
 
     def delete_pairs(self, ids: Sequence[int]) -> list[int]:
@@ -110,18 +200,30 @@ class LiveModel:
             if len(present):
                 self.metadata.log_delete([int(i) for i in present])
                 self.model.remove_pairs(present)
+                self._seq = self.metadata.last_seq()
         return [int(i) for i in present]
 
     def has_pair(self, pair_id: int) -> bool:
-        return bool(self.model.image_store.contains(np.array([pair_id]))[0])
+        with self.lock.read():
+            return bool(self.model.image_store.contains(np.array([pair_id]))[0])
+
+    @property
+    def version(self) -> int:
+        """Edit-log sequence number of the last edit applied: grows with every add or delete, across restarts."""
+        return self._seq
 
     # -- label sets ----------------------------------------------------------------------------------
+    def make_labels(self, label_set: LabelSet, embeddings: np.ndarray) -> CachedLabels:
+        """A label set's cached state, computed under the read lock in short steps (never the write lock)."""
+        return self.model.make_labels(label_set, embeddings, guard=self.lock.read)
+
     def put_label_set(self, name: str, label_set: LabelSet, embeddings: np.ndarray) -> CachedLabels:
-        with self.lock.write():
+        cached = self.make_labels(label_set, embeddings)
+        with self.lock.write():  # brief: stores the row and brings the state up to the last edit
             self.metadata.put_label_set(
                 StoredLabelSet(name, list(label_set.classes), list(label_set.templates), embeddings)
             )
-            return self.model.register_labels(name, label_set, embeddings)
+            return self.model.register_labels(name, label_set, cached=cached)
 
     def delete_label_set(self, name: str) -> bool:
         with self.lock.write():
@@ -130,15 +232,16 @@ class LiveModel:
         return found
 
     def label_set(self, name: str) -> CachedLabels | None:
-        return None if name.startswith(INLINE_PREFIX) else self.model.label_sets.get(name)
+        with self.lock.read():
+            return self.model.label_sets.get(name)
 
     def stored_label_sets(self) -> dict[str, CachedLabels]:
-        return {k: v for k, v in self.model.label_sets.items() if not k.startswith(INLINE_PREFIX)}
+        with self.lock.read():  # registration changes the dict under the write side
+            return dict(self.model.label_sets)
 
     @staticmethod
     def inline_key(label_set: LabelSet) -> str:
-        digest = hashlib.sha256(repr((label_set.classes, label_set.templates)).encode()).hexdigest()[:24]
-        return INLINE_PREFIX + digest
+        return hashlib.sha256(repr((label_set.classes, label_set.templates)).encode()).hexdigest()[:24]
 
     def cached_inline(self, label_set: LabelSet) -> CachedLabels | None:
         key = self.inline_key(label_set)
@@ -149,32 +252,60 @@ class LiveModel:
             return cached
 
     def add_inline(self, label_set: LabelSet, embeddings: np.ndarray) -> CachedLabels:
-        """Register ad-hoc labels so their cache follows edits; least recently used ones are evicted."""
+        """An ad-hoc label list's state. It is not registered (edits do not update it): it catches up from
+        the model's edit journal when next used. Cached least-recently-used within ``inline_cache_bytes``."""
+        cached = self.make_labels(label_set, embeddings)
         key = self.inline_key(label_set)
-        with self.lock.write():
-            cached = self.model.register_labels(key, label_set, embeddings)
-            with self._inline_lock:
-                self._inline[key] = cached
-                while len(self._inline) > self.inline_cache_size:
-                    old, _ = self._inline.popitem(last=False)
-                    self.model.label_sets.pop(old, None)
+        with self._inline_lock:
+            self._inline[key] = cached
+            self._inline.move_to_end(key)
+            total = sum(c.nbytes() for c in self._inline.values())
+            while self._inline and total > self.inline_cache_bytes:
+                _, old = self._inline.popitem(last=False)
+                total -= old.nbytes()
         return cached
+
+    def inline_cache_usage(self) -> tuple[int, int]:
+        """(label lists cached, bytes they hold)."""
+        with self._inline_lock:
+            return len(self._inline), sum(c.nbytes() for c in self._inline.values())
 
     # -- snapshots ------------------------------------------------------------------------------------
     def snapshot(self) -> SnapshotInfo:
-        """Write both indices and a new manifest; edits wait, searches go on."""
+        """Write the edits since the last snapshot as a delta of the index folder; compact when due.
+
+        Reads only the durable edit log: no model lock is taken, so classification and edits go on.
+        """
         with self._snapshot_lock:
-            with self.lock.read():
+            with self.lock.read():  # a moment: no edit is between its log commit and its apply
                 seq = self.metadata.last_seq()
-                manifest = dict(self.manifest)  # kept current by every snapshot
-                manifest["applied_seq"] = seq
-                manifest["counts"] = dict(manifest.get("counts", {}), pairs=self.model.n_pairs)
-                self.manifest = save_index_folder(self.path, self.model.image_store, self.model.text_store, manifest)
-            self.metadata.compact_log(seq)
-            return SnapshotInfo(int(self.manifest["generation"]), seq, self.model.n_pairs)
+            applied = int(self.manifest.get("applied_seq", 0))
+            edits = self.metadata.edits_after(applied, upto=seq)
+            manifest = self.manifest
+            if edits:
+                manifest = write_delta(self.path, manifest, net_delta(edits, seq))
+                self.manifest = manifest
+                self.metadata.compact_log(seq)
+            compacted = False
+            pairs = int(manifest.get("counts", {}).get("pairs", 0))
+            if manifest.get("deltas") and delta_pairs(manifest) >= self.compact_ratio * max(pairs, 1):
+                self.manifest = compact_index_folder(self.path, verify=self.verify)
+                compacted = True
+            return SnapshotInfo(
+                int(self.manifest["generation"]), int(self.manifest.get("applied_seq", 0)), pairs, len(edits), compacted
+            )
+
+    def compact(self) -> SnapshotInfo:
+        """Snapshot, then fold every delta into a new base generation (from the files; no model lock)."""
+        info = self.snapshot()
+        with self._snapshot_lock:
+            if self.manifest.get("deltas"):
+                self.manifest = compact_index_folder(self.path, verify=self.verify)
+            return SnapshotInfo(int(self.manifest["generation"]), info.applied_seq, info.pairs, info.edits, True)
 
     def pending_edits(self) -> int:
         return self.metadata.last_seq() - int(self.manifest.get("applied_seq", 0))
 
     def close(self) -> None:
+        self._maintenance.shutdown(wait=True)
         self.metadata.close()

@@ -197,10 +197,22 @@ class PairMetadata:
                 self._db.execute("INSERT INTO edits (op, pair_id) VALUES ('delete', ?)", (int(pid),))
             self._db.execute("DELETE FROM thumbnails WHERE image NOT IN (SELECT image FROM pairs)")
 
-    def edits_after(self, seq: int) -> list[Edit]:
+    def revert_add(self, ids: Sequence[int]) -> None:
+        """Undo a logged add whose apply failed: its pair rows and edit-log entries go (ids stay used)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for pid in ids:
+                self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
+                self._db.execute("DELETE FROM edits WHERE op = 'add' AND pair_id = ?", (int(pid),))
+            self._db.execute("DELETE FROM thumbnails WHERE image NOT IN (SELECT image FROM pairs)")
+
+    def edits_after(self, seq: int, upto: int | None = None) -> list[Edit]:
+        """Edit-log entries with ``seq < s <= upto`` (no upper bound when ``upto`` is None), in order."""
+        top = 2**63 - 1 if upto is None else int(upto)
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, op, pair_id, image_vec, text_vec FROM edits WHERE seq > ? ORDER BY seq", (int(seq),)
+                "SELECT seq, op, pair_id, image_vec, text_vec FROM edits WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (int(seq), top),
             ).fetchall()
         return [Edit(r[0], r[1], r[2], _array(r[3]), _array(r[4])) for r in rows]
 

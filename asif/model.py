@@ -1,26 +1,57 @@
 """An ASIF model: two anchor stores (images, captions) sharing pair ids, plus cached label sets.
 
 Works on embeddings; encoders are applied by the caller (the service batches them) or through
-the ``*_images`` / ``*_texts`` conveniences when encoders are attached. Not thread-safe on its
-own: the service wraps it in a readers-writer lock (many searches, one edit).
+the ``*_images`` / ``*_texts`` conveniences when encoders are attached.
+
+Edits and label sets. Every edit bumps ``version`` and is kept in a short journal (the ids, and the
+caption vectors of adds). A label set's state (neighbours, scorers) records the version it reflects
+and catches up by replaying the journal: registered label sets right away, inside the edit; others
+(ad-hoc label lists) when next used. Catching up costs what the edits changed; a label set that fell
+off the journal is recomputed.
+
+Concurrency: searches may run in parallel; edits need exclusion (the service wraps the model in a
+readers-writer lock). Each label set's state has its own lock, so concurrent readers of one label
+set take turns on its (short) scoring step while image searches run in parallel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from asif.encoders.base import ImageEncoder, TextEncoder
-from asif.labels import CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
+from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
 from asif.relrep import DEFAULT_K, DEFAULT_P, KeyMatrix, SparseRR, check_k_p, effective_k, shared_anchors, sparsify
+from asif.scoring import LabelScorer
 from asif.store import AnchorStore, StoreError
 
 UNKNOWN = "unknown"
+JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
+LABEL_CHUNK = 256  # labels searched per step when a label set is made under a guard (a read lock)
 
 CaptionLookup = Callable[[Sequence[int]], dict[int, str]]
+Guard = Callable[[], AbstractContextManager[object]]
+Scheduler = Callable[[Callable[[], None]], None]
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One edit, as label sets need it to catch up."""
+
+    version: int
+    op: str  # "add" or "remove"
+    ids: np.ndarray
+    vectors: np.ndarray | None  # caption vectors of an add
+    n_before: int  # pairs held before the edit
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + (self.vectors.nbytes if self.vectors is not None else 0))
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,7 @@ class AsifModel:
         image_encoder: ImageEncoder | None = None,
         text_encoder: TextEncoder | None = None,
         captions: CaptionLookup | None = None,
+        journal_bytes: int = JOURNAL_BYTES,
     ) -> None:
         check_k_p(k, p)
         if image_store.ntotal != text_store.ntotal:
@@ -62,7 +94,12 @@ class AsifModel:
         self.text_encoder = text_encoder
         self.captions = captions
         self.label_sets: dict[str, CachedLabels] = {}
-        self.version = 0  # bumped by every edit; registered label sets are kept in step with it
+        self.version = 0  # bumped by every edit
+        self.journal_bytes = int(journal_bytes)
+        self._journal: deque[JournalEntry] = deque()
+        self._journal_size = 0
+        # How scorer rebuilds run: None = at once, in the caller; the service passes a background executor.
+        self.schedule: Scheduler | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -99,29 +136,127 @@ class AsifModel:
         prompts = self.text_encoder.encode(label_set.prompts())
         return combine_prompt_embeddings(prompts, len(label_set.classes))
 
-    def make_labels(self, label_set: LabelSet, embeddings: np.ndarray | None = None) -> CachedLabels:
-        """Label set -> cached representation over the caption anchors (not registered)."""
+    def _checked_label_embeddings(self, label_set: LabelSet, embeddings: np.ndarray | None) -> np.ndarray:
         emb = self.embed_labels(label_set) if embeddings is None else np.asarray(embeddings, dtype=np.float32)
         if emb.shape != (len(label_set.classes), self.text_store.dim):
             raise ValueError(f"label embeddings must be ({len(label_set.classes)}, {self.text_store.dim})")
-        cache = NeighbourCache(emb, depth=cache_depth(self.k))
-        cache.fill(np.arange(len(emb)), self.text_store.search, self.n_pairs)
-        return CachedLabels(label_set, emb, cache, synced=self.version)
+        if not np.isfinite(emb).all():
+            raise ValueError("label embeddings contain NaN or infinity")
+        return emb
 
-    def register_labels(self, name: str, label_set: LabelSet, embeddings: np.ndarray | None = None) -> CachedLabels:
-        """Add (or replace) a named label set whose representations follow every edit."""
-        cached = self.make_labels(label_set, embeddings)
+    def make_labels(
+        self,
+        label_set: LabelSet,
+        embeddings: np.ndarray | None = None,
+        guard: Guard = nullcontext,
+        chunk: int = LABEL_CHUNK,
+    ) -> CachedLabels:
+        """Label set -> cached representation over the caption anchors (not registered).
+
+        ``guard`` is entered around each step that reads the stores (the service passes its read lock):
+        the neighbours are searched ``chunk`` labels at a time, so a large label set never holds the
+        guard for long, and the chunks are then brought up to the same version from the journal.
+        """
+        emb = self._checked_label_embeddings(label_set, embeddings)
+        depth = cache_depth(self.k)
+        parts: list[tuple[NeighbourCache, int]] = []
+        for start in range(0, len(emb), max(1, chunk)):
+            with guard():
+                part = NeighbourCache(emb[start : start + chunk], depth=depth)
+                part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
+                parts.append((part, self.version))
+        with guard():
+            caches = []
+            for part, synced in parts:
+                if self._catch_up(part, synced, self.k) is None:  # the journal no longer reaches back
+                    part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
+                caches.append(part)
+            cache = caches[0] if len(caches) == 1 else NeighbourCache.concat(caches)
+            cached = CachedLabels(label_set, emb, cache, synced=self.version)
+            if self.n_pairs:
+                cached.scorer(*self._kp(None, None))  # the default scorer, so the first classify finds it
+        return cached
+
+    def register_labels(
+        self,
+        name: str,
+        label_set: LabelSet,
+        embeddings: np.ndarray | None = None,
+        cached: CachedLabels | None = None,
+    ) -> CachedLabels:
+        """Add (or replace) a named label set whose representations follow every edit.
+
+        ``cached``: a state made earlier by :meth:`make_labels` (e.g. off the write lock); it is brought
+        up to date here.
+        """
+        if cached is None:
+            cached = self.make_labels(label_set, embeddings)
+        with cached.lock:
+            self._sync(cached, self.k)
         self.label_sets[name] = cached
         return cached
 
-    def _label_keys(self, labels: CachedLabels, k: int, p: float) -> tuple[KeyMatrix, SparseRR]:
-        with labels.lock:  # concurrent readers may share a label set; refills and memos are lazy
-            if labels.neighbours.depth < k or labels.synced != self.version:
-                # Deeper k than cached, or labels that missed edits (not registered): start afresh.
-                labels.neighbours = NeighbourCache(labels.embeddings, depth=cache_depth(max(k, self.k)))
-                labels.synced = self.version
-            labels.neighbours.ensure(k, self.text_store.search, self.n_pairs)
-            return labels.key_matrix(k, p), labels.relrep(k, p)
+    def _catch_up(self, cache: NeighbourCache, synced: int, k: int) -> np.ndarray | None:
+        """Replay the edits after version ``synced`` on ``cache`` and make its rows know their top-k.
+
+        Returns the rows that changed, or None when the journal no longer holds those edits.
+        """
+        if synced == self.version:
+            return NO_ROWS
+        if synced > self.version or not self._journal or self._journal[0].version > synced + 1:
+            return None
+        changed = []
+        for entry in self._journal:
+            if entry.version <= synced:
+                continue
+            if entry.op == "add":
+                changed.append(cache.add(entry.ids, entry.vectors, entry.n_before))
+            else:
+                changed.append(cache.remove(entry.ids))
+        changed.append(cache.ensure(k, self.text_store.search, self.n_pairs))
+        return np.unique(np.concatenate(changed))
+
+    def _sync(self, labels: CachedLabels, k: int) -> None:
+        """Bring a label set up to the current version with neighbours for ``k`` (hold its lock)."""
+        need = max(k, labels.max_k(), self.k)
+        if labels.synced != self.version or labels.neighbours.depth < need:
+            rows = self._catch_up(labels.neighbours, labels.synced, need) if labels.neighbours.depth >= need else None
+            if rows is None:
+                fresh = NeighbourCache(labels.embeddings, depth=cache_depth(need))
+                fresh.fill(np.arange(len(labels.embeddings)), self.text_store.search, self.n_pairs)
+                labels.reset(fresh, self.version)
+                return
+            labels.synced = self.version
+            labels.rows_changed(rows)
+        labels.rows_changed(labels.neighbours.ensure(need, self.text_store.search, self.n_pairs))
+        for scorer in labels.scorers.values():
+            if scorer.needs_rebuild() and not scorer.rebuilding:
+                self._rebuild_later(labels, scorer)
+
+    def _rebuild_later(self, labels: CachedLabels, scorer: LabelScorer) -> None:
+        if self.schedule is None:
+            scorer.rebuild()
+            return
+        scorer.rebuilding = True
+
+        def rebuild() -> None:
+            try:
+                with labels.lock:
+                    rr, clock = scorer.rebuild_inputs()
+                base = KeyMatrix.from_rr(rr)  # the costly part, outside the lock
+                with labels.lock:
+                    scorer.install(base, clock)
+            finally:
+                scorer.rebuilding = False
+
+        self.schedule(rebuild)
+
+    @contextmanager
+    def label_scorer(self, labels: CachedLabels, k: int, p: float) -> Iterator[LabelScorer]:
+        """The label set's scorer for (k, p), current with the model, used under the label set's lock."""
+        with labels.lock:
+            self._sync(labels, k)
+            yield labels.scorer(k, p, pinned=self._kp(None, None) if self.n_pairs else None)
 
     # -- classification -------------------------------------------------------------------------
     def classify(
@@ -136,9 +271,11 @@ class AsifModel:
     ) -> list[Prediction]:
         """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return."""
         k, p = self._kp(k, p)
-        keys, label_rr = self._label_keys(labels, k, p)
         image_rr = self.image_relrep(image_embeddings, k, p)
-        scores = keys.score(image_rr)
+        with self.label_scorer(labels, k, p) as scorer:
+            scores = scorer.score(image_rr)
+            best_rows = np.argmax(scores, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
+            best_ids, best_weights = scorer.ids[best_rows].copy(), scorer.weights[best_rows].copy()
         top = max(1, min(int(top), scores.shape[1]))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
         wanted_ids: list[int] = []
@@ -149,9 +286,7 @@ class AsifModel:
             unknown = scores[b, best] <= 0.0 or scores[b, best] < threshold
             ids, contrib = np.zeros(0, np.int64), np.zeros(0)
             if explain > 0 and scores[b, best] > 0:
-                ids, contrib = shared_anchors(
-                    image_rr.ids[b], image_rr.weights[b], label_rr.ids[best], label_rr.weights[best]
-                )
+                ids, contrib = shared_anchors(image_rr.ids[b], image_rr.weights[b], best_ids[b], best_weights[b])
                 ids, contrib = ids[:explain], contrib[:explain]
                 wanted_ids.extend(int(i) for i in ids)
             raw.append((ranked, bool(unknown), ids, contrib))
@@ -176,11 +311,30 @@ class AsifModel:
         return self.classify(self.image_encoder.encode(images), labels, **options)  # type: ignore[arg-type]
 
     # -- edits ----------------------------------------------------------------------------------
-    def add_pairs(self, ids: np.ndarray, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> None:
-        """Add pairs to both stores and update every registered label set's neighbours."""
-        ids = np.asarray(ids, dtype=np.int64)
+    def check_new_pairs(self, ids: np.ndarray, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> None:
+        """Raise StoreError unless these pairs can be added (shapes, finite values, new distinct ids)."""
+        ids = np.asarray(ids)
         if not (len(ids) == len(image_embeddings) == len(text_embeddings)):
             raise StoreError("ids, image and text embeddings must have the same length")
+        for role, x, dim in (
+            ("image", image_embeddings, self.image_store.dim),
+            ("text", text_embeddings, self.text_store.dim),
+        ):
+            x = np.asarray(x)
+            if x.ndim != 2 or x.shape[1] != dim:
+                raise StoreError(f"{role} embeddings must have shape (n, {dim}), got {x.shape}")
+            if not np.isfinite(x).all():
+                raise StoreError(f"{role} embeddings contain NaN or infinity")
+        if len(np.unique(ids)) != len(ids):
+            raise StoreError("duplicate ids in one add")
+        present = self.image_store.contains(ids.astype(np.int64))
+        if present.any():
+            raise StoreError(f"ids already present: {ids[present][:10].tolist()}")
+
+    def add_pairs(self, ids: np.ndarray, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> None:
+        """Add pairs to both stores and update every registered label set."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.check_new_pairs(ids, image_embeddings, text_embeddings)
         n_before = self.n_pairs
         self.image_store.add(ids, image_embeddings)
         try:
@@ -188,24 +342,27 @@ class AsifModel:
         except Exception:
             self.image_store.remove(ids)  # keep the two stores in step
             raise
-        self.version += 1
-        for cached in self.label_sets.values():
-            with cached.lock:
-                cached.neighbours.add(ids, text_embeddings, n_before)
-                cached.synced = self.version
+        vectors = np.array(text_embeddings, dtype=np.float32)
+        self._edited(JournalEntry(self.version + 1, "add", ids.copy(), vectors, n_before))
 
     def remove_pairs(self, ids: np.ndarray) -> int:
         """Remove pairs by id from both stores and every label set; returns how many were present."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
         present = ids[self.image_store.contains(ids)]
         if len(present) == 0:
             return 0
+        n_before = self.n_pairs
         self.image_store.remove(present)
         self.text_store.remove(present)
-        self.version += 1
+        self._edited(JournalEntry(self.version + 1, "remove", present, None, n_before))
+        return len(present)
+
+    def _edited(self, entry: JournalEntry) -> None:
+        self.version = entry.version
+        self._journal.append(entry)
+        self._journal_size += entry.nbytes
+        while len(self._journal) > 1 and self._journal_size > self.journal_bytes:
+            self._journal_size -= self._journal.popleft().nbytes
         for cached in self.label_sets.values():
             with cached.lock:
-                cached.neighbours.remove(present)
-                cached.neighbours.ensure(self.k, self.text_store.search, self.n_pairs)
-                cached.synced = self.version
-        return len(present)
+                self._sync(cached, self.k)

@@ -1,17 +1,22 @@
 """The index folder: manifest, the two anchor indices and the pair metadata, written atomically.
 
-Layout (``g`` = generation number, bumped by every save)::
+Layout (``g`` = generation number, bumped by every full save)::
 
-    manifest.json            the commit point: names the files of the current generation
-    image-g000001.faiss      image anchor index (+ image-g000001.refine.npz when re-ranking: the
-                             exact vectors and the groups of pairs sharing one vector)
-    text-g000001.faiss       caption anchor index (+ .refine.npz)
-    pairs.sqlite             pair metadata (id, image reference, captions, thumbnails)
+    manifest.json                the commit point: names the files of the current generation
+    image-g000001.faiss          image anchor index (+ image-g000001.refine.npz when re-ranking: the
+                                 exact vectors and the groups of pairs sharing one vector)
+    text-g000001.faiss           caption anchor index (+ .refine.npz)
+    delta-g000001-0001.npz       edits since the generation's base files (pairs added, with both
+                                 vectors; pairs deleted), in the order the manifest lists them
+    pairs.sqlite                 pair metadata (id, image reference, captions, thumbnails, edit log)
 
-A save writes the new generation's files (temp name, fsync, rename), then replaces
-``manifest.json`` atomically, then deletes files of older generations. A crash at any point
-leaves a folder whose manifest names complete files: the old state or the new one. Every
-index file's SHA-256 is in the manifest and checked on load.
+A full save (:func:`save_index_folder`) writes the new generation's files (temp name, fsync,
+rename), then replaces ``manifest.json`` atomically, then deletes files of older generations. A
+delta save (:func:`write_delta`) writes one delta file and a manifest that lists it: it costs what
+changed, not the collection. Loading applies the deltas over the base, in order.
+:func:`compact_index_folder` folds the deltas into a new base generation, working from the files
+alone (never from a live model's memory). A crash at any point leaves a folder whose manifest names
+complete files: the old state or the new one. Every file's SHA-256 is in the manifest and checked on load.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from asif import __version__
 from asif.encoders.base import EncoderIdentity
 from asif.store import AnchorStore, IndexSpec, refine_path
@@ -34,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA = "pairs.sqlite"
 _GEN_FILE = re.compile(r"^(image|text)-g(\d{6})(\.faiss|\.refine\.npz)$")
+_DELTA_FILE = re.compile(r"^delta-g(\d{6})-\d{4}\.npz$")
 
 
 class IndexFolderError(ValueError):
@@ -155,16 +163,102 @@ def save_index_folder(
         indices=indices,
     )
     out.setdefault("metadata", METADATA)
+    out["deltas"] = []  # the base holds everything
+    out.setdefault("counts", {})
+    out["counts"] = dict(out["counts"], pairs=image_store.ntotal)
     write_json_atomic(folder / MANIFEST, out)
     remove_stale_generations(folder, generation)
     return out
 
 
-def remove_stale_generations(folder: Path, keep: int) -> None:
+def remove_stale_generations(folder: Path, keep: int, deltas: tuple[str, ...] = ()) -> None:
+    """Delete files of other generations, delta files the manifest does not list, and temp files."""
     for path in Path(folder).iterdir():
         m = _GEN_FILE.match(path.name)
-        if (m and int(m.group(2)) != keep) or path.name.endswith((".faiss.tmp", ".npz.tmp")):
+        stale_delta = _DELTA_FILE.match(path.name) and path.name not in deltas
+        if (m and int(m.group(2)) != keep) or stale_delta or path.name.endswith((".faiss.tmp", ".npz.tmp")):
             path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The net effect of consecutive edits: pairs added (with vectors) and earlier pairs deleted."""
+
+    add_ids: np.ndarray  # (a,) int64
+    add_image: np.ndarray  # (a, d_image) float32
+    add_text: np.ndarray  # (a, d_text) float32
+    delete_ids: np.ndarray  # (r,) int64, pairs that existed before these edits
+    to_seq: int  # the last edit-log sequence number these edits include
+
+    def __len__(self) -> int:
+        return len(self.add_ids) + len(self.delete_ids)
+
+
+def write_delta(folder: Path, manifest: dict[str, Any], delta: Delta) -> dict[str, Any]:
+    """Append a delta file to the current generation and commit a manifest listing it; returns the manifest.
+
+    Costs what the delta holds: the base files are not touched.
+    """
+    folder = Path(folder)
+    deltas = list(manifest.get("deltas", []))
+    name = f"delta-g{int(manifest['generation']):06d}-{len(deltas) + 1:04d}.npz"
+    path = folder / name
+    tmp = path.with_name(name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            add_ids=np.asarray(delta.add_ids, dtype=np.int64),
+            add_image=np.asarray(delta.add_image, dtype=np.float32),
+            add_text=np.asarray(delta.add_text, dtype=np.float32),
+            delete_ids=np.asarray(delta.delete_ids, dtype=np.int64),
+        )
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(folder)
+    deltas.append(
+        {"file": name, "sha256": sha256_file(path), "adds": len(delta.add_ids), "deletes": len(delta.delete_ids)}
+    )
+    out = dict(manifest)
+    pairs = int(out.get("counts", {}).get("pairs", 0)) + len(delta.add_ids) - len(delta.delete_ids)
+    out.update(
+        deltas=deltas,
+        applied_seq=int(delta.to_seq),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        counts=dict(out.get("counts", {}), pairs=pairs),
+    )
+    write_json_atomic(folder / MANIFEST, out)
+    return out
+
+
+def delta_pairs(manifest: dict[str, Any]) -> int:
+    """Pairs added or deleted by the deltas a manifest lists."""
+    return sum(int(d["adds"]) + int(d["deletes"]) for d in manifest.get("deltas", []))
+
+
+def _apply_delta(path: Path, image_store: AnchorStore, text_store: AnchorStore) -> None:
+    with np.load(path, allow_pickle=False) as z:
+        add_ids, add_image, add_text, delete_ids = z["add_ids"], z["add_image"], z["add_text"], z["delete_ids"]
+    if not (len(add_ids) == len(add_image) == len(add_text)):
+        raise IndexFolderError(f"{path}: {len(add_ids)} ids for {len(add_image)} / {len(add_text)} vectors")
+    for store in (image_store, text_store):
+        store.remove(delete_ids)
+    new = ~image_store.contains(add_ids)
+    if new.any():
+        # One call per delta: identical image vectors in it (one image, several captions) are grouped.
+        image_store.add(add_ids[new], add_image[new])
+        text_store.add(add_ids[new], add_text[new])
+
+
+def compact_index_folder(folder: Path, verify: bool = True) -> dict[str, Any]:
+    """Fold the deltas into a new base generation, from the files alone; returns the manifest.
+
+    Holds a second copy of the stores in memory while it runs; the folder stays loadable throughout.
+    """
+    loaded = load_index_folder(Path(folder), verify=verify)
+    if not loaded.manifest.get("deltas"):
+        return loaded.manifest
+    return save_index_folder(Path(folder), loaded.image_store, loaded.text_store, dict(loaded.manifest))
 
 
 def load_index_folder(
@@ -193,6 +287,16 @@ def load_index_folder(
             stores[role] = AnchorStore.read(path, int(entry["dim"]), spec)
         except (RuntimeError, ValueError) as exc:
             raise IndexFolderError(f"cannot read {path}: {exc}") from exc
+    for entry in manifest.get("deltas", []):
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise IndexFolderError(f"{path} is missing (named by {MANIFEST})")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise IndexFolderError(f"{path} is corrupt: its SHA-256 does not match {MANIFEST}")
+        try:
+            _apply_delta(path, stores["image"], stores["text"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise IndexFolderError(f"cannot apply {path}: {exc}") from exc
     if stores["image"].ntotal != stores["text"].ntotal:
         raise IndexFolderError("image and caption indices hold different numbers of anchors")
     return IndexFolder(folder, manifest, stores["image"], stores["text"])

@@ -1,4 +1,11 @@
-"""A writer-preferring readers-writer lock: many concurrent searches, one edit at a time."""
+"""A phase-fair readers-writer lock: many concurrent searches, one edit at a time, neither side starves.
+
+- Readers share the lock; a writer holds it alone.
+- A reader that arrives while a writer holds the lock or waits for it waits for that writer to finish
+  (a stream of searches never holds an edit off).
+- When a writer finishes, every reader waiting at that moment gets in before the next writer
+  (a stream of edits never holds searches off: a search waits for at most one edit).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,21 @@ class RWLock:
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
+        self._waiting_readers = 0
+        self._admitted = 0  # readers let in by the last writer to finish that have not entered yet
+        self._phase = 0  # bumped each time a writer finishes
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
+            if self._writer or self._waiting_writers:
+                phase = self._phase
+                self._waiting_readers += 1
+                while self._writer or (self._waiting_writers and self._phase == phase):
+                    self._cond.wait()
+                self._waiting_readers -= 1
+                if self._phase != phase:
+                    self._admitted -= 1
             self._readers += 1
         try:
             yield
@@ -32,7 +48,7 @@ class RWLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._waiting_writers += 1
-            while self._writer or self._readers:
+            while self._writer or self._readers or self._admitted:
                 self._cond.wait()
             self._waiting_writers -= 1
             self._writer = True
@@ -41,4 +57,6 @@ class RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._phase += 1
+                self._admitted = self._waiting_readers
                 self._cond.notify_all()

@@ -159,3 +159,35 @@ def make_client(index_dir, **settings):
 def client(built_index):
     with make_client(built_index[0]) as c:
         yield c
+
+
+# ---------------------------------------------------------------------------------------------
+# An index folder written straight from random embeddings (no ties), for live-model tests.
+
+
+def write_synthetic_index(folder, n: int = 300, seed: int = 0, k: int = 30, p: float = 8.0, index_type: str = "flat"):
+    """An index folder of n random pairs whose encoder identities are the fast test encoders' (48-d images,
+    64-d captions); returns (image anchors, caption anchors), row i = pair i."""
+    from asif.metadata import PairMetadata
+    from asif.persist import save_index_folder
+    from asif.store import build_store, choose_index_spec
+
+    rng = np.random.default_rng(seed)
+    img, txt = random_unit(rng, n, 48), random_unit(rng, n, 64)
+    ids = np.arange(n, dtype=np.int64)
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = PairMetadata(folder / "pairs.sqlite")
+    metadata.insert_pairs((i, f"img{i}.jpg", [f"caption {i}"]) for i in range(n))
+    metadata.set_meta("next_pair_id", str(n))
+    metadata.close()
+    manifest = {
+        "image_encoder": PixelEncoder().identity.to_dict(),
+        "text_encoder": HashTextEncoder().identity.to_dict(),
+        "anchors": "caption",
+        "defaults": {"k": k, "p": p},
+        "metadata": "pairs.sqlite",
+        "counts": {"pairs": n},
+    }
+    stores = [build_store(x, ids, choose_index_spec(n, x.shape[1], index_type)) for x in (img, txt)]
+    save_index_folder(folder, stores[0], stores[1], manifest)
+    return img, txt

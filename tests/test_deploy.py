@@ -144,4 +144,6 @@ def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
         out, _ = server.communicate(timeout=60)
     assert server.returncode in (0, -signal.SIGTERM), out.decode()
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    assert manifest["generation"] == 2 and manifest["counts"]["pairs"] == 17  # 16 captions + 1 added
+    # The shutdown snapshot wrote the edit as a delta of generation 1.
+    assert manifest["generation"] == 1 and manifest["counts"]["pairs"] == 17  # 16 captions + 1 added
+    assert [d["adds"] for d in manifest["deltas"]] == [1]

@@ -76,7 +76,7 @@ def test_build_serve_edit_restart(tmp_path):
     finally:
         code, log = server.stop()
     assert code in (0, -signal.SIGTERM), log  # uvicorn re-raises SIGTERM after a graceful shutdown
-    assert "final snapshot generation 2" in log
+    assert "final snapshot: generation 1, 3 edits written" in log
 
     server = Server(index)
     try:

@@ -46,10 +46,13 @@ def test_unsnapshotted_edits_are_replayed_after_a_crash(built_index):
     assert again.replayed == 4 and state_of(again) == before
     assert read_manifest(index)["generation"] == 1
     np.testing.assert_array_equal(again.model.label_sets["colours"].neighbours.topk(10)[1], cache_before)
-    info = again.snapshot()
-    assert info.generation == 2 and again.pending_edits() == 0 and info.pairs == len(before[0])
+    info = again.snapshot()  # 4 edits: a delta file, no new base
+    assert info.generation == 1 and info.edits == 4 and not info.compacted
+    assert again.pending_edits() == 0 and info.pairs == len(before[0])
     third = open_live(index)
     assert third.replayed == 0 and state_of(third) == before
+    assert third.compact().generation == 2 and read_manifest(index)["deltas"] == []
+    assert state_of(open_live(index)) == before
     # New ids keep counting after compaction of the log.
     assert third.add_pairs([new_pair(third, (1, 2, 3), "new")]) == [ids[1] + 1]
 

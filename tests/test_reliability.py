@@ -171,9 +171,21 @@ def test_failed_snapshot_keeps_the_previous_state(built_index, monkeypatch):
     reopened = LiveModel(index, PixelEncoder(), HashTextEncoder())
     assert reopened.has_pair(ids[0]) and reopened.replayed == 1
     assert not list(index.glob("*.tmp"))
-    # The next snapshot rewrites the uncommitted generation's files, commits, and removes the old ones.
-    assert reopened.snapshot().generation == 2
-    names = {p.name for p in index.iterdir() if p.suffix == ".faiss"}
+    # The next snapshot rewrites the uncommitted delta file and commits it.
+    info = reopened.snapshot()
+    assert info.generation == 1 and info.edits == 1
+    assert [d["file"] for d in read_manifest(index)["deltas"]] == ["delta-g000001-0001.npz"]
+    assert LiveModel(index, PixelEncoder(), HashTextEncoder()).has_pair(ids[0])
+    # A compaction that dies before its manifest is committed leaves the base and its deltas.
+    monkeypatch.setattr(persist, "write_json_atomic", crash)
+    with pytest.raises(OSError):
+        reopened.compact()
+    monkeypatch.undo()
+    assert read_manifest(index)["generation"] == 1
+    assert LiveModel(index, PixelEncoder(), HashTextEncoder()).has_pair(ids[0])
+    # The next compaction writes a new base, commits, and removes the old files.
+    assert reopened.compact().generation == 2
+    names = {p.name for p in index.iterdir() if p.suffix in (".faiss", ".npz")}
     assert names == {"image-g000002.faiss", "text-g000002.faiss"}
     assert LiveModel(index, PixelEncoder(), HashTextEncoder()).has_pair(ids[0])
 

@@ -35,9 +35,14 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="items waiting for an encoder before requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an encoder before a 503")
-    inline_label_cache: int = Field(64, ge=1, description="ad-hoc label sets kept with their representations")
+    inline_label_cache_mb: float = Field(
+        256.0, ge=0, description="memory for ad-hoc label lists' cached representations (MiB; least recently used go)"
+    )
 
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
+    compact_ratio: float = Field(
+        0.25, gt=0, description="write a new base generation once snapshot deltas touch this fraction of the pairs"
+    )
     torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
     # One FAISS thread per search: the service already runs searches of concurrent requests in parallel, and
     # FAISS's OpenMP threads fighting other busy threads made single-image searches ~9x slower (bench/run.py).

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from app.batching import Overloaded
 from asif.images import ImageError
 from asif.labels import LabelError
+from asif.store import StoreError
 
 
 class ApiError(Exception):
@@ -39,6 +40,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
         return JSONResponse({"detail": f"overloaded: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"rejected: {exc}"}, status_code=422)
 
     @app.exception_handler(LabelError)
     async def _label_error(_: Request, exc: LabelError) -> JSONResponse:

@@ -19,6 +19,7 @@ from app.schemas import (
     SimilarityJSON,
     SimilarityResponse,
 )
+from asif.live import NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
 
@@ -110,17 +111,20 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
         labels = await state.inline_labels(label_set_from(opts.labels, opts.templates, state.settings))
     images = await decode_images(blobs, state.settings)
     embeddings = await state.images.encode(images)
-    model = state.live.model
-
-    def run():
-        with state.live.reading():
-            k, p = _effective_kp(model, opts.k, opts.p)
-            preds = model.classify(
-                embeddings, labels, k=k, p=p, top=opts.top, threshold=opts.threshold, explain=opts.explain
-            )
-            return k, p, model.n_pairs, preds
-
-    k, p, n_pairs, preds = await run_in_threadpool(run)
+    live = state.live
+    try:
+        answer = await run_in_threadpool(
+            live.classify,
+            embeddings,
+            labels,
+            k=opts.k or live.model.k,
+            p=float(opts.p or live.model.p),
+            top=opts.top,
+            threshold=opts.threshold,
+            explain=opts.explain,
+        )
+    except NoPairsError as exc:
+        raise ApiError(409, "the model holds no pairs") from exc
     results = [
         ImageResult(
             label=pred.label,
@@ -136,9 +140,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
                 for a in pred.explanation
             ],
         )
-        for pred in preds
+        for pred in answer.predictions
     ]
-    return ClassifyResponse(k=k, p=p, pairs=n_pairs, results=results)
+    return ClassifyResponse(k=answer.k, p=answer.p, pairs=answer.pairs, version=answer.version, results=results)
 
 
 @router.post("/similarity", response_model=SimilarityResponse, openapi_extra=_body_doc(SimilarityJSON))

@@ -19,9 +19,12 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["health"])
 async def readyz(state: State) -> dict:
-    """Index and encoders are loaded."""
+    """Index and encoders are loaded, and both encoder workers run (a dead one is restarted here)."""
     if not state.ready:
         raise ApiError(503, "loading")
+    for batcher in (state.images, state.texts):
+        if not batcher.ensure_alive():
+            raise ApiError(503, f"{batcher.name} encoder worker is not running")
     return {"status": "ready", "pairs": state.live.model.n_pairs}
 
 
@@ -45,6 +48,9 @@ async def info(state: State) -> Info:
         },
         defaults={"k": model.k, "p": model.p},
         generation=int(live.manifest.get("generation", 0)),
+        delta_files=len(live.manifest.get("deltas", [])),
+        version=live.version,
         pending_edits=live.pending_edits(),
         label_sets=sorted(live.stored_label_sets()),
+        inline_label_cache=dict(zip(("count", "bytes"), live.inline_cache_usage(), strict=True)),
     )
