@@ -122,7 +122,7 @@ def bench_size(n: int, n_queries: int, seed: int, captions_per_image: int = 1) -
     model = AsifModel(img_store, txt_store, k=K, p=P)
     names = tuple(f"class {i}" for i in range(N_CLASSES))
     labels = model.register_labels("bench", LabelSet(names, ("{}",)), label_emb)
-    keys = labels.key_matrix(K, P)
+    keys = labels.scorer(K, P).base  # just made: no stale rows
 
     # Served path, one image at a time (after a few untimed warm-up queries), then batches of 64.
     for q in queries[:5]:

@@ -1,0 +1,175 @@
+"""Label-side state under edits: scorers patched row by row equal a fresh computation, classification after an
+edit never rebuilds, label sets made in steps under a guard catch up with edits made between the steps."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+import asif.scoring
+from asif.labels import LabelSet
+from asif.model import AsifModel
+from asif.relrep import KeyMatrix, SparseRR
+from asif.scoring import LabelScorer, score_rows
+from asif.store import build_store, choose_index_spec
+from tests import reference
+from tests.conftest import random_unit
+
+K, P = 25, 8.0
+
+
+def labels(n: int) -> LabelSet:
+    return LabelSet(tuple(f"class {i}" for i in range(n)), ("{}",))
+
+
+def model_of(img: np.ndarray, txt: np.ndarray, **kw) -> AsifModel:
+    ids = np.arange(len(img))
+    return AsifModel(
+        build_store(img, ids, choose_index_spec(len(img), img.shape[1], "flat")),
+        build_store(txt, ids, choose_index_spec(len(txt), txt.shape[1], "flat")),
+        k=K,
+        p=P,
+        **kw,
+    )
+
+
+def scores_of(preds, classes) -> np.ndarray:
+    return np.array([[dict(pr.scores)[c] for c in classes] for pr in preds])
+
+
+class Pairs:
+    """The pair set a model should hold, for the reference."""
+
+    def __init__(self, img: np.ndarray, txt: np.ndarray) -> None:
+        self.vectors = {i: (img[i], txt[i]) for i in range(len(img))}
+
+    def add(self, model: AsifModel, rng: np.random.Generator, n: int) -> None:
+        start = max(self.vectors) + 1
+        ids = np.arange(start, start + n)
+        img, txt = random_unit(rng, n, model.image_store.dim), random_unit(rng, n, model.text_store.dim)
+        model.add_pairs(ids, img, txt)
+        self.vectors.update({int(i): (img[j], txt[j]) for j, i in enumerate(ids)})
+
+    def remove(self, model: AsifModel, ids) -> None:
+        model.remove_pairs(np.asarray(ids))
+        for i in ids:
+            self.vectors.pop(int(i), None)
+
+    def reference(self, queries: np.ndarray, label_emb: np.ndarray, k: int = K) -> np.ndarray:
+        ids = sorted(self.vectors)
+        img = np.stack([self.vectors[i][0] for i in ids])
+        txt = np.stack([self.vectors[i][1] for i in ids])
+        return reference.scores(queries, label_emb, img, txt, k, P)
+
+
+def test_score_rows_equals_the_inverted_key_matrix(rng):
+    ids = np.stack([rng.choice(500, 40, replace=False) for _ in range(30)])
+    weights = rng.random((30, 40)).astype(np.float32)
+    weights[:, -5:] = 0  # zero-weight entries must not count
+    keys = SparseRR(ids, weights)
+    query = SparseRR(
+        np.stack([rng.choice(500, 40, replace=False) for _ in range(3)]), rng.random((3, 40)).astype(np.float32)
+    )
+    np.testing.assert_allclose(score_rows(query, ids, weights), KeyMatrix.from_rr(keys).score(query), atol=1e-6)
+
+
+def test_a_scorer_patched_row_by_row_scores_like_a_fresh_one(rng):
+    sims = np.sort(rng.random((50, 20)).astype(np.float32), axis=1)[:, ::-1]
+    ids = np.stack([rng.choice(300, 20, replace=False) for _ in range(50)])
+    scorer = LabelScorer(20, P, sims, ids)
+    query_ids = np.stack([rng.choice(300, 20, replace=False) for _ in range(4)])
+    query = SparseRR(query_ids, rng.random((4, 20)).astype(np.float32))
+    for step in range(6):
+        rows = rng.choice(50, 7, replace=False)
+        sims[rows] = np.sort(rng.random((7, 20)).astype(np.float32), axis=1)[:, ::-1]
+        ids[rows] = np.stack([rng.choice(300, 20, replace=False) for _ in range(7)])
+        scorer.update(rows, sims[rows], ids[rows])
+        if step == 2:  # a rebuild taken from the rows as they were, installed after two more changes
+            rr, clock = scorer.rebuild_inputs()
+        if step == 4:
+            scorer.install(KeyMatrix.from_rr(rr), clock)
+            assert 0 < scorer.n_stale <= 14  # the rows changed after the copy stay patched
+        np.testing.assert_allclose(scorer.score(query), LabelScorer(20, P, sims, ids).score(query), atol=1e-6)
+
+
+def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, monkeypatch):
+    data = small_world.pairs(400, n_queries=12)
+    img, txt = data.image_anchors, data.text_anchors
+    deferred: list = []
+    monkeypatch.setattr(asif.scoring, "STALE_MIN", 3)  # rebuilds are due after a few stale rows
+    model = model_of(img, txt)
+    model.schedule = deferred.append  # rebuilds wait: the patched state must be exact on its own
+    pairs = Pairs(img, txt)
+    cached = model.register_labels("s", labels(len(data.label_queries)), data.label_queries)
+    builds = []
+    real = KeyMatrix.from_rr.__func__
+
+    def counting(cls, rr):
+        builds.append(len(rr))
+        return real(cls, rr)
+
+    monkeypatch.setattr(asif.scoring.KeyMatrix, "from_rr", classmethod(counting))
+    for step in range(12):
+        if step % 3 == 2:
+            victims = cached.neighbours.ids[rng.choice(len(cached.classes), 2), 0]
+            pairs.remove(model, victims)
+        else:
+            pairs.add(model, rng, 3)
+        before = len(builds)
+        preds = model.classify(data.image_queries, cached, top=len(cached.classes))
+        assert len(builds) == before  # nothing rebuilt on the classification path
+        np.testing.assert_allclose(
+            scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
+        )
+    assert cached.scorers[(K, P)].n_stale > 0 and deferred
+    for job in deferred:  # the background rebuilds, run late: same answers, nothing stale left
+        job()
+    assert cached.scorers[(K, P)].n_stale == 0
+    preds = model.classify(data.image_queries, cached, top=len(cached.classes))
+    np.testing.assert_allclose(
+        scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
+    )
+
+
+def test_labels_made_in_steps_catch_up_with_edits_between_the_steps(small_world, rng):
+    data = small_world.pairs(300, n_queries=6)
+    img, txt = data.image_anchors, data.text_anchors
+    model = model_of(img, txt)
+    pairs = Pairs(img, txt)
+    emb = random_unit(rng, 40, txt.shape[1])
+    entered = []
+
+    @contextmanager
+    def guard():
+        # Between the steps of make_labels, edits happen (as other requests' would under the read lock's gaps).
+        entered.append(1)
+        if len(entered) % 2 == 0:
+            pairs.add(model, rng, 2)
+            pairs.remove(model, [sorted(pairs.vectors)[len(entered)]])
+        yield
+
+    cached = model.make_labels(labels(40), emb, guard=guard, chunk=8)
+    assert len(entered) == 6  # five steps of eight labels, then the catch-up
+    q = random_unit(rng, 5, img.shape[1])
+    preds = model.classify(q, cached, top=40)
+    np.testing.assert_allclose(scores_of(preds, cached.classes), pairs.reference(q, emb), atol=2e-5)
+
+
+@pytest.mark.parametrize("journal_bytes", [1, 1 << 20])
+def test_a_label_set_that_missed_edits_catches_up_or_is_recomputed(small_world, rng, journal_bytes):
+    data = small_world.pairs(300, n_queries=6)
+    model = model_of(data.image_anchors, data.text_anchors, journal_bytes=journal_bytes)
+    pairs = Pairs(data.image_anchors, data.text_anchors)
+    detached = model.make_labels(labels(len(data.label_queries)), data.label_queries)  # not registered
+    neighbours = detached.neighbours
+    for _ in range(5):
+        pairs.add(model, rng, 4)
+        pairs.remove(model, detached.neighbours.ids[:2, 0].copy())
+    preds = model.classify(data.image_queries, detached, top=len(detached.classes), k=K)
+    np.testing.assert_allclose(
+        scores_of(preds, detached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
+    )
+    # A journal that still holds the edits is replayed in place; one that lost them means a fresh computation.
+    assert (detached.neighbours is neighbours) == (journal_bytes > 1)
