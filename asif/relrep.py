@@ -85,18 +85,33 @@ def top_sorted(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     (one image with five captions gives five identical image anchors).
     """
     keep = k + TIE_MARGIN
-    if sims.shape[1] > 2 * keep:
-        # Long rows (re-ranked candidates): an O(n) partition first, as exact_topk keeps k + TIE_MARGIN.
-        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
-        sims, ids = np.take_along_axis(sims, part, axis=1), np.take_along_axis(ids, part, axis=1)
-    order = np.lexsort((ids, -np.floor(sims / TIE_GRID)), axis=-1)[:, :k]
-    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if sims.shape[1] <= 2 * keep:
+        order = np.lexsort((ids, -np.floor(sims / TIE_GRID)), axis=-1)[:, :k]
+        return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    # Long rows (re-ranked candidates): an O(n) partition to the best k + TIE_MARGIN first, then a sort.
+    part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
+    part_s, part_i = np.take_along_axis(sims, part, axis=1), np.take_along_axis(ids, part, axis=1)
+    neg_cells = -np.floor(part_s / TIE_GRID)
+    order = np.lexsort((part_i, neg_cells), axis=-1)
+    out_s, out_i = np.take_along_axis(part_s, order[:, :k], axis=1), np.take_along_axis(part_i, order[:, :k], axis=1)
+    # The partition settled ties in no particular order: where the last entry kept is in the k-th one's
+    # cell, the cell may go on past it (more than TIE_MARGIN equal similarities). Such rows are redone
+    # over every entry of the row in that cell or above.
+    ends = np.take_along_axis(neg_cells, order[:, k - 1 :: TIE_MARGIN], axis=1)  # the k-th and the last kept
+    for r in np.flatnonzero(ends[:, 0] == ends[:, -1]):
+        cells = np.floor(sims[r] / TIE_GRID)
+        sel = np.flatnonzero(cells >= -ends[r, 0])
+        top = sel[np.lexsort((ids[r, sel], -cells[sel]))[:k]]
+        out_s[r], out_i[r] = sims[r, top], ids[r, top]
+    return out_s, out_i
 
 
 def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of each query against all anchors (rows), sorted descending.
 
     Chunked over anchors so memory stays at ``len(queries) x chunk``. Returns (sims, row indices).
+    Between chunks each row keeps its best k + TIE_MARGIN entries, and every entry of the k-th one's
+    similarity cell when that cell is longer (rows are padded with ``-inf``, index ``-1``).
     """
     queries = np.asarray(queries, dtype=np.float32)
     anchors = np.asarray(anchors, dtype=np.float32)
@@ -114,10 +129,30 @@ def exact_topk(queries: np.ndarray, anchors: np.ndarray, k: int, chunk: int = 65
         )
         if cand_s.shape[1] > keep:
             part = np.argpartition(-cand_s, keep - 1, axis=1)[:, :keep]
-            cand_s = np.take_along_axis(cand_s, part, axis=1)
-            cand_i = np.take_along_axis(cand_i, part, axis=1)
+            part_s, part_i = np.take_along_axis(cand_s, part, axis=1), np.take_along_axis(cand_i, part, axis=1)
+            cells = np.floor(part_s / TIE_GRID)
+            last = cells.min(axis=1)  # the cell of the keep-th best
+            long_tie = (cells > last[:, None]).sum(axis=1) < k  # the k-th best is in it: it may go on
+            if long_tie.any():
+                part_s, part_i = _with_whole_cells(cand_s, cand_i, part_s, part_i, long_tie, last)
+            cand_s, cand_i = part_s, part_i
         best_s, best_i = cand_s, cand_i
     return top_sorted(best_s, best_i, k)
+
+
+def _with_whole_cells(
+    cand_s: np.ndarray, cand_i: np.ndarray, part_s: np.ndarray, part_i: np.ndarray, rows: np.ndarray, cell: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """exact_topk's kept entries, where the masked rows get every candidate of cell ``cell[r]`` or above."""
+    wide = [np.flatnonzero(np.floor(cand_s[r] / TIE_GRID) >= cell[r]) for r in np.flatnonzero(rows)]
+    width = max(part_s.shape[1], *(len(w) for w in wide))
+    out_s = np.full((len(part_s), width), -np.inf, dtype=part_s.dtype)
+    out_i = np.full((len(part_s), width), -1, dtype=np.int64)
+    out_s[:, : part_s.shape[1]], out_i[:, : part_s.shape[1]] = part_s, part_i
+    for r, sel in zip(np.flatnonzero(rows), wide, strict=True):
+        out_s[r], out_i[r] = -np.inf, -1
+        out_s[r, : len(sel)], out_i[r, : len(sel)] = cand_s[r, sel], cand_i[r, sel]
+    return out_s, out_i
 
 
 # ---------------------------------------------------------------------------------------------

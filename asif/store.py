@@ -431,15 +431,33 @@ class AnchorStore:
         k = effective_k(k, self.ntotal)
         if k == 0 or len(x) == 0:
             return np.zeros((len(x), k), dtype=np.float32), np.zeros((len(x), k), dtype=np.int64)
-        if self._ivf is None:
-            sims, ids = self.index.search(x, min(self.ntotal, k + TIE_MARGIN))
-            return top_sorted(sims, ids.astype(np.int64), k)
         if self.refine is None:
-            sims, ids = self._search_ivf(x, min(self.ntotal, k + TIE_MARGIN))
-            for r in np.flatnonzero((ids >= 0).sum(axis=1) < k):
-                self._fill_dropped(sims[r], ids[r])
-            return top_sorted(np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids, k)
+            return self._search_unrefined(x, k)
         return self._search_refined(x, k)
+
+    def _search_unrefined(self, x: np.ndarray, k: int, fetch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Flat, or IVF without re-ranking vectors: FAISS's own similarities in the canonical order.
+
+        FAISS cuts a run of equal similarities in insertion order. k + TIE_MARGIN neighbours are fetched;
+        rows whose last one is in the k-th one's cell (the run may go on) are fetched again with twice as
+        many, up to every vector, so the k-th place goes to the smallest ids.
+        """
+        fetch = min(self.ntotal, fetch or k + TIE_MARGIN)
+        if self._ivf is None:
+            s, i = self.index.search(x, fetch)
+            i = i.astype(np.int64)
+        else:
+            s, i = self._search_ivf(x, fetch)
+        cut = _cell_cut(s, i, k) if fetch < self.ntotal else np.zeros(len(x), dtype=bool)
+        if self._ivf is not None:
+            for r in np.flatnonzero((i >= 0).sum(axis=1) < k):
+                self._fill_dropped(s[r], i[r])
+            s = np.where(i >= 0, s, -np.inf).astype(np.float32)
+        sims, ids = top_sorted(s, i, k)
+        if cut.any():
+            rows = np.flatnonzero(cut)
+            sims[rows], ids[rows] = self._search_unrefined(x[rows], k, 2 * fetch)
+        return sims, ids
 
     def _fill_dropped(self, sims: np.ndarray, ids: np.ndarray) -> None:
         """Without re-ranking vectors, fill the ``-1`` slots FAISS left (the farthest vectors, dropped by
@@ -465,11 +483,7 @@ class AnchorStore:
         k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
         for want in dict.fromkeys((k_vec, k, None)):  # without groups k_vec == k: one PQ pass
             fetch = self.nvectors if want is None else max(RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
-            if fetch >= self.nvectors:  # the candidates would be the whole table: exact
-                s, keys = self._exact_all(x[todo], min(k, self.nvectors))
-            else:
-                _, cand = self._search_ivf(x[todo], fetch)
-                s, keys = self._rerank(x[todo], cand, k)
+            s, keys = self._candidates(x[todo], fetch, k)
             s, i, ok = self._expand(s, keys, k)
             sims[todo[ok]], ids[todo[ok]] = s[ok], i[ok]
             todo = todo[~ok]
@@ -522,8 +536,39 @@ class AnchorStore:
         sims = x @ vectors.T
         return top_sorted(sims, np.broadcast_to(ids, sims.shape), k)
 
-    def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates (``-1``: none), best k kept."""
+    def _candidates(self, x: np.ndarray, fetch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best min(k, fetch) indexed vectors among ``fetch`` PQ candidates re-ranked exactly.
+
+        Rows whose candidate cut may have split a run of identical vectors that reaches the k kept (see
+        ``_rerank``) are fetched again with twice as many candidates; once the candidates would be the
+        whole table, the search is exact over it. Rows of different lengths are padded (``-inf``, ``-1``).
+        """
+        if fetch >= self.nvectors:  # the candidates would be the whole table: exact
+            return self._exact_all(x, min(k, self.nvectors))
+        pq, cand = self._search_ivf(x, fetch)
+        s, i, cut = self._rerank(x, pq, cand, k)
+        if not cut.any():
+            return s, i  # the usual case: one search
+        sims = np.full((len(x), k), -np.inf, dtype=np.float32)
+        keys = np.full((len(x), k), -1, dtype=np.int64)
+        sims[~cut, : s.shape[1]], keys[~cut, : s.shape[1]] = s[~cut], i[~cut]
+        rows = np.flatnonzero(cut)
+        s, i = self._candidates(x[rows], min(self.nvectors, 2 * fetch), k)
+        sims[rows, : s.shape[1]], keys[rows, : s.shape[1]] = s, i
+        return sims, keys
+
+    def _rerank(
+        self, x: np.ndarray, pq: np.ndarray, cand: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact inner products of the candidates (``-1``: none), best k kept, and the rows to fetch again.
+
+        Identical vectors share a PQ code, so a run of them (added by different calls, not grouped) has
+        one PQ similarity, and FAISS cuts it at the last candidate in insertion order. A row is fetched
+        again when a candidate in the last PQ cell ties with the k-th kept (same exact cell): the run may
+        go on past the cut, and the k-th place belongs to its smallest ids. (Fast-scan similarities are
+        coarse, so candidates of one PQ cell are common; those ranked above the k-th place exactly are a
+        recall matter, like any vector the PQ ranks too low, and do not trigger a new search.)
+        """
         assert self.refine is not None
         valid = cand >= 0
         safe = cand if valid.all() else np.where(valid, cand, self.refine.any_id())
@@ -534,7 +579,13 @@ class AnchorStore:
                 safe[start : start + step], x[start : start + step]
             )
         exact[~valid] = -np.inf
-        return top_sorted(exact, cand, k)
+        sims, ids = top_sorted(exact, cand, k)
+        # FAISS lists candidates best first: the last PQ cell is a suffix, most often within the last few.
+        last = np.floor(pq[:, -1:] / TIE_GRID)
+        width = TIE_MARGIN if (np.floor(pq[:, -TIE_MARGIN : 1 - TIE_MARGIN] / TIE_GRID) > last).all() else pq.shape[1]
+        tail = np.floor(pq[:, -width:] / TIE_GRID) == last
+        tied = np.floor(exact[:, -width:] / TIE_GRID) == np.floor(sims[:, -1:] / TIE_GRID)
+        return sims, ids, valid.all(axis=1) & (tail & tied).any(axis=1)
 
     # -- persistence ----------------------------------------------------------------------------
     def write(self, path: Path) -> list[Path]:
@@ -567,6 +618,15 @@ class AnchorStore:
         if refine is not None and "group_members" in refine.extra:
             groups = (refine.extra["group_members"], refine.extra["group_keys"])
         return cls(dim, spec, index=index, refine=refine, groups=groups)
+
+
+def _cell_cut(sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Rows of a FAISS result (best first; ``-1``: no more vectors) whose last neighbour is in the k-th one's cell.
+
+    FAISS keeps the first vectors inserted among equal similarities: there, the cell may go on past the
+    neighbours fetched, and a row fetched in full (padded with ``-1``) has nothing more to give.
+    """
+    return (ids[:, -1] >= 0) & (np.floor(sims[:, -1] / TIE_GRID) == np.floor(sims[:, k - 1] / TIE_GRID))
 
 
 def refine_path(path: Path) -> Path:

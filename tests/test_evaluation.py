@@ -20,7 +20,7 @@ from asif.evaluation import (
     ridge_scores,
     topk_accuracy,
 )
-from asif.relrep import dense_scores
+from tests import reference
 from tests.conftest import random_unit
 
 SCORES = np.array(
@@ -63,7 +63,7 @@ def test_sweep_equals_dense_reference(rng):
     qi, qt = random_unit(rng, 20, 16), random_unit(rng, 6, 12)
     sweep = DenseSweep(qi, qt, ia, ta, k_max=200)
     for k, p in [(10, 1.0), (50, 8.0), (200, 2.0)]:
-        np.testing.assert_allclose(sweep.scores(k, p), dense_scores(qi, qt, ia, ta, k, p), atol=1e-5)
+        np.testing.assert_allclose(sweep.scores(k, p), reference.scores(qi, qt, ia, ta, k, p), atol=1e-5)
 
 
 def test_ridge_recovers_a_linear_map(rng):

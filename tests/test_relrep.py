@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -11,23 +13,98 @@ from asif.relrep import (
     shared_anchors,
     sparsify,
 )
+from tests import reference
 from tests.conftest import random_unit
 
 
-def test_exact_topk_matches_full_sort(rng):
+def _brute_relrep(q: np.ndarray, anchors: np.ndarray, k: int, p: float) -> list[float]:
+    """The formula for one query, one anchor at a time in plain Python (floats are doubles)."""
+    sims = [sum(float(a) * float(b) for a, b in zip(q, row, strict=True)) for row in anchors]
+    top = sorted(range(len(sims)), key=lambda j: (-math.floor(sims[j] / 2.0**-17), j))[:k]
+    w = [0.0] * len(sims)
+    for j in top:
+        w[j] = max(sims[j], 0.0) ** p
+    norm = math.sqrt(sum(v * v for v in w))
+    return [v / norm if norm > 0 else 0.0 for v in w]
+
+
+def _tied_anchors(rng: np.random.Generator) -> np.ndarray:
+    """Tiny anchors with exact ties: repeated rows, and rows equal up to a last-bit change (same grid cell)."""
+    a = random_unit(rng, 12, 5).astype(np.float64)
+    a = np.concatenate([a, a[[2, 2, 7]], -a[:2]])  # rows 12, 13 repeat row 2; 14 repeats 7; two opposites
+    a[13, 0] = np.nextafter(a[13, 0], 1.0)  # not equal; in the same 2**-17 cell as row 2 (but at a boundary)
+    return a[rng.permutation(len(a))]
+
+
+def test_reference_matches_a_brute_force_loop_with_ties(rng):
+    a = _tied_anchors(rng)
+    t = random_unit(rng, len(a), 4).astype(np.float64)
+    q = np.concatenate([a[:3], random_unit(rng, 3, 5)])  # queries on the repeated rows: ties at the top
+    qt = random_unit(rng, 4, 4)
+    for k, p in [(1, 8.0), (2, 1.0), (3, 3.0), (7, 8.0), (len(a), 2.0), (100, 1.0)]:
+        dense = reference.relrep(q, a, k, p)
+        brute = np.array([_brute_relrep(row, a, k, p) for row in q])
+        np.testing.assert_allclose(dense, brute, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(dense > 0, brute > 0)
+        brute_t = np.array([_brute_relrep(row, t, k, p) for row in qt])
+        want = [[sum(x * y for x, y in zip(bi, bt, strict=True)) for bt in brute_t] for bi in brute]
+        np.testing.assert_allclose(reference.scores(q, qt, a, t, k, p), want, rtol=1e-12, atol=1e-15)
+        sims, idx = reference.topk(q, a, k)
+        for b, row in enumerate(q):
+            s = [float(np.dot(row, x)) for x in a]
+            order = sorted(range(len(a)), key=lambda j: (-math.floor(s[j] / 2.0**-17), j))[:k]
+            assert idx[b].tolist() == order
+            np.testing.assert_allclose(sims[b], [s[j] for j in order], rtol=1e-12)
+    # Ties go to the smaller id, also when ids are given and not in row order.
+    ids = np.arange(len(a))[::-1] * 10
+    _, idx = reference.topk(a[:1], a, 3, ids=ids)
+    s = a[:1] @ a.T
+    assert idx[0].tolist() == sorted(range(len(a)), key=lambda j: (-math.floor(s[0, j] / 2.0**-17), ids[j]))[:3]
+
+
+def test_package_dense_reference_equals_the_independent_one(rng):
+    # 100 copies of one vector (more than TIE_MARGIN), at the top for the last two queries.
+    dup = random_unit(rng, 1, 8)
+    a = np.concatenate([random_unit(rng, 300, 8), np.repeat(dup, 100, axis=0)])
+    a = a[rng.permutation(len(a))]
+    t = random_unit(rng, len(a), 6)
+    q = np.concatenate([random_unit(rng, 5, 8), dup, 0.8 * dup + 0.2 * random_unit(rng, 1, 8)])
+    qt = random_unit(rng, 4, 6)
+    for k, p in [(1, 8.0), (5, 8.0), (50, 3.0), (99, 1.0), (170, 8.0), (400, 2.0), (1000, 1.0)]:
+        np.testing.assert_allclose(dense_relrep(q, a, k, p), reference.relrep(q, a, k, p), atol=1e-12)
+        np.testing.assert_allclose(dense_scores(q, qt, a, t, k, p), reference.scores(q, qt, a, t, k, p), atol=1e-12)
+
+
+def test_exact_topk_matches_the_reference(rng):
     q, a = random_unit(rng, 5, 16), random_unit(rng, 1000, 16)
     sims, idx = exact_topk(q, a, 37, chunk=128)
-    full = q @ a.T
-    ref = np.argsort(-full, axis=1)[:, :37]
-    np.testing.assert_array_equal(idx, ref)
-    np.testing.assert_allclose(sims, np.take_along_axis(full, ref, axis=1), rtol=1e-6)
+    ref_s, ref_i = reference.topk(q, a, 37)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(sims, ref_s, rtol=1e-6)
+
+
+def test_exact_topk_keeps_the_smallest_ids_of_a_tie_longer_than_the_margin(rng):
+    # 300 copies of one vector scattered over many chunks: between chunks a partition to k + TIE_MARGIN
+    # must not drop the smallest indices of the run when it straddles the k-th place.
+    a = random_unit(rng, 3000, 16)
+    copies = rng.choice(3000, 300, replace=False)
+    a[copies] = a[copies[0]]
+    q = np.concatenate([a[copies[:1]], 0.5 * a[copies[:1]] + 0.5 * random_unit(rng, 2, 16), random_unit(rng, 2, 16)])
+    for k in (1, 10, 100, 299, 300, 350):
+        for chunk in (64, 500, 65536):
+            sims, idx = exact_topk(q, a, k, chunk=chunk)
+            ref_s, ref_i = reference.topk(q, a, k)
+            np.testing.assert_array_equal(idx, ref_i)
+            np.testing.assert_allclose(sims, ref_s, atol=1e-6)
+        if k <= 300:
+            np.testing.assert_array_equal(idx[0], np.sort(copies)[:k])
 
 
 def test_sparsify_matches_dense_reference(rng):
     q, a = random_unit(rng, 6, 8), random_unit(rng, 300, 8)
     sims, idx = exact_topk(q, a, 50)
     rr = sparsify(sims, idx, 3.0)
-    dense = dense_relrep(q, a, 50, 3.0)
+    dense = reference.relrep(q, a, 50, 3.0)
     for b in range(6):
         np.testing.assert_allclose(rr.weights[b], dense[b, idx[b]], atol=1e-6)
         assert set(np.flatnonzero(dense[b])) == set(idx[b][rr.weights[b] > 0])
@@ -56,7 +133,7 @@ def test_key_matrix_scores_equal_dense_dot(rng):
     s_i, i_i = exact_topk(qi, qa, k)
     s_t, i_t = exact_topk(qt, ta, k)
     scores = KeyMatrix.from_rr(sparsify(s_t, i_t, p)).score(sparsify(s_i, i_i, p))
-    np.testing.assert_allclose(scores, dense_scores(qi, qt, qa, ta, k, p), atol=1e-5)
+    np.testing.assert_allclose(scores, reference.scores(qi, qt, qa, ta, k, p), atol=1e-5)
 
 
 def test_shared_anchors_sum_to_score():

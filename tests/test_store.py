@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from asif.relrep import exact_topk
 from asif.store import AnchorStore, StoreError, build_store, choose_index_spec, count_distinct_rows, ivfpq_params
+from tests import reference
 from tests.conftest import random_unit
 
 
@@ -30,7 +30,7 @@ def test_flat_search_is_exact_with_ids(rng):
     store = build_store(a, ids, choose_index_spec(500, 16))
     q = random_unit(rng, 4, 16)
     sims, got = store.search(q, 60)
-    ref_s, ref_i = exact_topk(q, a, 60)
+    ref_s, ref_i = reference.topk(q, a, 60)
     np.testing.assert_array_equal(got, ids[ref_i])
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)
 
@@ -65,7 +65,7 @@ def test_fast_scan_padding_never_reaches_the_caller(rng):
     store.remove(np.arange(0, 300, 3))
     sims, ids = store.search(q, 200)
     assert (ids >= 0).all() and not np.isin(ids, np.arange(0, 300, 3)).any()
-    ref_s, _ = exact_topk(q, np.delete(a, np.arange(0, 300, 3), axis=0), 200)
+    ref_s, _ = reference.topk(q, np.delete(a, np.arange(0, 300, 3), axis=0), 200)
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)  # fetch >= ntotal: exact over the whole store
     # Without re-ranking vectors the dropped ids are appended last, so a search still returns k real ids.
     bare = build_store(a, np.arange(300), choose_index_spec(300, 8, "IVF16,PQ1x4fs", refine=None))
@@ -116,7 +116,7 @@ def test_save_load_roundtrip(tmp_path, rng):
 def test_ivfpq_recall_at_800_on_50k_clustered(recall_setup):
     store, anchors, queries = recall_setup["image"]
     sims, ids = store.search(queries, 800)
-    _, ref = exact_topk(queries, anchors, 800)
+    _, ref = reference.topk(queries, anchors, 800)
     recall = np.mean([len(np.intersect1d(ids[r], ref[r])) / 800 for r in range(len(queries))])
     print(f"IVF-PQ recall@800 on {len(anchors)} clustered anchors: {recall:.4f}")
     assert recall >= 0.95
@@ -260,3 +260,80 @@ def test_a_group_larger_than_the_tie_margin_straddling_k_keeps_its_smallest_ids(
     assert k < 1500  # PQ path: fetch 4096 < 4500 vectors
     _, got = store.search(q, k)
     np.testing.assert_array_equal(got[0], ids[order][:k])
+
+
+def _big_tie(rng, n_tie=300, n_other=1000, dim=16):
+    """One vector repeated n_tie times (one image with many captions) among others, under shuffled
+    ids: insertion order is not id order, and the run is far longer than TIE_MARGIN."""
+    other = random_unit(rng, n_other, dim)
+    x = np.concatenate([np.repeat(other[:1], n_tie - 1, axis=0), other])
+    ids = rng.permutation(len(x)).astype(np.int64) * 3 + 7
+    group = np.sort(ids[:n_tie])  # rows 0..n_tie-1 all hold the repeated vector
+    return x, ids, group, other[:1]
+
+
+@pytest.mark.parametrize("factory", ["flat", "IVF16,Flat"])
+def test_ties_longer_than_the_margin_keep_the_smallest_ids(rng, factory):
+    # Flat, and IVF without re-ranking vectors: FAISS truncates a run of equal similarities in insertion
+    # order; the k-th place must still go to the smallest pair ids, as in the reference.
+    x, ids, group, dup = _big_tie(rng)
+    store = build_store(x, ids, choose_index_spec(len(x), x.shape[1], factory))
+    q = np.concatenate([dup, 0.6 * dup + 0.4 * random_unit(rng, 3, x.shape[1])])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    for k in (1, 10, 100, 299, 300, 400):
+        sims, got = store.search(q, k)
+        ref_s, ref_i = reference.topk(q, x, k, ids=ids)
+        np.testing.assert_array_equal(got, ids[ref_i])
+        np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+        np.testing.assert_array_equal(got[0], group[:k] if k <= len(group) else got[0])
+
+
+def test_ties_longer_than_the_margin_ivf_pq_without_refine(rng):
+    # PQ similarities are approximate, but identical vectors share a code: the run ties exactly.
+    x, ids, group, dup = _big_tie(rng)
+    store = build_store(x, ids, choose_index_spec(len(x), x.shape[1], "IVF16,PQ16x8", refine=None))
+    for k in (10, 100, 250):
+        _, got = store.search(dup, k)
+        np.testing.assert_array_equal(got[0], group[:k])
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ16x8", "IVF16,PQ8x4fs"])
+def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory):
+    # Identical vectors added by separate calls are not grouped: each is a PQ candidate of its own, with
+    # the same code. With one candidate per neighbour wanted, the PQ cut falls inside the run.
+    import asif.store as store_module
+
+    monkeypatch.setattr(store_module, "RERANK_MIN", 1)
+    x, ids, group, dup = _big_tie(rng)
+    n_tie = len(group)
+    store = build_store(x[n_tie - 1 :], ids[n_tie - 1 :], choose_index_spec(len(x), 16, factory, rerank_factor=1.0))
+    for i in range(n_tie - 1):
+        store.add(ids[i : i + 1], x[i : i + 1])
+    assert store.nvectors == store.ntotal == len(x)
+    for k in (10, 100, 250):
+        sims, got = store.search(dup, k)
+        np.testing.assert_array_equal(got[0], group[:k])
+        np.testing.assert_allclose(sims[0], 1.0, atol=1e-5)
+
+
+def test_top_sorted_keeps_the_smallest_ids_of_a_long_tie(rng):
+    # Long rows are partitioned to k + TIE_MARGIN before sorting: a run of 300 values in the k-th cell
+    # must still yield its smallest ids. Row 0: the run on top; row 1: the run after 50 larger values
+    # (values within one TIE_GRID cell, not equal); row 2: no tie.
+    from asif.relrep import TIE_GRID, top_sorted
+
+    n = 6000
+    sims = rng.uniform(-1.0, 0.4, size=(3, n))
+    ids = np.stack([rng.permutation(n) * 2 + 1 for _ in range(3)]).astype(np.int64)
+    run = rng.choice(n, 300, replace=False)
+    sims[0, run] = 0.5
+    sims[1, run] = 0.5 + rng.uniform(0.0, TIE_GRID / 2, size=300)
+    sims[1, rng.choice(np.setdiff1d(np.arange(n), run), 50, replace=False)] = 0.6 + rng.uniform(0, 0.1, 50)
+    for dtype in (np.float32, np.float64):
+        s = sims.astype(dtype)
+        for k in (1, 10, 60, 100, 290, 400):
+            got_s, got_i = top_sorted(s, ids, k)
+            for r in range(3):
+                order = np.lexsort((ids[r], -np.floor(s[r] / TIE_GRID)))[:k]
+                np.testing.assert_array_equal(got_i[r], ids[r, order])
+                np.testing.assert_array_equal(got_s[r], s[r, order])
