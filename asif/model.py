@@ -205,10 +205,13 @@ class AsifModel:
             return NO_ROWS
         if synced > self.version or not self._journal or self._journal[0].version > synced + 1:
             return None
-        changed = []
-        for entry in self._journal:
+        missed = []
+        for entry in reversed(self._journal):  # the newest first: costs the edits missed, not the journal
             if entry.version <= synced:
-                continue
+                break
+            missed.append(entry)
+        changed = []
+        for entry in reversed(missed):
             if entry.op == "add":
                 changed.append(cache.add(entry.ids, entry.vectors, entry.n_before))
             else:
