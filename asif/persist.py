@@ -201,6 +201,10 @@ def write_delta(folder: Path, manifest: dict[str, Any], delta: Delta) -> dict[st
     """
     folder = Path(folder)
     deltas = list(manifest.get("deltas", []))
+    if len(delta) == 0:  # the edits cancel out (pairs added and deleted again): only the log position moves
+        out = dict(manifest, applied_seq=int(delta.to_seq))
+        write_json_atomic(folder / MANIFEST, out)
+        return out
     name = f"delta-g{int(manifest['generation']):06d}-{len(deltas) + 1:04d}.npz"
     path = folder / name
     tmp = path.with_name(name + ".tmp")

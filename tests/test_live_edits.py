@@ -263,3 +263,15 @@ def test_a_label_state_rebuilt_after_edits_never_answers_from_a_stale_memo(tmp_p
             reference.scores(q, emb, img[keep], txt[keep], k, P),
             atol=2e-5,
         )
+
+
+def test_edits_that_cancel_out_write_no_delta_file(tmp_path):
+    write_synthetic_index(tmp_path / "index", n=40)
+    live = open_live(tmp_path / "index")
+    (added,) = live.add_pairs([new_pair(np.random.default_rng(6), "gone again")])
+    live.delete_pairs([added])
+    info = live.snapshot()
+    manifest = read_manifest(tmp_path / "index")
+    assert info.edits == 2 and manifest["deltas"] == [] and manifest["applied_seq"] == live.version == 2
+    assert not list((tmp_path / "index").glob("delta-*")) and live.pending_edits() == 0
+    assert open_live(tmp_path / "index").model.n_pairs == 40
