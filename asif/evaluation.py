@@ -2,7 +2,7 @@
 
 Everything here is pure numpy on embeddings. The sweep is exact: for every query it sorts the
 top ``max(k)`` similarities once, and the representation for a smaller k is a prefix of that
-list (tests check it against :func:`asif.relrep.dense_scores`).
+list (tests check it against the independent reference in tests/reference.py).
 """
 
 from __future__ import annotations

@@ -91,16 +91,15 @@ def top_sorted(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     # Long rows (re-ranked candidates): an O(n) partition to the best k + TIE_MARGIN first, then a sort.
     part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
     part_s, part_i = np.take_along_axis(sims, part, axis=1), np.take_along_axis(ids, part, axis=1)
-    neg_cells = -np.floor(part_s / TIE_GRID)
-    order = np.lexsort((part_i, neg_cells), axis=-1)
-    out_s, out_i = np.take_along_axis(part_s, order[:, :k], axis=1), np.take_along_axis(part_i, order[:, :k], axis=1)
-    # The partition settled ties in no particular order: where the last entry kept is in the k-th one's
-    # cell, the cell may go on past it (more than TIE_MARGIN equal similarities). Such rows are redone
-    # over every entry of the row in that cell or above.
-    ends = np.take_along_axis(neg_cells, order[:, k - 1 :: TIE_MARGIN], axis=1)  # the k-th and the last kept
-    for r in np.flatnonzero(ends[:, 0] == ends[:, -1]):
+    order = np.lexsort((part_i, -np.floor(part_s / TIE_GRID)), axis=-1)[:, :k]
+    out_s, out_i = np.take_along_axis(part_s, order, axis=1), np.take_along_axis(part_i, order, axis=1)
+    # The partition settled ties in no particular order: where the last entry kept (the smallest) is in
+    # the k-th one's cell, the cell may go on past it (more than TIE_MARGIN equal similarities). Such
+    # rows are redone over every entry of the row in that cell or above.
+    kth_cell = np.floor(out_s[:, -1] / TIE_GRID)
+    for r in np.flatnonzero(part_s.min(axis=1) >= kth_cell * TIE_GRID):  # the cell's lower bound, exactly
         cells = np.floor(sims[r] / TIE_GRID)
-        sel = np.flatnonzero(cells >= -ends[r, 0])
+        sel = np.flatnonzero(cells >= kth_cell[r])
         top = sel[np.lexsort((ids[r, sel], -cells[sel]))[:k]]
         out_s[r], out_i[r] = sims[r, top], ids[r, top]
     return out_s, out_i

@@ -30,6 +30,12 @@ are the same as without grouping (same similarities, same canonical order, ties 
 index, its re-ranking table and its candidate lists shrink by the duplication factor, and candidates
 are counted in distinct vectors. Duplicates added by different calls stay separate (still correct).
 
+Ties at the k-th place go to the smallest pair ids on every path (``asif.relrep.top_sorted``). FAISS
+keeps equal similarities in insertion order, so TIE_MARGIN more neighbours are fetched than needed and
+a row whose last one is in the similarity cell of the last one needed is fetched again with twice as
+many: the k-th neighbour without re-ranking (flat, IVF), the last PQ candidate with it, whose whole PQ
+cell is then re-ranked.
+
 Searches always return ``min(k, ntotal)`` real neighbours, never FAISS's ``-1`` padding:
 the IVF ``nprobe`` is chosen per call (``SearchParametersIVF``) so the probed lists hold
 enough vectors, and rows that still come back short are searched again with more lists, up
@@ -537,38 +543,38 @@ class AnchorStore:
         return top_sorted(sims, np.broadcast_to(ids, sims.shape), k)
 
     def _candidates(self, x: np.ndarray, fetch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best min(k, fetch) indexed vectors among ``fetch`` PQ candidates re-ranked exactly.
+        """The best k indexed vectors among about ``fetch`` PQ candidates re-ranked exactly (``-inf``/``-1`` padded).
 
-        Rows whose candidate cut may have split a run of identical vectors that reaches the k kept (see
-        ``_rerank``) are fetched again with twice as many candidates; once the candidates would be the
-        whole table, the search is exact over it. Rows of different lengths are padded (``-inf``, ``-1``).
+        FAISS keeps equal PQ similarities in insertion order, and identical vectors added by different calls
+        (not grouped) share a PQ code. So TIE_MARGIN more candidates are fetched and the PQ cell of the
+        fetch-th one is re-ranked whole; rows where it goes on past them are fetched again with twice as
+        many, up to the whole table (then exact). No candidate set depends on the order of insertion.
         """
-        if fetch >= self.nvectors:  # the candidates would be the whole table: exact
-            return self._exact_all(x, min(k, self.nvectors))
-        pq, cand = self._search_ivf(x, fetch)
-        s, i, cut = self._rerank(x, pq, cand, k)
-        if not cut.any():
-            return s, i  # the usual case: one search
-        sims = np.full((len(x), k), -np.inf, dtype=np.float32)
-        keys = np.full((len(x), k), -1, dtype=np.int64)
-        sims[~cut, : s.shape[1]], keys[~cut, : s.shape[1]] = s[~cut], i[~cut]
-        rows = np.flatnonzero(cut)
-        s, i = self._candidates(x[rows], min(self.nvectors, 2 * fetch), k)
-        sims[rows, : s.shape[1]], keys[rows, : s.shape[1]] = s, i
+        nvectors = self.nvectors
+        if fetch >= nvectors:  # the candidates would be the whole table: exact
+            return self._exact_all(x, min(k, nvectors))
+        wide = min(nvectors, fetch + TIE_MARGIN)
+        pq, cand = self._search_ivf(x, wide)
+        cells = np.floor(pq[:, fetch - 1 :] / TIE_GRID)
+        same = cells[:, 1:] == cells[:, :1]  # the rest of the fetch-th one's cell: a prefix (FAISS lists best first)
+        # Rows whose last candidate fetched (not a -1: more vectors exist) is still in that cell.
+        cut = same[:, -1] & (cand[:, -1] >= 0) if wide < nvectors else np.zeros(len(x), dtype=bool)
+        extra = same.sum(axis=1)
+        most = int(extra.max())
+        cand = cand[:, : fetch + most]
+        if len(x) > 1 and (extra < most).any():
+            cand = np.where(np.arange(cand.shape[1]) < fetch + extra[:, None], cand, -1)
+        sims, keys = self._rerank(x, cand, k)
+        if cut.any():  # a cell longer than TIE_MARGIN at the cut (a run of identical vectors)
+            rows = np.flatnonzero(cut)
+            s, i = self._candidates(x[rows], 2 * wide, k)
+            width = max(sims.shape[1], s.shape[1])
+            sims, keys = _padded(sims, keys, width)
+            sims[rows], keys[rows] = _padded(s, i, width)
         return sims, keys
 
-    def _rerank(
-        self, x: np.ndarray, pq: np.ndarray, cand: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates (``-1``: none), best k kept, and the rows to fetch again.
-
-        Identical vectors share a PQ code, so a run of them (added by different calls, not grouped) has
-        one PQ similarity, and FAISS cuts it at the last candidate in insertion order. A row is fetched
-        again when a candidate in the last PQ cell ties with the k-th kept (same exact cell): the run may
-        go on past the cut, and the k-th place belongs to its smallest ids. (Fast-scan similarities are
-        coarse, so candidates of one PQ cell are common; those ranked above the k-th place exactly are a
-        recall matter, like any vector the PQ ranks too low, and do not trigger a new search.)
-        """
+    def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of the candidates (``-1``: none), best k kept."""
         assert self.refine is not None
         valid = cand >= 0
         safe = cand if valid.all() else np.where(valid, cand, self.refine.any_id())
@@ -579,13 +585,7 @@ class AnchorStore:
                 safe[start : start + step], x[start : start + step]
             )
         exact[~valid] = -np.inf
-        sims, ids = top_sorted(exact, cand, k)
-        # FAISS lists candidates best first: the last PQ cell is a suffix, most often within the last few.
-        last = np.floor(pq[:, -1:] / TIE_GRID)
-        width = TIE_MARGIN if (np.floor(pq[:, -TIE_MARGIN : 1 - TIE_MARGIN] / TIE_GRID) > last).all() else pq.shape[1]
-        tail = np.floor(pq[:, -width:] / TIE_GRID) == last
-        tied = np.floor(exact[:, -width:] / TIE_GRID) == np.floor(sims[:, -1:] / TIE_GRID)
-        return sims, ids, valid.all(axis=1) & (tail & tied).any(axis=1)
+        return top_sorted(exact, cand, k)
 
     # -- persistence ----------------------------------------------------------------------------
     def write(self, path: Path) -> list[Path]:
@@ -627,6 +627,16 @@ def _cell_cut(sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     neighbours fetched, and a row fetched in full (padded with ``-1``) has nothing more to give.
     """
     return (ids[:, -1] >= 0) & (np.floor(sims[:, -1] / TIE_GRID) == np.floor(sims[:, k - 1] / TIE_GRID))
+
+
+def _padded(sims: np.ndarray, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows widened to ``width`` with ``-inf`` similarities and ``-1`` ids."""
+    if sims.shape[1] == width:
+        return sims, ids
+    out_s = np.full((len(sims), width), -np.inf, dtype=np.float32)
+    out_i = np.full((len(ids), width), -1, dtype=np.int64)
+    out_s[:, : sims.shape[1]], out_i[:, : ids.shape[1]] = sims, ids
+    return out_s, out_i
 
 
 def refine_path(path: Path) -> Path:

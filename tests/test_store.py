@@ -298,18 +298,21 @@ def test_ties_longer_than_the_margin_ivf_pq_without_refine(rng):
 
 
 @pytest.mark.parametrize("factory", ["IVF16,PQ16x8", "IVF16,PQ8x4fs"])
-def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory):
-    # Identical vectors added by separate calls are not grouped: each is a PQ candidate of its own, with
-    # the same code. With one candidate per neighbour wanted, the PQ cut falls inside the run.
+@pytest.mark.parametrize("calls", ["one copy per call", "mixed"])
+def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory, calls):
+    # Identical vectors added by separate calls are not grouped: each call's copies are a PQ candidate of
+    # their own, with the same code. With one candidate per vector wanted, the PQ cut falls inside the run;
+    # with some copies grouped, fewer candidates than k are fetched and all of them are kept.
     import asif.store as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x, ids, group, dup = _big_tie(rng)
     n_tie = len(group)
     store = build_store(x[n_tie - 1 :], ids[n_tie - 1 :], choose_index_spec(len(x), 16, factory, rerank_factor=1.0))
-    for i in range(n_tie - 1):
-        store.add(ids[i : i + 1], x[i : i + 1])
-    assert store.nvectors == store.ntotal == len(x)
+    sizes = [1] * (n_tie - 1) if calls == "one copy per call" else [1] * 149 + [50, 40, 60]
+    for start, size in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+        store.add(ids[start : start + size], x[start : start + size])
+    assert store.ntotal == len(x) and store.nvectors == len(x) - sum(sizes) + len(sizes)
     for k in (10, 100, 250):
         sims, got = store.search(dup, k)
         np.testing.assert_array_equal(got[0], group[:k])
@@ -337,3 +340,32 @@ def test_top_sorted_keeps_the_smallest_ids_of_a_long_tie(rng):
                 order = np.lexsort((ids[r], -np.floor(s[r] / TIE_GRID)))[:k]
                 np.testing.assert_array_equal(got_i[r], ids[r, order])
                 np.testing.assert_array_equal(got_s[r], s[r, order])
+
+
+def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, monkeypatch):
+    # Runs of identical vectors spread over several add calls (partly grouped), coarse PQ (fast-scan ranks
+    # a run below vectors it beats exactly), few candidates: whatever part of a run a search returns must
+    # be its smallest ids.
+    import asif.store as store_module
+
+    monkeypatch.setattr(store_module, "RERANK_MIN", 1)
+    cut_runs = 0
+    for _ in range(3):
+        base = random_unit(rng, 300, 8)
+        which = rng.integers(0, 300, 3000)
+        which[rng.choice(3000, 400, replace=False)] = 0  # one long run besides the short ones
+        x, ids = base[which], rng.permutation(10_000)[:3000].astype(np.int64)
+        parts = np.split(np.arange(3000), np.sort(rng.choice(np.arange(1000, 3000), 5, replace=False)))
+        store = build_store(x[parts[0]], ids[parts[0]], choose_index_spec(3000, 8, "IVF8,PQ4x4fs", rerank_factor=1.0))
+        for part in parts[1:]:
+            store.add(ids[part], x[part])
+        q = np.concatenate([base[:2], random_unit(rng, 4, 8)])
+        for k in (1, 10, 100, 350, 500):
+            _, got = store.search(q, k)
+            for r in range(len(q)):
+                for run in np.unique(which[np.isin(ids, got[r])]):
+                    members = np.sort(ids[which == run])
+                    returned = np.sort(got[r][np.isin(got[r], members)])
+                    np.testing.assert_array_equal(returned, members[: len(returned)])
+                    cut_runs += len(returned) < len(members)
+    assert cut_runs > 50  # the situation under test does occur
