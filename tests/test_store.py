@@ -369,3 +369,34 @@ def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, mon
                     np.testing.assert_array_equal(returned, members[: len(returned)])
                     cut_runs += len(returned) < len(members)
     assert cut_runs > 50  # the situation under test does occur
+
+
+def test_vector_table_grows_by_blocks_without_copying_and_round_trips(tmp_path, rng):
+    from asif.vectors import BLOCK_ROWS, VectorTable
+
+    table = VectorTable(4)
+    n = 2 * BLOCK_ROWS + 100
+    vectors = rng.standard_normal((n, 4)).astype(np.float32)
+    ids = rng.permutation(3 * n)[:n].astype(np.int64)  # sparse, unordered ids
+    table.add(ids[:10], vectors[:10])
+    first = table.blocks[0]
+    table.add(ids[10:], vectors[10:])
+    assert table.blocks[0] is first and len(table.blocks) == 3  # earlier rows never moved
+    gone = ids[::7]
+    table.remove(gone)
+    keep = np.ones(n, dtype=bool)
+    keep[::7] = False
+    np.testing.assert_array_equal(table.get(ids[keep]), vectors[keep])
+    q = rng.standard_normal((2, 4)).astype(np.float32)
+    cand = np.stack([ids[keep][::97], ids[keep][5::97]])  # candidates spread over every block
+    np.testing.assert_allclose(
+        table.inner_products(cand, q),
+        np.einsum("bfd,bd->bf", table.get(cand.ravel()).reshape(*cand.shape, 4), q),
+        atol=1e-5,
+    )
+    table.write(tmp_path / "t.npz", extra=np.arange(3))
+    again = VectorTable.read(tmp_path / "t.npz", 4, "Flat")
+    assert again.ntotal == keep.sum() and again.extra["extra"].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(again.get(ids[keep]), vectors[keep])
+    with np.load(tmp_path / "t.npz") as z:  # a plain .npz for numpy too
+        assert z["vectors"].shape == (keep.sum(), 4)
