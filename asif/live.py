@@ -12,10 +12,12 @@ costs what changed since the last snapshot and takes no lock that classification
 When the deltas add up to ``compact_ratio`` of the pairs, :func:`asif.persist.compact_index_folder`
 writes a new base generation from the files, also without any model lock.
 
-Concurrency: a readers-writer lock; searches take the read side, edits and label-set registration
-the write side (briefly), so readers never see half an edit. Anything an unauthenticated request can
-trigger (an ad-hoc label list) runs under the read side only, in short steps, and its cache is bounded
-in bytes.
+Concurrency: edits run one at a time (an edit mutex: the log's order is the order of application). An
+edit writes the log (an fsync) holding only that mutex, then takes the write side of a phase-fair
+readers-writer lock just to apply itself to the two stores; registered label sets follow in a background
+thread (a classification that gets there first brings its label set up to date itself). Searches take
+the read side, so readers never see half an edit. Anything an unauthenticated request can trigger (an
+ad-hoc label list) runs under the read side only, in short steps, and its cache is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -110,29 +112,37 @@ class LiveModel:
         self.manifest = loaded.folder.manifest
         self.verify = verify
         self.lock = RWLock()
+        # Edits one at a time, so that the log's order is the order they are applied in; the log is written
+        # (an fsync) outside the readers-writer lock, which an edit takes only to apply itself in memory.
+        self._edit_lock = threading.Lock()
         self._snapshot_lock = threading.Lock()
         self._inline: OrderedDict[str, CachedLabels] = OrderedDict()
         self._inline_lock = threading.Lock()
         self.inline_cache_bytes = int(inline_cache_bytes)
         self.compact_ratio = float(compact_ratio)
-        # Label scorers are rebuilt here, off the request path (one at a time).
-        self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asif-labels")
-        self.model.schedule = self._schedule
         self.replayed = self._replay(int(self.manifest.get("applied_seq", 0)))
         self._seq = self.metadata.last_seq()  # every logged edit is applied now
         for stored in self.metadata.label_sets():
             self.model.register_labels(
                 stored.name, LabelSet(tuple(stored.classes), tuple(stored.templates)), stored.embeddings
             )
+        # Label sets follow edits, and their scorers are rebuilt, here: off the request path, one job at a time.
+        self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asif-labels")
+        self.model.schedule = self._schedule
+        self.model.guard = self.lock.read
 
     def _schedule(self, job) -> None:
         def run() -> None:
             try:
                 job()
-            except Exception:  # pragma: no cover - a failed rebuild leaves the patched state, still exact
-                log.exception("label scorer rebuild failed")
+            except Exception:  # pragma: no cover - label sets then catch up when next used, still exact
+                log.exception("label maintenance job failed")
 
         self._maintenance.submit(run)
+
+    def wait_idle(self) -> None:
+        """Wait until the background label maintenance queued so far has run."""
+        self._maintenance.submit(lambda: None).result()
 
     def _replay(self, after: int) -> int:
         edits = self.metadata.edits_after(after)
@@ -180,27 +190,31 @@ class LiveModel:
             txt = np.stack([np.asarray(p.text_vec, dtype=np.float32) for p in pairs])
         except ValueError as exc:
             raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
-        with self.lock.write():
+        with self._edit_lock:
             # The ids the log will assign are not in the stores (never reused): validate with stand-ins.
             self.model.check_new_pairs(np.arange(-len(pairs), 0), img, txt)
             ids = self.metadata.log_add(pairs)
+            seq = self.metadata.last_seq()
             try:
-                self.model.add_pairs(np.array(ids, dtype=np.int64), img, txt)
+                with self.lock.write():
+                    self.model.add_pairs(np.array(ids, dtype=np.int64), img, txt)
+                    self._seq = seq
             except Exception:
                 self.metadata.revert_add(ids)  # never replayed
                 raise
-            self._seq = self.metadata.last_seq()
         return ids
 
     def delete_pairs(self, ids: Sequence[int]) -> list[int]:
         """Delete the pairs that exist; returns the ids actually deleted."""
-        with self.lock.write():
+        with self._edit_lock:  # the only writer: the stores' ids can be read without the RW lock
             arr = np.unique(np.asarray(ids, dtype=np.int64))
             present = arr[self.model.image_store.contains(arr)]
             if len(present):
                 self.metadata.log_delete([int(i) for i in present])
-                self.model.remove_pairs(present)
-                self._seq = self.metadata.last_seq()
+                seq = self.metadata.last_seq()
+                with self.lock.write():
+                    self.model.remove_pairs(present)
+                    self._seq = seq
         return [int(i) for i in present]
 
     def has_pair(self, pair_id: int) -> bool:
@@ -219,16 +233,18 @@ class LiveModel:
 
     def put_label_set(self, name: str, label_set: LabelSet, embeddings: np.ndarray) -> CachedLabels:
         cached = self.make_labels(label_set, embeddings)
-        with self.lock.write():  # brief: stores the row and brings the state up to the last edit
+        with self._edit_lock:
             self.metadata.put_label_set(
                 StoredLabelSet(name, list(label_set.classes), list(label_set.templates), embeddings)
             )
-            return self.model.register_labels(name, label_set, cached=cached)
+            with self.lock.write():  # brief: brings the state up to the last edit and registers it
+                return self.model.register_labels(name, label_set, cached=cached)
 
     def delete_label_set(self, name: str) -> bool:
-        with self.lock.write():
+        with self._edit_lock:
             found = self.metadata.delete_label_set(name)
-            self.model.label_sets.pop(name, None)
+            with self.lock.write():
+                self.model.label_sets.pop(name, None)
         return found
 
     def label_set(self, name: str) -> CachedLabels | None:
@@ -277,7 +293,7 @@ class LiveModel:
         Reads only the durable edit log: no model lock is taken, so classification and edits go on.
         """
         with self._snapshot_lock:
-            with self.lock.read():  # a moment: no edit is between its log commit and its apply
+            with self._edit_lock:  # a moment: no edit is between its log commit and its apply
                 seq = self.metadata.last_seq()
             applied = int(self.manifest.get("applied_seq", 0))
             edits = self.metadata.edits_after(applied, upto=seq)

@@ -98,8 +98,12 @@ class AsifModel:
         self.journal_bytes = int(journal_bytes)
         self._journal: deque[JournalEntry] = deque()
         self._journal_size = 0
-        # How scorer rebuilds run: None = at once, in the caller; the service passes a background executor.
+        # Background work (scorer rebuilds, bringing registered label sets up to date after an edit):
+        # None = done at once by the caller; the service passes an executor, and ``guard`` (its read lock),
+        # which background jobs enter around every step that reads the stores.
         self.schedule: Scheduler | None = None
+        self.guard: Guard = nullcontext
+        self._sync_pending = False
 
     @property
     def n_pairs(self) -> int:
@@ -231,7 +235,8 @@ class AsifModel:
                 return
             labels.synced = self.version
             labels.rows_changed(rows)
-        labels.rows_changed(labels.neighbours.ensure(need, self.text_store.search, self.n_pairs))
+        else:
+            labels.rows_changed(labels.neighbours.ensure(need, self.text_store.search, self.n_pairs))
         for scorer in labels.scorers.values():
             if scorer.needs_rebuild() and not scorer.rebuilding:
                 self._rebuild_later(labels, scorer)
@@ -366,6 +371,22 @@ class AsifModel:
         self._journal_size += entry.nbytes
         while len(self._journal) > 1 and self._journal_size > self.journal_bytes:
             self._journal_size -= self._journal.popleft().nbytes
-        for cached in self.label_sets.values():
-            with cached.lock:
+        if self.schedule is None:
+            for cached in self.label_sets.values():
+                with cached.lock:
+                    self._sync(cached, self.k)
+        elif not self._sync_pending:  # the edit returns now; registered label sets follow in the background
+            self._sync_pending = True
+            self.schedule(self.sync_registered)
+
+    def sync_registered(self) -> None:
+        """Bring every registered label set up to the current version, one at a time under ``guard``.
+
+        A classification that uses a set before this reaches it brings the set up to date itself.
+        """
+        with self.guard():
+            self._sync_pending = False
+            sets = list(self.label_sets.values())
+        for cached in sets:
+            with self.guard(), cached.lock:
                 self._sync(cached, self.k)

@@ -40,6 +40,7 @@ def test_unsnapshotted_edits_are_replayed_after_a_crash(built_index):
     ids = live.add_pairs([new_pair(live, (150, 20, 160), "a purple square"), new_pair(live, (0, 0, 0), "black")])
     assert live.delete_pairs([3, ids[1], 12345]) == [3, ids[1]]
     before = state_of(live)
+    live.wait_idle()  # registered label sets follow edits in the background
     cache_before = live.model.label_sets["colours"].neighbours.topk(10)[1].copy()
     # No snapshot, no close: as if the process had been killed here.
     again = open_live(index)

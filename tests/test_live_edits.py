@@ -275,3 +275,25 @@ def test_edits_that_cancel_out_write_no_delta_file(tmp_path):
     assert info.edits == 2 and manifest["deltas"] == [] and manifest["applied_seq"] == live.version == 2
     assert not list((tmp_path / "index").glob("delta-*")) and live.pending_edits() == 0
     assert open_live(tmp_path / "index").model.n_pairs == 40
+
+
+def test_stored_label_sets_follow_edits_in_the_background(tmp_path):
+    img, txt = write_synthetic_index(tmp_path / "index", n=200, k=K)
+    live = open_live(tmp_path / "index")
+    history = History(live, img, txt)
+    rng = np.random.default_rng(8)
+    emb = random_unit(rng, 10, 64)
+    cached = live.put_label_set("s", labels(10), emb)
+    for step in range(6):
+        live.add_pairs([new_pair(rng, f"a{step}")])
+        live.delete_pairs([int(cached.neighbours.ids[step, 0])])
+    live.wait_idle()
+    # Followed without any classification asking: a classification now finds nothing to catch up.
+    assert cached.synced == live.model.version
+    scorer = cached.scorers[(K, P)]
+    clock = scorer.clock
+    q = random_unit(rng, 3, 48)
+    ans = live.classify(q, cached, k=K, p=P, top=10)
+    assert scorer.clock == clock  # untouched by the classification
+    got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
+    np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, K), atol=2e-5)
