@@ -142,6 +142,17 @@ class NeighbourCache:
         out.exact = np.concatenate([c.exact for c in parts])
         return out
 
+    def view(self, start: int, stop: int) -> NeighbourCache:
+        """Rows ``start:stop`` as a cache whose arrays are views of this one's: changes show in both."""
+        out = object.__new__(type(self))
+        out.queries, out.depth = self.queries[start:stop], self.depth
+        out.ids, out.sims, out.exact = self.ids[start:stop], self.sims[start:stop], self.exact[start:stop]
+        out.version = _next_version()
+        return out
+
+    def copy(self) -> NeighbourCache:
+        return NeighbourCache.concat([self])
+
     def fill(self, rows: np.ndarray, search: SearchFn, n_anchors: int) -> np.ndarray:
         """Recompute the given rows from the index; returns them."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -247,7 +258,7 @@ def cache_depth(k: int) -> int:
 MAX_SCORERS = 4  # (k, p) combinations kept per label set: the model's default plus recent others
 
 
-@dataclass
+@dataclass(eq=False)
 class CachedLabels:
     """A label set with its class embeddings, maintained caption-anchor neighbours and scorers.
 
@@ -262,6 +273,8 @@ class CachedLabels:
     lock: threading.RLock = field(default_factory=threading.RLock)
     synced: int = 0
     scorers: OrderedDict[tuple[int, float], LabelScorer] = field(default_factory=OrderedDict)
+    shared: bool = False  # neighbours are rows of the model's shared table of registered label sets
+    pending: np.ndarray | None = None  # (L,) rows whose neighbours changed since the scorers last saw them
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -292,6 +305,20 @@ class CachedLabels:
                 del self.scorers[old]
         return made
 
+    def mark_changed(self, rows: np.ndarray) -> None:
+        """Neighbour rows changed: note them; scorers are patched by :meth:`flush` (when the set is next used)."""
+        if len(rows):
+            if self.pending is None:
+                self.pending = np.zeros(len(self.embeddings), dtype=bool)
+            self.pending[rows] = True
+
+    def flush(self) -> None:
+        """Patch the scorers with the rows noted by :meth:`mark_changed`."""
+        if self.pending is not None and self.pending.any():
+            rows = np.flatnonzero(self.pending)
+            self.pending[:] = False
+            self.rows_changed(rows)
+
     def rows_changed(self, rows: np.ndarray) -> None:
         """Neighbour rows changed: patch every scorer's representations of those rows."""
         if len(rows) == 0:
@@ -306,6 +333,7 @@ class CachedLabels:
         self.neighbours = neighbours
         self.synced = synced
         self.scorers.clear()
+        self.pending = None
 
 
 def labels_from_names(names: Sequence[str], templates: Sequence[str] | None = None) -> LabelSet:

@@ -244,7 +244,7 @@ class LiveModel:
         with self._edit_lock:
             found = self.metadata.delete_label_set(name)
             with self.lock.write():
-                self.model.label_sets.pop(name, None)
+                self.model.unregister_labels(name)
         return found
 
     def label_set(self, name: str) -> CachedLabels | None:

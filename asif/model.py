@@ -16,6 +16,7 @@ set take turns on its (short) scoring step while image searches run in parallel.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -104,6 +105,12 @@ class AsifModel:
         self.schedule: Scheduler | None = None
         self.guard: Guard = nullcontext
         self._sync_pending = False
+        # The neighbours of registered label sets, stacked in one table so that an edit updates them all in
+        # one vectorised pass; each set's ``neighbours`` is a view of its rows (``_shared_sets``: set, start, stop).
+        self._shared: NeighbourCache | None = None
+        self._shared_sets: list[tuple[CachedLabels, int, int]] = []
+        self._shared_synced = 0
+        self._shared_lock = threading.Lock()
 
     @property
     def n_pairs(self) -> int:
@@ -197,8 +204,64 @@ class AsifModel:
             cached = self.make_labels(label_set, embeddings)
         with cached.lock:
             self._sync(cached, self.k)
+        old = self.label_sets.get(name)
         self.label_sets[name] = cached
+        self._restack(detach=old)
         return cached
+
+    def unregister_labels(self, name: str) -> CachedLabels | None:
+        """Stop updating a named label set (it still catches up if used); returns it."""
+        old = self.label_sets.pop(name, None)
+        if old is not None:
+            self._restack(detach=old)
+        return old
+
+    def _restack(self, detach: CachedLabels | None = None) -> None:
+        """Rebuild the shared table from the registered label sets (registration is rare: a copy of their rows).
+
+        Needs exclusive use of the model (the service holds its write lock).
+        """
+        with self._shared_lock:
+            self._sync_shared_locked()
+            if detach is not None and detach.shared and all(c is not detach for c in self.label_sets.values()):
+                with detach.lock:
+                    detach.neighbours, detach.shared = detach.neighbours.copy(), False
+            depth = cache_depth(self.k)
+            members = []
+            for cached in self.label_sets.values():
+                with cached.lock:
+                    if cached.neighbours.depth == depth:
+                        self._sync(cached, self.k)
+                        cached.flush()
+                        members.append(cached)
+            if not members:
+                self._shared, self._shared_sets = None, []
+                return
+            table = NeighbourCache.concat([c.neighbours for c in members])
+            spans, start = [], 0
+            for cached in members:
+                stop = start + len(cached.embeddings)
+                with cached.lock:
+                    cached.neighbours, cached.shared = table.view(start, stop), True
+                spans.append((cached, start, stop))
+                start = stop
+            self._shared, self._shared_sets, self._shared_synced = table, spans, self.version
+
+    def _sync_shared_locked(self) -> None:
+        """Bring the shared table up to the current version in one pass (hold ``_shared_lock``)."""
+        table = self._shared
+        if table is None or self._shared_synced == self.version:
+            return
+        rows = self._catch_up(table, self._shared_synced, self.k)
+        if rows is None:  # the journal no longer reaches back: recompute every row
+            rows = table.fill(np.arange(len(table.queries)), self.text_store.search, self.n_pairs)
+        self._shared_synced = self.version
+        for cached, start, stop in self._shared_sets:
+            lo, hi = np.searchsorted(rows, [start, stop])
+            with cached.lock:
+                if cached.shared:
+                    cached.mark_changed(rows[lo:hi] - start)
+                    cached.synced = self.version
 
     def _catch_up(self, cache: NeighbourCache, synced: int, k: int) -> np.ndarray | None:
         """Replay the edits after version ``synced`` on ``cache`` and make its rows know their top-k.
@@ -224,8 +287,15 @@ class AsifModel:
         return np.unique(np.concatenate(changed))
 
     def _sync(self, labels: CachedLabels, k: int) -> None:
-        """Bring a label set up to the current version with neighbours for ``k`` (hold its lock)."""
+        """Bring a label set up to the current version with neighbours for ``k`` (hold its lock; for a set in
+        the shared table, also ``_shared_lock``, after syncing the table)."""
         need = max(k, labels.max_k(), self.k)
+        if labels.shared:
+            if need <= labels.neighbours.depth:
+                labels.mark_changed(labels.neighbours.ensure(need, self.text_store.search, self.n_pairs))
+                return
+            # A deeper k than the shared table keeps: this set goes on its own (its rows there go unused).
+            labels.neighbours, labels.shared = labels.neighbours.copy(), False
         if labels.synced != self.version or labels.neighbours.depth < need:
             rows = self._catch_up(labels.neighbours, labels.synced, need) if labels.neighbours.depth >= need else None
             if rows is None:
@@ -237,6 +307,8 @@ class AsifModel:
             labels.rows_changed(rows)
         else:
             labels.rows_changed(labels.neighbours.ensure(need, self.text_store.search, self.n_pairs))
+
+    def _maybe_rebuild(self, labels: CachedLabels) -> None:
         for scorer in labels.scorers.values():
             if scorer.needs_rebuild() and not scorer.rebuilding:
                 self._rebuild_later(labels, scorer)
@@ -262,9 +334,18 @@ class AsifModel:
     @contextmanager
     def label_scorer(self, labels: CachedLabels, k: int, p: float) -> Iterator[LabelScorer]:
         """The label set's scorer for (k, p), current with the model, used under the label set's lock."""
+        if labels.shared:
+            with self._shared_lock:
+                self._sync_shared_locked()
+                with labels.lock:
+                    self._sync(labels, k)
         with labels.lock:
-            self._sync(labels, k)
-            yield labels.scorer(k, p, pinned=self._kp(None, None) if self.n_pairs else None)
+            if not labels.shared:
+                self._sync(labels, k)
+            labels.flush()
+            scorer = labels.scorer(k, p, pinned=self._kp(None, None) if self.n_pairs else None)
+            self._maybe_rebuild(labels)
+            yield scorer
 
     # -- classification -------------------------------------------------------------------------
     def classify(
@@ -372,9 +453,7 @@ class AsifModel:
         while len(self._journal) > 1 and self._journal_size > self.journal_bytes:
             self._journal_size -= self._journal.popleft().nbytes
         if self.schedule is None:
-            for cached in self.label_sets.values():
-                with cached.lock:
-                    self._sync(cached, self.k)
+            self.sync_registered()
         elif not self._sync_pending:  # the edit returns now; registered label sets follow in the background
             self._sync_pending = True
             self.schedule(self.sync_registered)
@@ -386,7 +465,10 @@ class AsifModel:
         """
         with self.guard():
             self._sync_pending = False
-            sets = list(self.label_sets.values())
-        for cached in sets:
+            with self._shared_lock:
+                self._sync_shared_locked()
+            others = [c for c in self.label_sets.values() if not c.shared]
+        for cached in others:
             with self.guard(), cached.lock:
                 self._sync(cached, self.k)
+                self._maybe_rebuild(cached)

@@ -173,3 +173,39 @@ def test_a_label_set_that_missed_edits_catches_up_or_is_recomputed(small_world, 
     )
     # A journal that still holds the edits is replayed in place; one that lost them means a fresh computation.
     assert (detached.neighbours is neighbours) == (journal_bytes > 1)
+
+
+def test_registered_sets_share_one_table_through_edits_replacement_removal_and_a_deeper_k(small_world, rng):
+    data = small_world.pairs(300, n_queries=5)
+    model = model_of(data.image_anchors, data.text_anchors)
+    pairs = Pairs(data.image_anchors, data.text_anchors)
+    emb = {name: random_unit(rng, 7, data.text_anchors.shape[1]) for name in ("a", "b", "c", "b2")}
+    sets = {name: model.register_labels(name, labels(7), emb[name]) for name in ("a", "b", "c")}
+    assert all(s.shared for s in sets.values()) and len(model._shared.queries) == 21
+    q = data.image_queries
+
+    def check(name: str, cached, k: int = K) -> None:
+        got = scores_of(model.classify(q, cached, top=7, k=k), cached.classes)
+        np.testing.assert_allclose(got, pairs.reference(q, emb[name], k), atol=2e-5, err_msg=name)
+
+    for step in range(4):
+        pairs.add(model, rng, 3)
+        pairs.remove(model, [int(sets["a"].neighbours.ids[step, 0]), int(sets["c"].neighbours.ids[step, 1])])
+        for name, cached in sets.items():
+            check(name, cached)
+    replaced = sets["b"]
+    sets["b"] = model.register_labels("b", labels(7), emb["b2"])  # replace: the old state leaves the table
+    emb["b_old"], emb["b"] = emb["b"], emb["b2"]
+    removed = model.unregister_labels("c")
+    assert not replaced.shared and not removed.shared and len(model._shared.queries) == 14
+    pairs.add(model, rng, 5)
+    pairs.remove(model, [int(sets["a"].neighbours.ids[0, 0])])
+    check("a", sets["a"])
+    check("b", sets["b"])
+    check("b_old", replaced)  # no longer registered: it catches up when used
+    check("c", removed)
+    check("a", sets["a"], k=60)  # deeper than the table keeps: the set goes on its own
+    assert not sets["a"].shared
+    pairs.add(model, rng, 2)
+    check("a", sets["a"], k=60)
+    check("b", sets["b"])

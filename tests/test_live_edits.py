@@ -288,12 +288,14 @@ def test_stored_label_sets_follow_edits_in_the_background(tmp_path):
         live.add_pairs([new_pair(rng, f"a{step}")])
         live.delete_pairs([int(cached.neighbours.ids[step, 0])])
     live.wait_idle()
-    # Followed without any classification asking: a classification now finds nothing to catch up.
-    assert cached.synced == live.model.version
-    scorer = cached.scorers[(K, P)]
-    clock = scorer.clock
+    # Followed without any classification asking: a classification now searches no caption anchor (it only
+    # patches the scorer rows the edits changed).
+    assert cached.synced == live.model.version and cached.shared
+    searches = []
+    real_search = live.model.text_store.search
+    live.model.text_store.search = lambda *a: searches.append(1) or real_search(*a)
     q = random_unit(rng, 3, 48)
     ans = live.classify(q, cached, k=K, p=P, top=10)
-    assert scorer.clock == clock  # untouched by the classification
+    assert searches == [] and not cached.pending.any()
     got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
     np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, K), atol=2e-5)
