@@ -22,6 +22,7 @@ from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
 from asif.live import LiveModel
+from asif.store import set_faiss_threads
 
 log = logging.getLogger("asif.app")
 
@@ -41,11 +42,12 @@ def load_live(settings: Settings) -> LiveModel:
 
 
 def _set_threads(settings: Settings) -> None:
-    import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(settings.torch_threads)
-    faiss.omp_set_num_threads(settings.faiss_threads)
+    threadpool_limits(settings.blas_threads, user_api="blas")  # process-wide
+    set_faiss_threads(settings.faiss_threads)  # every thread's FAISS calls, not only this one's
 
 
 async def _snapshot_loop(state: AppState) -> None:

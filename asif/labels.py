@@ -220,19 +220,33 @@ class NeighbourCache:
         self.ids[rows] = np.where(untrusted, -1, out_i)
         self.exact[rows] = np.minimum(self.depth, exact + 1)
 
-    def remove(self, removed_ids: np.ndarray) -> np.ndarray:
-        """Drop removed anchors from every row that holds them; returns those rows."""
+    def remove(self, removed_ids: np.ndarray, removed_vectors: np.ndarray | None = None) -> np.ndarray:
+        """Drop removed anchors from every row that holds them; returns those rows.
+
+        ``removed_vectors`` (their exact vectors, when known) narrow the rows to look at: a row can hold an
+        anchor only if the anchor is at least as similar as the row's last entry. Without them every row is
+        scanned (a pass over all the ids held: ~4 ms for 10,000 labels).
+        """
         removed_ids = np.asarray(removed_ids, dtype=np.int64)
+        if removed_vectors is not None and len(self.queries):
+            s = self.queries @ np.asarray(removed_vectors, dtype=np.float32).T  # (L, m)
+            floor = self.sims[:, -1:] - 1e-4  # a full row's last entry; -inf for a row with free slots
+            look = np.flatnonzero((s >= floor).any(axis=1))
+            ids = self.ids[look]
+        else:
+            look, ids = None, self.ids
         # The common live delete is one id: a comparison beats isin's sort.
         one = len(removed_ids) == 1
-        hit = (self.ids == removed_ids[0]) if one else (np.isin(self.ids, removed_ids) & (self.ids >= 0))
-        rows = np.flatnonzero(hit.any(axis=1))
+        hit_all = (ids == removed_ids[0]) if one else (np.isin(ids, removed_ids) & (ids >= 0))
+        found = np.flatnonzero(hit_all.any(axis=1))
+        rows = found if look is None else look[found]
         if len(rows) == 0:
             return NO_ROWS
-        gone_in_prefix = (hit[rows] & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
-        s = np.where(hit[rows], -np.inf, self.sims[rows])
-        i = np.where(hit[rows], -1, self.ids[rows])
-        order = np.argsort(hit[rows], axis=1, kind="stable")  # compact: survivors keep their order
+        hit = hit_all[found]
+        gone_in_prefix = (hit & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
+        s = np.where(hit, -np.inf, self.sims[rows])
+        i = np.where(hit, -1, self.ids[rows])
+        order = np.argsort(hit, axis=1, kind="stable")  # compact: survivors keep their order
         self.sims[rows] = np.take_along_axis(s, order, axis=1)
         self.ids[rows] = np.take_along_axis(i, order, axis=1)
         self.exact[rows] -= gone_in_prefix

@@ -47,7 +47,7 @@ class JournalEntry:
     version: int
     op: str  # "add" or "remove"
     ids: np.ndarray
-    vectors: np.ndarray | None  # caption vectors of an add
+    vectors: np.ndarray | None  # caption vectors (an add's; a remove's when the store holds them exactly)
     n_before: int  # pairs held before the edit
 
     @property
@@ -282,7 +282,7 @@ class AsifModel:
             if entry.op == "add":
                 changed.append(cache.add(entry.ids, entry.vectors, entry.n_before))
             else:
-                changed.append(cache.remove(entry.ids))
+                changed.append(cache.remove(entry.ids, entry.vectors))
         changed.append(cache.ensure(k, self.text_store.search, self.n_pairs))
         return np.unique(np.concatenate(changed))
 
@@ -441,9 +441,12 @@ class AsifModel:
         if len(present) == 0:
             return 0
         n_before = self.n_pairs
+        store = self.text_store
+        # Their exact caption vectors let label sets look only at the rows that can hold them.
+        vectors = store.reconstruct(present) if (store.refine is not None or store.is_exact) else None
         self.image_store.remove(present)
         self.text_store.remove(present)
-        self._edited(JournalEntry(self.version + 1, "remove", present, None, n_before))
+        self._edited(JournalEntry(self.version + 1, "remove", present, vectors, n_before))
         return len(present)
 
     def _edited(self, entry: JournalEntry) -> None:

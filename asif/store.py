@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,29 @@ RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Ind
 TRAIN_MIN = 30_000
 RERANK_MIN = 4096  # candidates re-ranked at least (~1.7 ms at 1M): small k and grouped anchors need them on real data
 SCAN_MIN = 131_072  # PQ codes scanned at least per query (~1 ms with fast-scan)
+
+
+_faiss_threads: int | None = None  # OpenMP threads per FAISS call, in every thread (None: OpenMP's default)
+_thread_state = threading.local()
+
+
+def set_faiss_threads(n: int | None) -> None:
+    """OpenMP threads for every FAISS call of the process, whichever thread makes it.
+
+    ``faiss.omp_set_num_threads`` only sets the calling thread's value: threads started later (a server's
+    worker threads) keep OpenMP's default of one thread per core, and single-query searches and edits spent
+    ~10 ms in OpenMP barriers under load. Each store call applies this value to its thread first.
+    """
+    global _faiss_threads
+    _faiss_threads = n
+    _apply_faiss_threads()
+
+
+def _apply_faiss_threads() -> None:
+    n = _faiss_threads
+    if n and getattr(_thread_state, "n", None) != n:
+        faiss.omp_set_num_threads(n)
+        _thread_state.n = n
 
 
 class StoreError(ValueError):
@@ -291,6 +315,7 @@ class AnchorStore:
 
     # -- building and editing -----------------------------------------------------------------
     def train(self, sample: np.ndarray) -> None:
+        _apply_faiss_threads()
         x = _as_matrix(sample, self.dim)
         if not self.index.is_trained:
             if self._ivf is not None and len(x) < self._ivf.nlist:
@@ -299,6 +324,7 @@ class AnchorStore:
             _enable_id_lookup(self.index)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
+        _apply_faiss_threads()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = _as_matrix(vectors, self.dim)
         if len(ids) != len(x):
@@ -341,6 +367,7 @@ class AnchorStore:
         return np.sort(np.asarray(keep, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> int:
+        _apply_faiss_threads()
         """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[self.contains(ids)]
@@ -432,6 +459,7 @@ class AnchorStore:
         return sims, ids.astype(np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _apply_faiss_threads()
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
         x = _as_matrix(queries, self.dim)
         k = effective_k(k, self.ntotal)

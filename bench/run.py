@@ -29,7 +29,7 @@ from asif.evaluation import recall_at_k
 from asif.labels import LabelSet, combine_prompt_embeddings
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, exact_topk, sparsify
-from asif.store import AnchorStore, choose_index_spec, count_distinct_rows
+from asif.store import AnchorStore, choose_index_spec, count_distinct_rows, set_faiss_threads
 from asif.synthetic import SyntheticWorld
 
 K, P = 800, 8.0
@@ -267,7 +267,16 @@ def table(results: list[dict], http: dict | None) -> str:
 
 
 def main() -> int:
+    if "--live" in sys.argv[1:]:  # the live-traffic benchmark, with its own options
+        from bench.live_traffic import main as live_main
+
+        return live_main([a for a in sys.argv[1:] if a != "--live"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="run the live-traffic benchmark instead (bench/live_traffic.py; see its --help for its options)",
+    )
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -279,9 +288,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.environ.setdefault("ASIF_PLUGIN_ENCODERS", "1")
-    import faiss
-
-    faiss.omp_set_num_threads(args.faiss_threads)  # as the service does (ASIF_FAISS_THREADS)
+    set_faiss_threads(args.faiss_threads)  # as the service does (ASIF_FAISS_THREADS), in every thread
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         print(f"n={n:,} ...", file=sys.stderr, flush=True)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # One FAISS thread per search: the service already runs searches of concurrent requests in parallel, and
     # FAISS's OpenMP threads fighting other busy threads made single-image searches ~9x slower (bench/run.py).
     faiss_threads: int = Field(1, ge=1)
+    # numpy's BLAS (OpenBLAS) threads: the service runs many small products from several threads at once (label
+    # sets following edits, scoring); a BLAS pool per product fought them for the 2 cores here and doubled p99.
+    blas_threads: int = Field(1, ge=1)
 
     @field_validator("api_key", "image_encoder", "text_encoder", "device", mode="before")
     @classmethod
