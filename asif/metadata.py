@@ -17,6 +17,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     image TEXT NOT NULL,
     captions TEXT NOT NULL  -- JSON list: one caption, or all captions of a per-image anchor
 );
+-- Which pairs show an image: deleting a pair drops its image's thumbnail only when no other pair uses it.
+CREATE INDEX IF NOT EXISTS pairs_image ON pairs (image);
 CREATE TABLE IF NOT EXISTS thumbnails (
     image TEXT PRIMARY KEY,
     jpeg BLOB NOT NULL
@@ -192,19 +194,31 @@ class PairMetadata:
         """Durably delete pairs (rows, orphaned thumbnails) and record the deletes in the edit log."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            images = self._images_of(ids)
             for pid in ids:
                 self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
                 self._db.execute("INSERT INTO edits (op, pair_id) VALUES ('delete', ?)", (int(pid),))
-            self._db.execute("DELETE FROM thumbnails WHERE image NOT IN (SELECT image FROM pairs)")
+            self._drop_orphan_thumbnails(images)
+
+    def _images_of(self, ids: Sequence[int]) -> set[str]:
+        rows = (self._db.execute("SELECT image FROM pairs WHERE id = ?", (int(i),)).fetchone() for i in ids)
+        return {row[0] for row in rows if row}
+
+    def _drop_orphan_thumbnails(self, images: set[str]) -> None:
+        """Thumbnails of these images that no pair shows any more (indexed lookups: no scan of the pairs)."""
+        for image in images:
+            if self._db.execute("SELECT 1 FROM pairs WHERE image = ? LIMIT 1", (image,)).fetchone() is None:
+                self._db.execute("DELETE FROM thumbnails WHERE image = ?", (image,))
 
     def revert_add(self, ids: Sequence[int]) -> None:
         """Undo a logged add whose apply failed: its pair rows and edit-log entries go (ids stay used)."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            images = self._images_of(ids)
             for pid in ids:
                 self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
                 self._db.execute("DELETE FROM edits WHERE op = 'add' AND pair_id = ?", (int(pid),))
-            self._db.execute("DELETE FROM thumbnails WHERE image NOT IN (SELECT image FROM pairs)")
+            self._drop_orphan_thumbnails(images)
 
     def edits_after(self, seq: int, upto: int | None = None) -> list[Edit]:
         """Edit-log entries with ``seq < s <= upto`` (no upper bound when ``upto`` is None), in order."""

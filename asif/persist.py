@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA = "pairs.sqlite"
 _GEN_FILE = re.compile(r"^(image|text)-g(\d{6})(\.faiss|\.refine\.npz)$")
-_DELTA_FILE = re.compile(r"^delta-g(\d{6})-\d{4}\.npz$")
+_DELTA_FILE = re.compile(r"^delta-g(\d{6})-\d{4,}\.npz$")
 
 
 class IndexFolderError(ValueError):

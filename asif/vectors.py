@@ -175,7 +175,9 @@ class VectorTable:
                     header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
                     np.lib.format.write_array_header_2_0(member, {**header, "shape": (self.n, self.dim)})
                     for start in range(0, self.n, BLOCK_ROWS):
-                        member.write(self.blocks[start >> BLOCK_SHIFT][: min(BLOCK_ROWS, self.n - start)].tobytes())
+                        # A view, not tobytes(): copying a 335 MB block held the GIL for ~300 ms.
+                        rows = self.blocks[start >> BLOCK_SHIFT][: min(BLOCK_ROWS, self.n - start)]
+                        member.write(memoryview(rows).cast("B"))
                 for name, arr in extra.items():
                     _write_npy(zf, name, np.asarray(arr))
             fh.flush()

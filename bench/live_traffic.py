@@ -809,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = bench_size(n, samples, args.seed, workdir, not args.no_verify, args.label_sets)
             result["wall_s"] = time.perf_counter() - t
             result["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+            result["code"] = code_version()  # the serving code may change between sizes of a long run
             report["results"].append(result)
             report.update(wall_s=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
             args.json.write_text(json.dumps(report, indent=2))  # after each size: a crash keeps the others

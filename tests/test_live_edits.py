@@ -299,3 +299,18 @@ def test_stored_label_sets_follow_edits_in_the_background(tmp_path):
     assert searches == [] and not cached.pending.any()
     got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
     np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, K), atol=2e-5)
+
+
+def test_a_thumbnail_goes_with_the_last_pair_that_shows_its_image(tmp_path):
+    from asif.metadata import PairMetadata
+
+    meta = PairMetadata(tmp_path / "m.sqlite")
+    vec = np.zeros(4, np.float32)
+    ids = meta.log_add([NewPair("same.jpg", [c], b"jpeg", vec, vec) for c in ("one", "two")])
+    (other,) = meta.log_add([NewPair("other.jpg", ["three"], b"jpeg2", vec, vec)])
+    meta.log_delete([ids[0]])
+    assert meta.thumbnail("same.jpg") == b"jpeg"  # the other caption's pair still shows it
+    meta.log_delete([ids[1]])
+    assert meta.thumbnail("same.jpg") is None and meta.thumbnail("other.jpg") == b"jpeg2"
+    meta.revert_add([other])
+    assert meta.thumbnail("other.jpg") is None and meta.count() == 0
