@@ -124,8 +124,9 @@ class LiveModel:
         self._seq = self.metadata.last_seq()  # every logged edit is applied now
         for stored in self.metadata.label_sets():
             self.model.register_labels(
-                stored.name, LabelSet(tuple(stored.classes), tuple(stored.templates)), stored.embeddings
+                stored.name, LabelSet(tuple(stored.classes), tuple(stored.templates)), stored.embeddings, restack=False
             )
+        self.model.restack()  # one shared table for all of them
         # Label sets follow edits, and their scorers are rebuilt, here: off the request path, one job at a time.
         self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asif-labels")
         self.model.schedule = self._schedule

@@ -194,11 +194,13 @@ class AsifModel:
         label_set: LabelSet,
         embeddings: np.ndarray | None = None,
         cached: CachedLabels | None = None,
+        restack: bool = True,
     ) -> CachedLabels:
         """Add (or replace) a named label set whose representations follow every edit.
 
         ``cached``: a state made earlier by :meth:`make_labels` (e.g. off the write lock); it is brought
-        up to date here.
+        up to date here. ``restack=False`` defers the shared table's rebuild (registering many sets at
+        once: call :meth:`restack` after the last).
         """
         if cached is None:
             cached = self.make_labels(label_set, embeddings)
@@ -206,17 +208,18 @@ class AsifModel:
             self._sync(cached, self.k)
         old = self.label_sets.get(name)
         self.label_sets[name] = cached
-        self._restack(detach=old)
+        if restack:
+            self.restack(detach=old)
         return cached
 
     def unregister_labels(self, name: str) -> CachedLabels | None:
         """Stop updating a named label set (it still catches up if used); returns it."""
         old = self.label_sets.pop(name, None)
         if old is not None:
-            self._restack(detach=old)
+            self.restack(detach=old)
         return old
 
-    def _restack(self, detach: CachedLabels | None = None) -> None:
+    def restack(self, detach: CachedLabels | None = None) -> None:
         """Rebuild the shared table from the registered label sets (registration is rare: a copy of their rows).
 
         Needs exclusive use of the model (the service holds its write lock).
