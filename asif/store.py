@@ -62,6 +62,7 @@ RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Ind
 TRAIN_MIN = 30_000
 RERANK_MIN = 4096  # candidates re-ranked at least (~1.7 ms at 1M): small k and grouped anchors need them on real data
 SCAN_MIN = 131_072  # PQ codes scanned at least per query (~1 ms with fast-scan)
+PURGE_AT = 1024  # re-ranked stores: deleted vectors left in FAISS (filtered out) before one batched removal
 
 
 _faiss_threads: int | None = None  # OpenMP threads per FAISS call, in every thread (None: OpenMP's default)
@@ -266,6 +267,10 @@ class AnchorStore:
         # smallest pair id; _members[key] lists all its pair ids, _key_of maps the other members to it.
         self._members: dict[int, list[int]] = {}
         self._key_of: dict[int, int] = {}
+        # Re-ranked stores delete lazily: a removed vector leaves the re-ranking table at once (so searches
+        # skip it) and FAISS in batches of PURGE_AT. FAISS's fast-scan IVF removes an id by scanning every
+        # list: ~7 ms per delete at 1M pairs, held under the service's write lock.
+        self._dead: set[int] = set()
         if groups is not None:
             for member, key in zip(groups[0].tolist(), groups[1].tolist(), strict=True):
                 self._key_of[member] = key
@@ -285,8 +290,24 @@ class AnchorStore:
 
     @property
     def nvectors(self) -> int:
-        """Distinct vectors indexed by FAISS."""
-        return int(self.index.ntotal)
+        """Distinct vectors indexed by FAISS (not counting deleted ones awaiting removal)."""
+        return int(self.index.ntotal) - len(self._dead)
+
+    def _bury(self, ids: list[int]) -> None:
+        """Remove ids from FAISS: lazily for a re-ranked store (see ``_dead``), else at once."""
+        if self.refine is None:
+            self.index.remove_ids(faiss.IDSelectorArray(np.asarray(ids, dtype=np.int64)))
+            return
+        self._dead.update(ids)
+        if len(self._dead) >= PURGE_AT:
+            self.purge()
+
+    def purge(self) -> None:
+        """Remove the deleted vectors still in FAISS (one pass over the lists for all of them)."""
+        if self._dead:
+            _apply_faiss_threads()
+            self.index.remove_ids(faiss.IDSelectorArray(np.fromiter(self._dead, dtype=np.int64)))
+            self._dead.clear()
 
     @property
     def is_trained(self) -> bool:
@@ -337,6 +358,8 @@ class AnchorStore:
             raise StoreError("index is not trained; call train() first")
         if len(ids) == 0:
             return
+        if self._dead and not self._dead.isdisjoint(ids.tolist()):
+            self.purge()  # an id deleted and added again: its old vector must go first
         rows = self._group_rows(ids, x) if self.groups_duplicates else np.arange(len(ids))
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
@@ -390,9 +413,9 @@ class AnchorStore:
             else:
                 self._rekey(pid, [m for m in group if m != pid])
         if drop:
-            self.index.remove_ids(faiss.IDSelectorArray(np.asarray(drop, dtype=np.int64)))
             if self.refine is not None:
                 self.refine.remove(np.asarray(drop, dtype=np.int64))
+            self._bury(drop)
         self._ids.difference_update(ids.tolist())
         return len(ids)
 
@@ -401,8 +424,8 @@ class AnchorStore:
         assert self.refine is not None
         new = min(rest)
         vec = self.refine.get(np.array([old]))
-        self.index.remove_ids(faiss.IDSelectorArray(np.array([old], dtype=np.int64)))
         self.refine.remove(np.array([old]))
+        self._bury([old])
         self.index.add_with_ids(vec, np.array([new], dtype=np.int64))
         self.refine.add(np.array([new]), vec)
         del self._key_of[new]
@@ -604,7 +627,7 @@ class AnchorStore:
     def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of the candidates (``-1``: none), best k kept."""
         assert self.refine is not None
-        valid = cand >= 0
+        valid = self.refine.present(cand)  # -1 padding and deleted vectors still in FAISS are not
         safe = cand if valid.all() else np.where(valid, cand, self.refine.any_id())
         exact = np.empty(cand.shape, dtype=np.float32)
         step = max(1, (64 << 20) // max(1, cand.shape[1] * self.dim * 4))  # float16 tables gather ~64 MB at most
@@ -623,6 +646,7 @@ class AnchorStore:
         """
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        self.purge()
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

@@ -69,6 +69,14 @@ class VectorTable:
             self.blocks[block][offset : offset + take] = vectors[done : done + take]
             done += take
 
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id (any shape; negative ids are never present) has a row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < len(self.row_of))
+        out = np.zeros(ids.shape, dtype=bool)
+        out[inside] = self.row_of[ids[inside]] >= 0
+        return out
+
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         inside = (ids >= 0) & (ids < len(self.row_of))

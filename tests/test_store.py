@@ -400,3 +400,31 @@ def test_vector_table_grows_by_blocks_without_copying_and_round_trips(tmp_path, 
     np.testing.assert_array_equal(again.get(ids[keep]), vectors[keep])
     with np.load(tmp_path / "t.npz") as z:  # a plain .npz for numpy too
         assert z["vectors"].shape == (keep.sum(), 4)
+
+
+def test_a_refined_store_deletes_lazily_and_never_returns_a_deleted_pair(tmp_path, rng, monkeypatch):
+    import asif.store as store_mod
+
+    monkeypatch.setattr(store_mod, "PURGE_AT", 50)
+    n, d = 3000, 32
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store = build_store(x, np.arange(n), choose_index_spec(n, d, "ivfpq"))
+    q = x[:20] + 0.05 * rng.standard_normal((20, d)).astype(np.float32)
+    victims = np.unique(store.search(q, 30)[1][:, :5])  # the best neighbours: they would surely come back
+    store.remove(victims[:40])
+    assert 0 < len(store._dead) < 50 and store.index.ntotal == n  # still in FAISS, filtered out
+    keep = np.setdiff1d(np.arange(n), victims[:40])
+    _, ref = reference.topk(q, x[keep], 30)
+    assert np.array_equal(store.search(q, 30)[1], keep[ref])
+    store.remove(victims[40:] if len(victims) > 40 else keep[:20])
+    gone = np.setdiff1d(np.arange(n), store.ids())
+    assert store.index.ntotal == n - len(gone) + len(store._dead)  # FAISS holds the live ones and the dead
+    store.add(gone[:3], x[gone[:3]])  # ids deleted and added again: their old vectors are purged first
+    keep = store.ids()
+    _, ref = reference.topk(q, x[keep], 30)
+    assert np.array_equal(store.search(q, 30)[1], keep[ref])
+    store.write(tmp_path / "s.faiss")  # written without the deleted vectors
+    again = AnchorStore.read(tmp_path / "s.faiss", d, store.spec)
+    assert np.array_equal(again.ids(), keep) and again.index.ntotal == len(keep)
+    assert np.array_equal(again.search(q, 30)[1], keep[ref])
