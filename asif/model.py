@@ -29,7 +29,7 @@ from asif.encoders.base import ImageEncoder, TextEncoder
 from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
 from asif.relrep import DEFAULT_K, DEFAULT_P, KeyMatrix, SparseRR, check_k_p, effective_k, shared_anchors, sparsify
 from asif.scoring import LabelScorer
-from asif.store import AnchorStore, StoreError
+from asif.store import AnchorStore, StoreError, as_matrix
 
 UNKNOWN = "unknown"
 JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
@@ -408,15 +408,12 @@ class AsifModel:
         ids = np.asarray(ids)
         if not (len(ids) == len(image_embeddings) == len(text_embeddings)):
             raise StoreError("ids, image and text embeddings must have the same length")
-        for role, x, dim in (
-            ("image", image_embeddings, self.image_store.dim),
-            ("text", text_embeddings, self.text_store.dim),
-        ):
-            x = np.asarray(x)
-            if x.ndim != 2 or x.shape[1] != dim:
-                raise StoreError(f"{role} embeddings must have shape (n, {dim}), got {x.shape}")
-            if not np.isfinite(x).all():
-                raise StoreError(f"{role} embeddings contain NaN or infinity")
+        roles = (("image", image_embeddings, self.image_store), ("text", text_embeddings, self.text_store))
+        for role, x, store in roles:
+            try:
+                as_matrix(x, store.dim)  # the stores' own check: shape and finite values
+            except StoreError as exc:
+                raise StoreError(f"{role} embeddings: {exc}") from exc
         if len(np.unique(ids)) != len(ids):
             raise StoreError("duplicate ids in one add")
         present = self.image_store.contains(ids.astype(np.int64))

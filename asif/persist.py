@@ -171,12 +171,13 @@ def save_index_folder(
     return out
 
 
-def remove_stale_generations(folder: Path, keep: int, deltas: tuple[str, ...] = ()) -> None:
-    """Delete files of other generations, delta files the manifest does not list, and temp files."""
+def remove_stale_generations(folder: Path, keep: int) -> None:
+    """After a full save: delete files of other generations, every delta file (the base holds their edits), and
+    temp files."""
     for path in Path(folder).iterdir():
         m = _GEN_FILE.match(path.name)
-        stale_delta = _DELTA_FILE.match(path.name) and path.name not in deltas
-        if (m and int(m.group(2)) != keep) or stale_delta or path.name.endswith((".faiss.tmp", ".npz.tmp")):
+        delta = _DELTA_FILE.match(path.name)
+        if (m and int(m.group(2)) != keep) or delta or path.name.endswith((".faiss.tmp", ".npz.tmp")):
             path.unlink(missing_ok=True)
 
 

@@ -229,7 +229,7 @@ def _ids_of(index: faiss.Index) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+def as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != dim:
         raise StoreError(f"expected vectors of shape (n, {dim}), got {x.shape}")
@@ -337,7 +337,7 @@ class AnchorStore:
     # -- building and editing -----------------------------------------------------------------
     def train(self, sample: np.ndarray) -> None:
         _apply_faiss_threads()
-        x = _as_matrix(sample, self.dim)
+        x = as_matrix(sample, self.dim)
         if not self.index.is_trained:
             if self._ivf is not None and len(x) < self._ivf.nlist:
                 raise StoreError(f"need at least {self._ivf.nlist} training vectors, got {len(x)}")
@@ -347,7 +347,7 @@ class AnchorStore:
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
         _apply_faiss_threads()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        x = _as_matrix(vectors, self.dim)
+        x = as_matrix(vectors, self.dim)
         if len(ids) != len(x):
             raise StoreError(f"{len(ids)} ids for {len(x)} vectors")
         if len(np.unique(ids)) != len(ids):
@@ -484,7 +484,7 @@ class AnchorStore:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         _apply_faiss_threads()
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
-        x = _as_matrix(queries, self.dim)
+        x = as_matrix(queries, self.dim)
         k = effective_k(k, self.ntotal)
         if k == 0 or len(x) == 0:
             return np.zeros((len(x), k), dtype=np.float32), np.zeros((len(x), k), dtype=np.int64)
@@ -700,7 +700,7 @@ def build_store(
     vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec, seed: int = 0, add_batch: int = 65536
 ) -> AnchorStore:
     """Train (on a seeded sample) and fill a store."""
-    x = _as_matrix(vectors, vectors.shape[1] if vectors.ndim == 2 else 0)
+    x = as_matrix(vectors, vectors.shape[1] if vectors.ndim == 2 else 0)
     store = AnchorStore(x.shape[1], spec)
     if not store.is_trained:
         n_train = min(len(x), max(spec.train_size, 1))

@@ -69,18 +69,19 @@ class VectorTable:
             self.blocks[block][offset : offset + take] = vectors[done : done + take]
             done += take
 
-    def present(self, ids: np.ndarray) -> np.ndarray:
-        """Whether each id (any shape; negative ids are never present) has a row."""
+    def _lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id (any shape), -1 where absent (negative and unknown ids included)."""
         ids = np.asarray(ids, dtype=np.int64)
         inside = (ids >= 0) & (ids < len(self.row_of))
-        out = np.zeros(ids.shape, dtype=bool)
-        out[inside] = self.row_of[ids[inside]] >= 0
-        return out
+        return np.where(inside, self.row_of[np.where(inside, ids, 0)], -1)
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id (any shape) has a row."""
+        return self._lookup(ids) >= 0
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        inside = (ids >= 0) & (ids < len(self.row_of))
-        rows = np.where(inside, self.row_of[np.where(inside, ids, 0)], -1)
+        rows = self._lookup(ids)
         if (rows < 0).any():
             raise KeyError(f"ids not in the table: {ids[rows < 0][:10].tolist()}")
         return rows

@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -57,6 +56,7 @@ from asif.persist import MANIFEST, read_manifest, save_index_folder
 from asif.rwlock import RWLock
 from asif.store import AnchorStore, choose_index_spec, set_faiss_threads
 from asif.synthetic import SyntheticWorld
+from bench.run import peak_rss_mb, rss_mb
 
 K, P = 800, 8.0
 D_IMAGE, D_TEXT = 1280, 384
@@ -127,18 +127,6 @@ class LockTimer:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def percentiles(samples: Sequence[float]) -> dict[str, float]:
     """Seconds -> {n, p50_ms, p99_ms, max_ms}."""
     if len(samples) == 0:
