@@ -11,7 +11,8 @@ one run, one classify thread issuing single-image requests back to back:
 1. classify p50/p99 (a) idle, (b) under ~20 edits/s from another thread (adds of fresh pairs alternating
    with deletes of random existing ids), (c) under the same edits plus a thread taking snapshots back to
    back whenever an edit is pending, (d) while ``compact()`` runs in another thread, no edits (its
-   duration too); p99 ratios against idle; 500 requests per phase (300 from 1M pairs) after a warm-up;
+   duration too); p99 ratios against idle; 1,000 requests per phase after a warm-up. Phases a-c are
+   interleaved in 5 rounds and pooled, so that a slow spell of this noisy machine falls on all three alike;
 2. the time and bytes of a snapshot after exactly 1,000 (and 100) edits, beside a full compaction;
 3. add and delete latency (quiet, then under traffic) with the 100 label sets registered;
 4. the first (and second) classify right after each of those 1,000 edits against steady classification.
@@ -67,7 +68,9 @@ QUICK_EDITS = 1_000  # edits before the timed snapshot (part 2), also the edit-l
 SMALL_EDITS = 100  # a second, smaller snapshot: its cost should scale with the edits
 FRESH_PAIRS = 4_096  # pre-generated pairs the adds draw from (cycled)
 WARMUP = 50
+SAMPLES = 1_000  # classify requests per phase
 Sample = tuple[float, float, float, float]  # classify request: start, end, read-lock wait, thread CPU seconds
+ROUNDS = 5  # phases a-c are interleaved in this many rounds
 MAX_COMPACTIONS = 6  # compaction rounds in phase (d) when one is too short for the wanted samples
 
 
@@ -319,14 +322,17 @@ class EditStream(Background):
             self.lock_wait.append(wait)
             i += 1
 
-    def summary(self) -> dict[str, Any]:
-        span = self.intervals[-1][1] - self.intervals[0][0] if len(self.intervals) > 1 else float("nan")
+    @staticmethod
+    def pooled(streams: Sequence[EditStream]) -> dict[str, Any]:
+        """Edit counts, rate and latencies over several streams (the rounds of one phase)."""
+        gaps = sum(len(s.intervals) - 1 for s in streams if len(s.intervals) > 1)
+        span = sum(s.intervals[-1][1] - s.intervals[0][0] for s in streams if len(s.intervals) > 1)
         return {
-            "edits": len(self.intervals),
-            "rate_per_s": (len(self.intervals) - 1) / span if span == span and span > 0 else float("nan"),
-            "add": percentiles(self.latency["add"]),
-            "delete": percentiles(self.latency["delete"]),
-            "write_lock_wait": percentiles(self.lock_wait),
+            "edits": sum(len(s.intervals) for s in streams),
+            "rate_per_s": gaps / span if span > 0 else float("nan"),
+            "add": percentiles([t for s in streams for t in s.latency["add"]]),
+            "delete": percentiles([t for s in streams for t in s.latency["delete"]]),
+            "write_lock_wait": percentiles([t for s in streams for t in s.lock_wait]),
         }
 
 
@@ -356,14 +362,16 @@ class SnapshotLoop(Background):
                 self.edits += info.edits
             self.compacted += int(info.compacted)
 
-    def summary(self) -> dict[str, Any]:
+    @staticmethod
+    def pooled(loops: Sequence[SnapshotLoop]) -> dict[str, Any]:
+        """Snapshot counts and durations over several loops (the rounds of one phase)."""
         return {
-            "snapshots": len(self.took),
-            "snapshots_writing_a_delta": len(self.written),
-            "edits_written": self.edits,
-            "compactions": self.compacted,
-            "all": percentiles(self.took),
-            "writing": percentiles(self.written),
+            "snapshots": sum(len(s.took) for s in loops),
+            "snapshots_writing_a_delta": sum(len(s.written) for s in loops),
+            "edits_written": sum(s.edits for s in loops),
+            "compactions": sum(s.compacted for s in loops),
+            "all": percentiles([t for s in loops for t in s.took]),
+            "writing": percentiles([t for s in loops for t in s.written]),
         }
 
 
@@ -534,11 +542,6 @@ def bench_size(
     gcs = GcMeter()
     phases: dict[str, Any] = {}
 
-    # (a) idle
-    classifier.run(WARMUP)
-    gc_mark = len(gcs.events)
-    phases["idle"] = phase_summary(classifier.run(samples)) | {"gc": gcs.since(gc_mark)}
-
     # Parts 2-4, quiet: 1,000 edits, each followed by two classifies; snapshot; 100 more; snapshot; compaction.
     latency: dict[str, list[float]] = {"add": [], "delete": []}
     first, second = [], []
@@ -586,31 +589,37 @@ def bench_size(
     gc.collect()
     print(f"  quiet edits, snapshots and compaction done; RSS {rss_mb():.0f} MB", file=sys.stderr, flush=True)
 
-    # (b) under a steady stream of edits
+    # (a) idle, (b) under a steady stream of edits, (c) edits and back-to-back snapshots: interleaved in
+    # ROUNDS rounds and pooled per phase, so that a slow spell of the machine falls on every phase alike.
     classifier.run(WARMUP)
-    stream, mark, gc_mark = EditStream(editor, EDIT_RATE), len(background.took), len(gcs.events)
-    stream.start()
-    got = classifier.run(samples)
-    stream.stop()
-    phases["edits"] = phase_summary(got, stream.intervals) | {
-        "edit_stream": stream.summary(),
-        "background_jobs": background.since(mark),
-        "gc": gcs.since(gc_mark),
-    }
-
-    # (c) edits and back-to-back snapshots
-    stream, snaps, mark = EditStream(editor, EDIT_RATE), SnapshotLoop(live), len(background.took)
-    gc_mark = len(gcs.events)
-    stream.start()
-    snaps.start()
-    got = classifier.run(samples)
-    snaps.stop()
-    stream.stop()
-    phases["snapshots"] = phase_summary(got, stream.intervals) | {
-        "edit_stream": stream.summary(),
-        "snapshot_loop": snaps.summary(),
-        "background_jobs": background.since(mark),
-        "gc": gcs.since(gc_mark),
+    pooled: dict[str, list[Sample]] = {"idle": [], "edits": [], "snapshots": []}
+    streams: dict[str, list[EditStream]] = {"edits": [], "snapshots": []}
+    loops: list[SnapshotLoop] = []
+    marks = {"background": len(background.took), "gc": len(gcs.events)}
+    for r in range(ROUNDS):
+        count = samples // ROUNDS + (1 if r < samples % ROUNDS else 0)
+        pooled["idle"].extend(classifier.run(count))
+        for name in ("edits", "snapshots"):
+            stream = EditStream(editor, EDIT_RATE)
+            snaps = SnapshotLoop(live) if name == "snapshots" else None
+            stream.start()
+            if snaps is not None:
+                snaps.start()
+            pooled[name].extend(classifier.run(count))
+            if snaps is not None:
+                snaps.stop()
+                loops.append(snaps)
+            stream.stop()
+            streams[name].append(stream)
+    for name, samples_of in pooled.items():
+        intervals = [iv for s in streams.get(name, []) for iv in s.intervals]
+        phases[name] = phase_summary(samples_of, intervals)
+        if name in streams:
+            phases[name]["edit_stream"] = EditStream.pooled(streams[name])
+    phases["snapshots"]["snapshot_loop"] = SnapshotLoop.pooled(loops)
+    out["during_phases_a_to_c"] = {  # background jobs and collections, over the three phases together
+        "background_jobs": background.since(marks["background"]),
+        "gc": gcs.since(marks["gc"]),
     }
     live.snapshot()  # the edits after the loop's last snapshot
     print("  phases a-c done", file=sys.stderr, flush=True)
@@ -652,6 +661,11 @@ def _pp(d: dict[str, float]) -> str:
     return f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}"
 
 
+def gc_cell(gcs: dict[str, dict[str, float]], pooled: bool) -> str:
+    g = gcs["gen2"]
+    return f"{g['collections']} ({g['max_ms']:.0f})" + (" a-c" if pooled else "")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     rows = [
         f"Classify, one image, k={K}, p={P:g}, {results[0]['label_sets']} label sets x {N_CLASSES} classes "
@@ -682,7 +696,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "Where the p99 goes (ms): read-lock wait p99; latency minus lock wait p50 / p99; the classify thread's CPU "
         "time p50 / p99; time off CPU other than the lock wait (GIL, label-set lock, no free core) p50 / p99; share "
         "of requests an edit overlapped (their p99 / the others' p99); full (generation-2) garbage collections in "
-        "the phase, any thread (max ms)",
+        "the phase, any thread (max ms; for phases a-c, the three together)",
         "",
         "| n | phase | lock wait p99 | minus lock wait | thread CPU | off CPU | overlapped by an edit | gen-2 GCs |",
         "|---|---|---|---|---|---|---|---|",
@@ -699,7 +713,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {r['n']:,} | {name} | {ph['read_lock_wait']['p99_ms']:.2f} | "
                 f"{_pp(ph['latency_minus_lock_wait'])} | {_pp(ph['thread_cpu'])} | "
                 f"{_pp(ph['off_cpu_minus_lock_wait'])} | {ov_s} | "
-                f"{ph['gc']['gen2']['collections']} ({ph['gc']['gen2']['max_ms']:.0f}) |"
+                f"{gc_cell(ph.get('gc') or r['during_phases_a_to_c']['gc'], 'gc' not in ph)} |"
             )
     rows += [
         "",
@@ -751,9 +765,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument(
-        "--samples", type=int, default=None, help="classify requests per phase (default 500; 300 from 1M pairs)"
-    )
+    parser.add_argument("--samples", type=int, default=None, help=f"classify requests per phase (default {SAMPLES:,})")
     parser.add_argument("--label-sets", type=int, default=N_LABEL_SETS, help="stored label sets of 100 classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("bench/live_results.json"))
@@ -793,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"n={n:,} ...", file=sys.stderr, flush=True)
             t = time.perf_counter()
             load_before = os.getloadavg()
-            samples = args.samples or (500 if n < 1_000_000 else 300)
+            samples = args.samples or SAMPLES
             result = bench_size(n, samples, args.seed, workdir, not args.no_verify, args.label_sets)
             result["wall_s"] = time.perf_counter() - t
             result["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
