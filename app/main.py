@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.routes import classify, health, label_sets, pairs
+from app.api.routes import classify, console, health, label_sets, pairs, search
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
@@ -139,6 +139,7 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
         return response
 
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
-    for router in (classify.router, label_sets.router, pairs.router):
+    for router in (classify.router, label_sets.router, pairs.router, search.router):
         app.include_router(router, responses=ERROR_RESPONSES)
+    console.install(app)
     return app

@@ -34,6 +34,9 @@ class ClassifyOptions(BaseModel):
     k: int | None = Field(None, ge=1, description="neighbours kept (default: the index's k; capped at the pairs)")
     p: float | None = Field(None, gt=0, description="exponent (default: the index's p)")
     explain: int = Field(0, ge=0, le=1000, description="how many contributing anchor pairs to return (0: none)")
+    explain_label: str | None = Field(
+        None, description="explain this label (one of the labels) instead of the best one; needs explain > 0"
+    )
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="answer 'unknown' when the best score is below this")
 
 
@@ -130,6 +133,34 @@ class Deleted(BaseModel):
     deleted: int
 
 
+class RestoreBody(BaseModel):
+    ids: list[int] = Field(..., min_length=1, max_length=1000, description="ids of recently deleted pairs")
+
+
+class Restored(BaseModel):
+    restored: dict[int, int] = Field(..., description="old id -> new id (ids are never reused)")
+
+
+class SearchJSON(BaseModel):
+    text: str | None = Field(None, description="search the caption anchors with this text")
+    image: str | None = Field(None, description="or search the image anchors with this base64-encoded image")
+    top: int = Field(12, ge=1, le=200, description="how many anchors to return")
+
+
+class SearchHit(BaseModel):
+    pair_id: int
+    similarity: float = Field(..., description="cosine similarity to the query, in the index searched")
+    image: str
+    caption: str
+    captions: list[str]
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    index: str = Field(..., description="'text' (caption anchors) or 'image' (image anchors)")
+    results: list[SearchHit]
+
+
 class Info(BaseModel):
     encoders: dict[str, Any]
     pairs: int
@@ -142,3 +173,4 @@ class Info(BaseModel):
     pending_edits: int
     label_sets: list[str]
     inline_label_cache: dict[str, int] = Field(..., description="ad-hoc label lists cached: count and bytes")
+    write_protected: bool = Field(..., description="write endpoints need 'Authorization: Bearer <ASIF_API_KEY>'")

@@ -46,6 +46,7 @@ from asif.store import StoreError
 log = logging.getLogger("asif.live")
 
 INLINE_CACHE_BYTES = 256 << 20
+RESTORABLE = 1_000  # the last deleted pairs kept in memory (vectors, captions, thumbnail) so they can be restored
 COMPACT_RATIO = 0.25  # fold deltas into a new base once they touch this fraction of the pairs
 
 
@@ -117,6 +118,8 @@ class LiveModel:
         self._edit_lock = threading.Lock()
         self._snapshot_lock = threading.Lock()
         self._inline: OrderedDict[str, CachedLabels] = OrderedDict()
+        self._deleted: OrderedDict[int, NewPair] = OrderedDict()  # the last RESTORABLE deleted pairs, by old id
+        self._restore_lock = threading.Lock()  # one restore at a time: a pair is added back once
         self._inline_lock = threading.Lock()
         self.inline_cache_bytes = int(inline_cache_bytes)
         self.compact_ratio = float(compact_ratio)
@@ -211,12 +214,56 @@ class LiveModel:
             arr = np.unique(np.asarray(ids, dtype=np.int64))
             present = arr[self.model.image_store.contains(arr)]
             if len(present):
+                kept = self._keep_for_restore(present)
                 self.metadata.log_delete([int(i) for i in present])
                 seq = self.metadata.last_seq()
                 with self.lock.write():
                     self.model.remove_pairs(present)
                     self._seq = seq
+                self._deleted.update(kept)
+                while len(self._deleted) > RESTORABLE:
+                    self._deleted.popitem(last=False)
         return [int(i) for i in present]
+
+    def _keep_for_restore(self, ids: np.ndarray) -> dict[int, NewPair]:
+        """What restore_pairs needs to add these pairs back (call with the edit lock, before deleting)."""
+        image_vecs = self.model.image_store.reconstruct(ids)
+        text_vecs = self.model.text_store.reconstruct(ids)
+        kept = {}
+        for row, pid in enumerate(ids.tolist()):
+            rec = self.metadata.get(pid)
+            if rec is not None:
+                thumb = self.metadata.thumbnail(rec.image)
+                kept[pid] = NewPair(rec.image, list(rec.captions), thumb, image_vecs[row], text_vecs[row])
+        return kept
+
+    def restorable(self, ids: Sequence[int]) -> list[int]:
+        """Those of these deleted pair ids that restore_pairs can still add back."""
+        with self._edit_lock:
+            return [int(i) for i in ids if int(i) in self._deleted]
+
+    def restore_pairs(self, ids: Sequence[int]) -> dict[int, int]:
+        """Add recently deleted pairs back (same image reference, captions, thumbnail and vectors; new ids, since
+        ids are never reused); returns {old id: new id}. Ids not among the last RESTORABLE deletions raise
+        KeyError, and nothing is restored."""
+        with self._restore_lock:
+            with self._edit_lock:
+                wanted = list(dict.fromkeys(int(i) for i in ids))
+                missing = [i for i in wanted if i not in self._deleted]
+                if missing:
+                    raise KeyError(missing)
+                pairs = [self._deleted[i] for i in wanted]
+            new = self.add_pairs(pairs)
+            with self._edit_lock:
+                for i in wanted:
+                    self._deleted.pop(i, None)
+            return dict(zip(wanted, new, strict=True))
+
+    def search(self, role: str, vectors: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest anchors of the image ("image") or caption ("text") index, by cosine: (similarities, ids)."""
+        store = {"image": self.model.image_store, "text": self.model.text_store}[role]
+        with self.lock.read():
+            return store.search(np.asarray(vectors, dtype=np.float32), int(top))
 
     def has_pair(self, pair_id: int) -> bool:
         with self.lock.read():

@@ -360,13 +360,19 @@ class AsifModel:
         top: int = 5,
         threshold: float = 0.0,
         explain: int = 0,
+        explain_label: int | None = None,
     ) -> list[Prediction]:
-        """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return."""
+        """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return, for the
+        best label or, with ``explain_label``, for the label of that index."""
         k, p = self._kp(k, p)
+        if explain_label is not None and not 0 <= explain_label < len(labels.classes):
+            raise IndexError(f"explain_label {explain_label} out of range for {len(labels.classes)} labels")
         image_rr = self.image_relrep(image_embeddings, k, p)
         with self.label_scorer(labels, k, p) as scorer:
             scores = scorer.score(image_rr)
             best_rows = np.argmax(scores, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
+            if explain_label is not None:
+                best_rows = np.full(len(image_rr), explain_label, dtype=np.int64)
             best_ids, best_weights = scorer.ids[best_rows].copy(), scorer.weights[best_rows].copy()
         top = max(1, min(int(top), scores.shape[1]))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
@@ -376,8 +382,9 @@ class AsifModel:
             ranked = [(labels.classes[j], float(scores[b, j])) for j in order[b]]
             best = int(order[b, 0])
             unknown = scores[b, best] <= 0.0 or scores[b, best] < threshold
+            explained = int(best_rows[b])
             ids, contrib = np.zeros(0, np.int64), np.zeros(0)
-            if explain > 0 and scores[b, best] > 0:
+            if explain > 0 and scores[b, explained] > 0:
                 ids, contrib = shared_anchors(image_rr.ids[b], image_rr.weights[b], best_ids[b], best_weights[b])
                 ids, contrib = ids[:explain], contrib[:explain]
                 wanted_ids.extend(int(i) for i in ids)

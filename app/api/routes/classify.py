@@ -37,6 +37,7 @@ _MULTIPART_SCHEMA = {
         "k": {"type": "integer"},
         "p": {"type": "number"},
         "explain": {"type": "integer"},
+        "explain_label": {"type": "string"},
         "threshold": {"type": "number"},
     },
 }
@@ -109,6 +110,11 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             raise ApiError(404, f"unknown label set {opts.label_set!r}")
     else:
         labels = await state.inline_labels(label_set_from(opts.labels, opts.templates, state.settings))
+    explain_label = None
+    if opts.explain_label is not None:
+        if opts.explain_label not in labels.classes:
+            raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
+        explain_label = labels.classes.index(opts.explain_label)
     images = await decode_images(blobs, state.settings)
     embeddings = await state.images.encode(images)
     live = state.live
@@ -122,6 +128,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             top=opts.top,
             threshold=opts.threshold,
             explain=opts.explain,
+            explain_label=explain_label,
         )
     except NoPairsError as exc:
         raise ApiError(409, "the model holds no pairs") from exc

@@ -53,4 +53,5 @@ async def info(state: State) -> Info:
         pending_edits=live.pending_edits(),
         label_sets=sorted(live.stored_label_sets()),
         inline_label_cache=dict(zip(("count", "bytes"), live.inline_cache_usage(), strict=True)),
+        write_protected=state.settings.api_key is not None,
     )

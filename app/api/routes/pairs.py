@@ -1,4 +1,4 @@
-"""Live pairs: POST /v1/pairs, GET /v1/pairs[/{id}[/thumbnail]], DELETE /v1/pairs/{id}."""
+"""Live pairs: POST /v1/pairs, GET /v1/pairs[/{id}[/thumbnail]], DELETE /v1/pairs/{id}, POST /v1/pairs/restore."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import State, WriteAccess
 from app.core.errors import ApiError
 from app.inputs import decode_base64, decode_images, read_upload
-from app.schemas import Deleted, NewPairsJSON, PairIds, PairOut, PairPage
+from app.schemas import Deleted, NewPairsJSON, PairIds, PairOut, PairPage, RestoreBody, Restored
 from asif.encoders.base import l2_normalise
 from asif.images import thumbnail_jpeg
+from asif.live import RESTORABLE
 from asif.metadata import NewPair, PairRecord
 
 router = APIRouter(prefix="/v1/pairs", tags=["pairs"])
@@ -159,3 +160,21 @@ async def delete_pair(state: State, pair_id: int = PairId) -> Deleted:
         raise ApiError(404, f"unknown pair id {pair_id}")
     state.refresh_gauges()
     return Deleted(deleted=pair_id)
+
+
+@router.post("/restore", response_model=Restored, dependencies=[WriteAccess])
+async def restore_pairs(state: State, body: RestoreBody) -> Restored:
+    """Undo deletes: add recently deleted pairs back, with their image, captions, thumbnail and exact vectors.
+
+    Restored pairs get new ids (ids are never reused). The server remembers the last deletions since it started
+    (1,000); an id outside them is a 404 and nothing is restored.
+    """
+    try:
+        restored = await run_in_threadpool(state.live.restore_pairs, body.ids)
+    except KeyError as exc:
+        missing = exc.args[0]
+        raise ApiError(
+            404, f"not restorable: {missing[:10]} (only the last {RESTORABLE} pairs deleted since the server started)"
+        ) from exc
+    state.refresh_gauges()
+    return Restored(restored=restored)
