@@ -371,8 +371,11 @@ async function nearest(image, i) {
   const box = $(`#nearest-${i}`);
   if (!box) return;
   try {
-    const found = await api("POST", "/v1/search", { image, top: 6 });
-    box.replaceChildren(...found.results.map((h) => pairCard(h.pair_id, h.caption, h.thumbnail_url, `cos ${h.similarity.toFixed(3)}`, true)));
+    // With one anchor per caption a photo is indexed once per caption: show six distinct photos.
+    const found = await api("POST", "/v1/search", { image, top: 40 });
+    const seen = new Set();
+    const hits = found.results.filter((h) => !seen.has(h.image) && seen.add(h.image)).slice(0, 6);
+    box.replaceChildren(...hits.map((h) => pairCard(h.pair_id, h.caption, h.thumbnail_url, `cos ${h.similarity.toFixed(3)}`, true)));
   } catch (err) {
     box.replaceChildren(el("p", { class: "meta", text: `nearest anchors unavailable: ${err.message}` }));
   }

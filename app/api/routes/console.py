@@ -25,4 +25,5 @@ def install(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     async def console() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+        headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
+        return FileResponse(STATIC / "index.html", headers=headers)

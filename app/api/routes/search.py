@@ -39,7 +39,8 @@ async def _parse(request: Request, state: State) -> tuple[str | None, bytes | No
         if ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=2, max_fields=8)
             upload = form.get("image")
-            blob = await read_upload(upload, state.settings) if upload is not None and not isinstance(upload, str) else None
+            is_file = upload is not None and not isinstance(upload, str)
+            blob = await read_upload(upload, state.settings) if is_file else None
             text = form.get("text")
             fields = {"text": text if isinstance(text, str) else None, "top": form.get("top") or 12}
             body = SearchJSON.model_validate(fields)
@@ -54,7 +55,7 @@ async def _parse(request: Request, state: State) -> tuple[str | None, bytes | No
         raise ApiError(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8") from exc
-    raise ApiError(415, "send application/json (text, or a base64 image) or multipart/form-data (text or an image file)")
+    raise ApiError(415, "send application/json (text or a base64 image) or multipart/form-data (text or an image file)")
 
 
 @router.post("/search", response_model=SearchResponse, openapi_extra=_BODY_DOC)
