@@ -22,7 +22,7 @@ from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
 from asif.live import LiveModel
-from asif.store import set_faiss_threads
+from asif.stores import set_faiss_threads
 
 log = logging.getLogger("asif.app")
 

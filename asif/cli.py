@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P
-from asif.store import RERANK_FACTOR
+from asif.stores import RERANK_FACTOR
 
 T = TypeVar("T")
 

@@ -41,7 +41,7 @@ from asif.metadata import Edit, NewPair, StoredLabelSet
 from asif.model import Prediction
 from asif.persist import Delta, compact_index_folder, delta_pairs, write_delta
 from asif.rwlock import RWLock
-from asif.store import StoreError
+from asif.stores import StoreError
 
 log = logging.getLogger("asif.live")
 

@@ -29,7 +29,7 @@ from asif.encoders.base import ImageEncoder, TextEncoder
 from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
 from asif.relrep import DEFAULT_K, DEFAULT_P, KeyMatrix, SparseRR, check_k_p, effective_k, shared_anchors, sparsify
 from asif.scoring import LabelScorer
-from asif.store import AnchorStore, StoreError, as_matrix
+from asif.stores import StoreError, VectorStore, as_matrix
 
 UNKNOWN = "unknown"
 JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
@@ -75,8 +75,8 @@ class Prediction:
 class AsifModel:
     def __init__(
         self,
-        image_store: AnchorStore,
-        text_store: AnchorStore,
+        image_store: VectorStore,
+        text_store: VectorStore,
         k: int = DEFAULT_K,
         p: float = DEFAULT_P,
         image_encoder: ImageEncoder | None = None,

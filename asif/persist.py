@@ -34,7 +34,7 @@ import numpy as np
 
 from asif import __version__
 from asif.encoders.base import EncoderIdentity
-from asif.store import AnchorStore, IndexSpec, refine_path
+from asif.stores import FaissStore, IndexSpec, refine_path
 
 FORMAT = "asif-index"
 FORMAT_VERSION = 1
@@ -85,8 +85,8 @@ class IndexFolder:
 
     path: Path
     manifest: dict[str, Any]
-    image_store: AnchorStore
-    text_store: AnchorStore
+    image_store: FaissStore
+    text_store: FaissStore
 
     @property
     def image_identity(self) -> EncoderIdentity:
@@ -134,7 +134,7 @@ def check_encoders(manifest: dict[str, Any], image: EncoderIdentity | None, text
 
 
 def save_index_folder(
-    folder: Path, image_store: AnchorStore, text_store: AnchorStore, manifest: dict[str, Any]
+    folder: Path, image_store: FaissStore, text_store: FaissStore, manifest: dict[str, Any]
 ) -> dict[str, Any]:
     """Write a new generation of both indices and commit it by replacing the manifest."""
     folder = Path(folder)
@@ -241,7 +241,7 @@ def delta_pairs(manifest: dict[str, Any]) -> int:
     return sum(int(d["adds"]) + int(d["deletes"]) for d in manifest.get("deltas", []))
 
 
-def _apply_delta(path: Path, image_store: AnchorStore, text_store: AnchorStore) -> None:
+def _apply_delta(path: Path, image_store: FaissStore, text_store: FaissStore) -> None:
     with np.load(path, allow_pickle=False) as z:
         add_ids, add_image, add_text, delete_ids = z["add_ids"], z["add_image"], z["add_text"], z["delete_ids"]
     if not (len(add_ids) == len(add_image) == len(add_text)):
@@ -276,7 +276,7 @@ def load_index_folder(
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_encoders(manifest, image, text)
-    stores: dict[str, AnchorStore] = {}
+    stores: dict[str, FaissStore] = {}
     for role in ("image", "text"):
         entry = manifest["indices"][role]
         spec = IndexSpec.from_dict(entry["spec"])
@@ -289,7 +289,7 @@ def load_index_folder(
             if verify and expected and sha256_file(f) != expected:
                 raise IndexFolderError(f"{f} is corrupt: its SHA-256 does not match {MANIFEST}")
         try:
-            stores[role] = AnchorStore.read(path, int(entry["dim"]), spec)
+            stores[role] = FaissStore.read(path, int(entry["dim"]), spec)
         except (RuntimeError, ValueError) as exc:
             raise IndexFolderError(f"cannot read {path}: {exc}") from exc
     for entry in manifest.get("deltas", []):

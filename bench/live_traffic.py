@@ -55,7 +55,7 @@ from asif.live import LiveModel
 from asif.metadata import NewPair, PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder
 from asif.rwlock import RWLock
-from asif.store import AnchorStore, choose_index_spec, set_faiss_threads
+from asif.stores import FaissStore, choose_index_spec, set_faiss_threads
 from asif.synthetic import SyntheticWorld
 from bench.run import peak_rss_mb, rss_mb
 
@@ -181,7 +181,7 @@ def write_index(folder: Path, world: SyntheticWorld, n: int, chunk: int = 100_00
     """Write an index folder of n synthetic pairs (ids 0..n-1), generated and added in chunks."""
     t0 = time.perf_counter()
     specs = {"image": choose_index_spec(n, D_IMAGE), "text": choose_index_spec(n, D_TEXT)}
-    stores = {role: AnchorStore(dim, specs[role]) for role, dim in (("image", D_IMAGE), ("text", D_TEXT))}
+    stores = {role: FaissStore(dim, specs[role]) for role, dim in (("image", D_IMAGE), ("text", D_TEXT))}
     first = min(n, max(chunk, *(s.train_size for s in specs.values())))
     timings = {"generate_s": 0.0, "train_s": 0.0, "add_s": 0.0}
     start = 0

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asif.evaluation import recall_at_k
 from asif.relrep import exact_topk
-from asif.store import build_store, choose_index_spec
+from asif.stores import build_store, choose_index_spec
 from asif.synthetic import SyntheticWorld
 
 

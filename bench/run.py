@@ -29,7 +29,7 @@ from asif.evaluation import recall_at_k
 from asif.labels import LabelSet, combine_prompt_embeddings
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, exact_topk, sparsify
-from asif.store import AnchorStore, choose_index_spec, count_distinct_rows, set_faiss_threads
+from asif.stores import FaissStore, choose_index_spec, count_distinct_rows, set_faiss_threads
 from asif.synthetic import SyntheticWorld
 
 K, P = 800, 8.0
@@ -67,9 +67,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def build(vectors: np.ndarray, ids: np.ndarray) -> tuple[AnchorStore, dict[str, float]]:
+def build(vectors: np.ndarray, ids: np.ndarray) -> tuple[FaissStore, dict[str, float]]:
     spec = choose_index_spec(len(vectors), vectors.shape[1], distinct=count_distinct_rows(vectors))
-    store = AnchorStore(vectors.shape[1], spec)
+    store = FaissStore(vectors.shape[1], spec)
     t0 = time.perf_counter()
     if not store.is_trained:
         rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
 from asif.loading import open_index
 from asif.model import AsifModel
 from asif.relrep import exact_topk
-from asif.store import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 

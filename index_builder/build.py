@@ -37,7 +37,7 @@ from asif.images import DEFAULT_MAX_PIXELS, ImageError, open_image, thumbnail_jp
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
 from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
-from asif.store import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from index_builder.pairs_io import read_pairs, resolve_image
 
 WORK_DIR = ".build"

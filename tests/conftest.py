@@ -31,7 +31,7 @@ def small_world() -> SyntheticWorld:
 @pytest.fixture(scope="session")
 def recall_setup() -> dict:
     """50,000 clustered synthetic pairs in IVF-PQ stores (built once per session)."""
-    from asif.store import build_store, choose_index_spec
+    from asif.stores import build_store, choose_index_spec
 
     world = SyntheticWorld(d_image=256, d_text=128, n_classes=100, seed=3)
     data = world.pairs(50_000, n_queries=200)
@@ -170,7 +170,7 @@ def write_synthetic_index(folder, n: int = 300, seed: int = 0, k: int = 30, p: f
     64-d captions); returns (image anchors, caption anchors), row i = pair i."""
     from asif.metadata import PairMetadata
     from asif.persist import save_index_folder
-    from asif.store import build_store, choose_index_spec
+    from asif.stores import build_store, choose_index_spec
 
     rng = np.random.default_rng(seed)
     img, txt = random_unit(rng, n, 48), random_unit(rng, n, 64)

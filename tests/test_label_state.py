@@ -13,7 +13,7 @@ from asif.labels import LabelSet
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, SparseRR
 from asif.scoring import LabelScorer, score_rows
-from asif.store import build_store, choose_index_spec
+from asif.stores import build_store, choose_index_spec
 from tests import reference
 from tests.conftest import random_unit
 

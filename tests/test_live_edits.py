@@ -14,7 +14,7 @@ from asif.labels import LabelSet
 from asif.live import LiveModel
 from asif.metadata import NewPair
 from asif.persist import read_manifest
-from asif.store import StoreError
+from asif.stores import StoreError
 from tests import reference
 from tests.conftest import HashTextEncoder, PixelEncoder, random_unit, write_synthetic_index
 

@@ -3,7 +3,7 @@ import pytest
 
 from asif.labels import LabelSet, NeighbourCache
 from asif.model import UNKNOWN, AsifModel
-from asif.store import build_store, choose_index_spec
+from asif.stores import build_store, choose_index_spec
 from tests import reference
 from tests.conftest import random_unit
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from asif.store import AnchorStore, StoreError, build_store, choose_index_spec, count_distinct_rows, ivfpq_params
+from asif.stores import FaissStore, StoreError, build_store, choose_index_spec, count_distinct_rows, ivfpq_params
 from tests import reference
 from tests.conftest import random_unit
 
@@ -21,7 +21,7 @@ def test_index_choice_rule():
     x = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
     assert count_distinct_rows(x) == 4 and count_distinct_rows(x[:0]) == 0
     with pytest.raises(StoreError):
-        AnchorStore(64, choose_index_spec(100, 64, "NotAnIndex"))
+        FaissStore(64, choose_index_spec(100, 64, "NotAnIndex"))
 
 
 def test_flat_search_is_exact_with_ids(rng):
@@ -105,7 +105,7 @@ def test_save_load_roundtrip(tmp_path, rng):
         store.remove(np.array([0, 7]))
         files = store.write(tmp_path / f"{kind}.faiss")
         assert all(f.exists() for f in files) and not list(tmp_path.glob("*.tmp"))
-        loaded = AnchorStore.read(tmp_path / f"{kind}.faiss", 8, spec)
+        loaded = FaissStore.read(tmp_path / f"{kind}.faiss", 8, spec)
         np.testing.assert_array_equal(loaded.ids(), store.ids())
         q = random_unit(rng, 3, 8)
         np.testing.assert_array_equal(loaded.search(q, 50)[1], store.search(q, 50)[1])
@@ -234,7 +234,7 @@ def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path):
     _assert_same_search(grouped, flat, np.concatenate([q, same[:1]]), 40)
     # Groups survive a save and load.
     grouped.write(tmp_path / "g.faiss")
-    again = AnchorStore.read(tmp_path / "g.faiss", 32, grouped.spec)
+    again = FaissStore.read(tmp_path / "g.faiss", 32, grouped.spec)
     assert again.ntotal == grouped.ntotal and again.nvectors == grouped.nvectors
     _assert_same_search(again, flat, q, 40)
     # The remaining members of the first group still go together after removing the new key.
@@ -303,7 +303,7 @@ def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory,
     # Identical vectors added by separate calls are not grouped: each call's copies are a PQ candidate of
     # their own, with the same code. With one candidate per vector wanted, the PQ cut falls inside the run;
     # with some copies grouped, fewer candidates than k are fetched and all of them are kept.
-    import asif.store as store_module
+    import asif.stores.faiss_store as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x, ids, group, dup = _big_tie(rng)
@@ -346,7 +346,7 @@ def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, mon
     # Runs of identical vectors spread over several add calls (partly grouped), coarse PQ (fast-scan ranks
     # a run below vectors it beats exactly), few candidates: whatever part of a run a search returns must
     # be its smallest ids.
-    import asif.store as store_module
+    import asif.stores.faiss_store as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     cut_runs = 0
@@ -403,7 +403,7 @@ def test_vector_table_grows_by_blocks_without_copying_and_round_trips(tmp_path, 
 
 
 def test_a_refined_store_deletes_lazily_and_never_returns_a_deleted_pair(tmp_path, rng, monkeypatch):
-    import asif.store as store_mod
+    import asif.stores.faiss_store as store_mod
 
     monkeypatch.setattr(store_mod, "PURGE_AT", 50)
     n, d = 3000, 32
@@ -425,6 +425,6 @@ def test_a_refined_store_deletes_lazily_and_never_returns_a_deleted_pair(tmp_pat
     _, ref = reference.topk(q, x[keep], 30)
     assert np.array_equal(store.search(q, 30)[1], keep[ref])
     store.write(tmp_path / "s.faiss")  # written without the deleted vectors
-    again = AnchorStore.read(tmp_path / "s.faiss", d, store.spec)
+    again = FaissStore.read(tmp_path / "s.faiss", d, store.spec)
     assert np.array_equal(again.ids(), keep) and again.index.ntotal == len(keep)
     assert np.array_equal(again.search(q, 30)[1], keep[ref])

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from app.batching import Overloaded
 from asif.images import ImageError
 from asif.labels import LabelError
-from asif.store import StoreError
+from asif.stores import StoreError
 
 
 class ApiError(Exception):

@@ -1,7 +1,7 @@
-"""Anchor index store: one FAISS index over L2-normalised anchor embeddings with 64-bit pair ids.
+"""The FAISS anchor store: one FAISS index over L2-normalised anchor embeddings with 64-bit pair ids, in process.
 
-The store is deliberately narrow (add with ids, remove ids, search top-k, count, save/load) so
-another backend (a vector database) can replace it without touching the ASIF math.
+It implements ``asif.stores.base.VectorStore`` (the narrow interface the ASIF math uses), plus training and
+files (``write``/``read``) for the index folder. ``asif.stores.milvus_store`` is the other implementation.
 
 Index choice (``choose_index_spec``), the documented rule:
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +54,11 @@ import faiss
 import numpy as np
 
 from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
+from asif.stores.base import StoreError, as_matrix
+from asif.stores.duplicates import rows_by_hash
+from asif.stores.spec import IndexSpec
 from asif.vectors import VectorTable
 
-FLAT_MAX_N = 50_000
-RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Index choice")
-TRAIN_MIN = 30_000
 RERANK_MIN = 4096  # candidates re-ranked at least (~1.7 ms at 1M): small k and grouped anchors need them on real data
 SCAN_MIN = 131_072  # PQ codes scanned at least per query (~1 ms with fast-scan)
 PURGE_AT = 1024  # re-ranked stores: deleted vectors left in FAISS (filtered out) before one batched removal
@@ -86,96 +85,6 @@ def _apply_faiss_threads() -> None:
     if n and getattr(_thread_state, "n", None) != n:
         faiss.omp_set_num_threads(n)
         _thread_state.n = n
-
-
-class StoreError(ValueError):
-    """Bad use of an anchor store (duplicate or unknown ids, wrong dimension...)."""
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """How an anchor index is built and searched; stored in the manifest."""
-
-    kind: str  # "flat", "ivfpq" or "factory"
-    factory: str  # FAISS index_factory string
-    refine: str | None = None  # factory string of the exact re-ranking store, or None
-    nprobe: int = 1  # minimum lists probed per search (IVF only)
-    rerank_factor: float = 1.0  # candidates fetched per neighbour kept, when refining
-    train_size: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def _nearest_divisor(dim: int, target: float) -> int:
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    return min(divisors, key=lambda m: (abs(m - target), m))
-
-
-def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
-    """(nlist, M) for an IVF-PQ index over n vectors of the given dimension (see module doc)."""
-    target = 2.0 * math.sqrt(max(n, 1))
-    nlist = 2 ** round(math.log2(target))
-    nlist = max(16, min(65536, nlist, max(1, n // 39)))
-    m = _nearest_divisor(dim, max(dim / 8, min(dim, 4)))  # >= 4 sub-quantisers for tiny test dims
-    return int(nlist), int(m)
-
-
-def _rows_by_hash(x: np.ndarray) -> dict[int, list[int]]:
-    """Row numbers of x bucketed by a hash of the row's bytes (equal rows share a bucket)."""
-    buckets: dict[int, list[int]] = {}
-    for row, vec in enumerate(np.ascontiguousarray(x)):
-        buckets.setdefault(hash(vec.tobytes()), []).append(row)
-    return buckets
-
-
-def count_distinct_rows(x: np.ndarray) -> int:
-    """Distinct rows of x (a hash collision undercounts by one: harmless for sizing an index)."""
-    return len(_rows_by_hash(x))
-
-
-def choose_index_spec(
-    n: int,
-    dim: int,
-    index_type: str = "auto",
-    refine: str | None = "Flat",
-    rerank_factor: float = RERANK_FACTOR,
-    distinct: int | None = None,
-) -> IndexSpec:
-    """Pick the index for n anchors of dimension dim. ``index_type``: auto, flat, ivfpq or a factory string.
-
-    ``distinct``: how many distinct vectors the n anchors hold (one image, several captions). With re-ranking
-    the store indexes each once, so the IVF lists are sized for them; ``auto`` still decides on n.
-    """
-    if not 1.0 <= rerank_factor <= 100.0:
-        raise StoreError(f"rerank_factor must be in [1, 100], got {rerank_factor}")
-    kind = index_type.strip()
-    if kind.lower() == "auto":
-        kind = "flat" if n <= FLAT_MAX_N else "ivfpq"
-    if kind.lower() == "flat":
-        return IndexSpec(kind="flat", factory="IDMap2,Flat")
-    if kind.lower() == "ivfpq":
-        nlist, m = ivfpq_params(distinct if refine and distinct else n, dim)
-        return IndexSpec(
-            kind="ivfpq",
-            factory=f"IVF{nlist},PQ{m}x4fs",
-            refine=refine,
-            nprobe=max(1, nlist // 8),
-            rerank_factor=rerank_factor if refine else 1.0,
-            train_size=int(min(n, max(64 * nlist, TRAIN_MIN))),
-        )
-    return IndexSpec(
-        kind="factory",
-        factory=kind,
-        refine=refine if kind.upper().startswith("IVF") and "PQ" in kind.upper() else None,
-        nprobe=16,
-        rerank_factor=rerank_factor if refine else 1.0,
-        train_size=int(min(n, TRAIN_MIN * 4)),
-    )
 
 
 def _new_index(dim: int, factory: str) -> faiss.Index:
@@ -229,16 +138,7 @@ def _ids_of(index: faiss.Index) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise StoreError(f"expected vectors of shape (n, {dim}), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise StoreError("vectors contain NaN or infinity")
-    return x
-
-
-class AnchorStore:
+class FaissStore:
     """FAISS anchor index with explicit pair ids, optional exact re-ranking. Not thread-safe for edits."""
 
     def __init__(
@@ -317,6 +217,9 @@ class AnchorStore:
     def is_exact(self) -> bool:
         return self._ivf is None and self.spec.kind == "flat"
 
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "faiss", **self.spec.to_dict()}
+
     def ids(self) -> np.ndarray:
         """Sorted ids currently in the store."""
         return np.array(sorted(self._ids), dtype=np.int64)
@@ -371,7 +274,7 @@ class AnchorStore:
     def _group_rows(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Group bitwise-identical rows; records the groups and returns the rows to index (one per group)."""
         groups: list[list[int]] = []
-        for rows in _rows_by_hash(x).values():
+        for rows in rows_by_hash(x).values():
             while rows:  # split a bucket by exact equality (hash collisions stay apart)
                 same = [r for r in rows if np.array_equal(x[r], x[rows[0]])]
                 groups.append(same)
@@ -659,7 +562,7 @@ class AnchorStore:
         return written
 
     @classmethod
-    def read(cls, path: Path, dim: int, spec: IndexSpec) -> AnchorStore:
+    def read(cls, path: Path, dim: int, spec: IndexSpec) -> FaissStore:
         index = faiss.read_index(str(path))
         if index.d != dim:
             raise StoreError(f"{path} holds {index.d}-d vectors, expected {dim}")
@@ -698,10 +601,10 @@ def refine_path(path: Path) -> Path:
 
 def build_store(
     vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec, seed: int = 0, add_batch: int = 65536
-) -> AnchorStore:
+) -> FaissStore:
     """Train (on a seeded sample) and fill a store."""
     x = as_matrix(vectors, vectors.shape[1] if vectors.ndim == 2 else 0)
-    store = AnchorStore(x.shape[1], spec)
+    store = FaissStore(x.shape[1], spec)
     if not store.is_trained:
         n_train = min(len(x), max(spec.train_size, 1))
         sample = x if n_train >= len(x) else x[np.random.default_rng(seed).choice(len(x), n_train, replace=False)]

@@ -1,0 +1,27 @@
+"""Anchor stores: one narrow interface (``VectorStore``), two implementations.
+
+- ``FaissStore``: FAISS in process, with the index folder's files (the embedded default).
+- ``MilvusStore``: a Milvus collection (a Milvus server, or milvus-lite embedded), for stateless API replicas.
+"""
+
+from asif.stores.base import StoreError, VectorStore, as_matrix
+from asif.stores.duplicates import count_distinct_rows
+from asif.stores.faiss_store import RERANK_MIN, FaissStore, build_store, refine_path, set_faiss_threads
+from asif.stores.spec import FLAT_MAX_N, RERANK_FACTOR, IndexSpec, choose_index_spec, ivfpq_params
+
+__all__ = [
+    "FLAT_MAX_N",
+    "RERANK_FACTOR",
+    "RERANK_MIN",
+    "FaissStore",
+    "IndexSpec",
+    "StoreError",
+    "VectorStore",
+    "as_matrix",
+    "build_store",
+    "choose_index_spec",
+    "count_distinct_rows",
+    "ivfpq_params",
+    "refine_path",
+    "set_faiss_threads",
+]

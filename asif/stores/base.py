@@ -1,0 +1,71 @@
+"""The narrow interface every anchor store implements, and what all of them share.
+
+The ASIF math (``asif.model``, ``asif.labels``) talks to a store only through ``VectorStore``: add vectors under
+64-bit pair ids, remove ids, search the top-k by inner product (ties at the k-th place to the smallest ids), read
+vectors back, count. Two implementations: ``FaissStore`` (``asif.stores.faiss_store``, in process, the default)
+and ``MilvusStore`` (``asif.stores.milvus_store``, a Milvus server or milvus-lite).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class StoreError(ValueError):
+    """Bad use of an anchor store (duplicate or unknown ids, wrong dimension...)."""
+
+
+def as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise StoreError(f"expected vectors of shape (n, {dim}), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise StoreError("vectors contain NaN or infinity")
+    return x
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Anchor vectors (L2-normalised) by pair id, searched by inner product."""
+
+    dim: int
+
+    @property
+    def ntotal(self) -> int:
+        """Pairs held."""
+        ...
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether searches return the exact top-k (no approximate index)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the store is, for /v1/info and the manifest (backend, index type, parameters)."""
+        ...
+
+    def ids(self) -> np.ndarray:
+        """Sorted ids held."""
+        ...
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of these ids are held."""
+        ...
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under new ids (StoreError: a known or duplicated id, wrong shape, NaN)."""
+        ...
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the ids held among these; returns how many."""
+        ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-min(k, ntotal) (similarities, ids) per query, best first, ties to the smallest ids."""
+        ...
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (StoreError: an unknown id)."""
+        ...

@@ -1,0 +1,86 @@
+"""Index choice for the FAISS store: the documented rule (see ``asif.stores.faiss_store``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from asif.stores.base import StoreError
+
+FLAT_MAX_N = 50_000
+RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Index choice")
+TRAIN_MIN = 30_000
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How an anchor index is built and searched; stored in the manifest."""
+
+    kind: str  # "flat", "ivfpq" or "factory"
+    factory: str  # FAISS index_factory string
+    refine: str | None = None  # factory string of the exact re-ranking store, or None
+    nprobe: int = 1  # minimum lists probed per search (IVF only)
+    rerank_factor: float = 1.0  # candidates fetched per neighbour kept, when refining
+    train_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def _nearest_divisor(dim: int, target: float) -> int:
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(m - target), m))
+
+
+def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
+    """(nlist, M) for an IVF-PQ index over n vectors of the given dimension (see module doc)."""
+    target = 2.0 * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(target))
+    nlist = max(16, min(65536, nlist, max(1, n // 39)))
+    m = _nearest_divisor(dim, max(dim / 8, min(dim, 4)))  # >= 4 sub-quantisers for tiny test dims
+    return int(nlist), int(m)
+
+
+def choose_index_spec(
+    n: int,
+    dim: int,
+    index_type: str = "auto",
+    refine: str | None = "Flat",
+    rerank_factor: float = RERANK_FACTOR,
+    distinct: int | None = None,
+) -> IndexSpec:
+    """Pick the index for n anchors of dimension dim. ``index_type``: auto, flat, ivfpq or a factory string.
+
+    ``distinct``: how many distinct vectors the n anchors hold (one image, several captions). With re-ranking
+    the store indexes each once, so the IVF lists are sized for them; ``auto`` still decides on n.
+    """
+    if not 1.0 <= rerank_factor <= 100.0:
+        raise StoreError(f"rerank_factor must be in [1, 100], got {rerank_factor}")
+    kind = index_type.strip()
+    if kind.lower() == "auto":
+        kind = "flat" if n <= FLAT_MAX_N else "ivfpq"
+    if kind.lower() == "flat":
+        return IndexSpec(kind="flat", factory="IDMap2,Flat")
+    if kind.lower() == "ivfpq":
+        nlist, m = ivfpq_params(distinct if refine and distinct else n, dim)
+        return IndexSpec(
+            kind="ivfpq",
+            factory=f"IVF{nlist},PQ{m}x4fs",
+            refine=refine,
+            nprobe=max(1, nlist // 8),
+            rerank_factor=rerank_factor if refine else 1.0,
+            train_size=int(min(n, max(64 * nlist, TRAIN_MIN))),
+        )
+    return IndexSpec(
+        kind="factory",
+        factory=kind,
+        refine=refine if kind.upper().startswith("IVF") and "PQ" in kind.upper() else None,
+        nprobe=16,
+        rerank_factor=rerank_factor if refine else 1.0,
+        train_size=int(min(n, TRAIN_MIN * 4)),
+    )
