@@ -450,7 +450,7 @@ class AsifModel:
         n_before = self.n_pairs
         store = self.text_store
         # Their exact caption vectors let label sets look only at the rows that can hold them.
-        vectors = store.reconstruct(present) if (store.refine is not None or store.is_exact) else None
+        vectors = store.reconstruct(present) if store.exact_vectors else None
         self.image_store.remove(present)
         self.text_store.remove(present)
         self._edited(JournalEntry(self.version + 1, "remove", present, vectors, n_before))

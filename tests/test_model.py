@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,8 +10,21 @@ from tests import reference
 from tests.conftest import random_unit
 
 
-def flat_model(img, txt, ids=None, **kw):
+def flat_model(img, txt, ids=None, backend="faiss", **kw):
+    """A model over exact stores: FAISS Flat, or (backend="milvus") milvus-lite FLAT collections."""
     ids = np.arange(len(img)) if ids is None else ids
+    if backend == "milvus":
+        import tempfile
+
+        from pymilvus import MilvusClient
+
+        from asif.stores.milvus_store import MilvusStore
+
+        client = MilvusClient(str(Path(tempfile.mkdtemp(prefix="asif-milvus-")) / "m.db"))
+        stores = [MilvusStore(client, role, x.shape[1]) for role, x in (("image", img), ("text", txt))]
+        for store, x in zip(stores, (img, txt), strict=True):
+            store.add(ids, x)
+        return AsifModel(*stores, **kw)
     return AsifModel(
         build_store(img, ids, choose_index_spec(len(img), img.shape[1], "flat")),
         build_store(txt, ids, choose_index_spec(len(txt), txt.shape[1], "flat")),
@@ -17,15 +32,19 @@ def flat_model(img, txt, ids=None, **kw):
     )
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["faiss", "milvus"])
+
+
 def labels_of(n):
     return LabelSet(tuple(f"class {i}" for i in range(n)), ("{}",))
 
 
-def test_flat_engine_equals_dense_reference_on_random_data(rng):
+@BACKENDS
+def test_flat_engine_equals_dense_reference_on_random_data(rng, backend):
     img, txt = random_unit(rng, 2000, 24), random_unit(rng, 2000, 16)
     qi, qt = random_unit(rng, 30, 24), random_unit(rng, 9, 16)
     for k, p in [(800, 8.0), (50, 1.0), (3000, 2.0)]:
-        model = flat_model(img, txt, k=k, p=p)
+        model = flat_model(img, txt, k=k, p=p, backend=backend)
         rr = model.image_relrep(qi)
         dense = reference.relrep(qi, img, k, p)
         for b in range(len(qi)):
@@ -40,11 +59,17 @@ def test_flat_engine_equals_dense_reference_on_random_data(rng):
         np.testing.assert_allclose(model.similarity(qi, qt), ref, atol=1e-5)
 
 
-def test_explanation_lists_shared_anchors_that_sum_to_score(small_world):
+@BACKENDS
+def test_explanation_lists_shared_anchors_that_sum_to_score(small_world, backend):
     data = small_world.pairs(600, n_queries=5)
     captions = {i: f"caption {i}" for i in range(600)}
     model = flat_model(
-        data.image_anchors, data.text_anchors, k=100, p=8, captions=lambda ids: {i: captions[i] for i in ids}
+        data.image_anchors,
+        data.text_anchors,
+        k=100,
+        p=8,
+        captions=lambda ids: {i: captions[i] for i in ids},
+        backend=backend,
     )
     labels = model.make_labels(labels_of(len(data.label_queries)), data.label_queries)
     for pred in model.classify(data.image_queries, labels, explain=1000):
@@ -56,10 +81,11 @@ def test_explanation_lists_shared_anchors_that_sum_to_score(small_world):
         assert contribs == sorted(contribs, reverse=True)
 
 
-def test_unknown_when_no_shared_anchor_or_under_threshold(rng):
+@BACKENDS
+def test_unknown_when_no_shared_anchor_or_under_threshold(rng, backend):
     # Images near anchors 0..9, labels near captions 10..19: no anchor in common with k=5.
     img, txt = random_unit(rng, 20, 64), random_unit(rng, 20, 64)
-    model = flat_model(img, txt, k=5, p=8)
+    model = flat_model(img, txt, k=5, p=8, backend=backend)
     labels = model.make_labels(labels_of(2), txt[[10, 15]])
     pred = model.classify(img[[0]], labels, k=1)[0]
     assert pred.unknown and pred.label == UNKNOWN and pred.scores[0][1] == 0.0
@@ -77,12 +103,13 @@ def check_cache_matches_rebuild(model, labels, emb):
         np.testing.assert_allclose(sims, ref_s, atol=1e-6)
 
 
-def test_edit_equals_rebuild_flat(small_world, rng):
+@BACKENDS
+def test_edit_equals_rebuild_flat(small_world, rng, backend):
     data = small_world.pairs(900, n_queries=40)
     img, txt = data.image_anchors, data.text_anchors
     ids = np.arange(900) * 3 + 1
     start, extra = np.arange(600), np.arange(600, 900)
-    model = flat_model(img[start], txt[start], ids[start], k=64, p=8)
+    model = flat_model(img[start], txt[start], ids[start], k=64, p=8, backend=backend)
     labels = model.register_labels("set", labels_of(len(data.label_queries)), data.label_queries)
     # Interleave adds and removes, including removing most of a label's neighbours.
     removed = set()

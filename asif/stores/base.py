@@ -26,6 +26,21 @@ def as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
     return x
 
 
+def checked_new(store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of an add, validated: matching lengths, finite vectors of the store's dimension, ids new
+    and distinct (StoreError otherwise)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    x = as_matrix(vectors, store.dim)
+    if len(ids) != len(x):
+        raise StoreError(f"{len(ids)} ids for {len(x)} vectors")
+    if len(np.unique(ids)) != len(ids):
+        raise StoreError("duplicate ids in one add")
+    present = store.contains(ids)
+    if present.any():
+        raise StoreError(f"ids already present: {ids[present][:10].tolist()}")
+    return ids, x
+
+
 @runtime_checkable
 class VectorStore(Protocol):
     """Anchor vectors (L2-normalised) by pair id, searched by inner product."""
@@ -40,6 +55,11 @@ class VectorStore(Protocol):
     @property
     def is_exact(self) -> bool:
         """Whether searches return the exact top-k (no approximate index)."""
+        ...
+
+    @property
+    def exact_vectors(self) -> bool:
+        """Whether ``reconstruct`` returns the vectors exactly as added (not a quantised approximation)."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ import faiss
 import numpy as np
 
 from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
-from asif.stores.base import StoreError, as_matrix
+from asif.stores.base import StoreError, as_matrix, checked_new
 from asif.stores.duplicates import rows_by_hash
 from asif.stores.spec import IndexSpec
 from asif.vectors import VectorTable
@@ -217,6 +217,10 @@ class FaissStore:
     def is_exact(self) -> bool:
         return self._ivf is None and self.spec.kind == "flat"
 
+    @property
+    def exact_vectors(self) -> bool:
+        return self.refine is not None or self.is_exact
+
     def describe(self) -> dict[str, Any]:
         return {"backend": "faiss", **self.spec.to_dict()}
 
@@ -249,14 +253,7 @@ class FaissStore:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
         _apply_faiss_threads()
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        x = as_matrix(vectors, self.dim)
-        if len(ids) != len(x):
-            raise StoreError(f"{len(ids)} ids for {len(x)} vectors")
-        if len(np.unique(ids)) != len(ids):
-            raise StoreError("duplicate ids in one add")
-        if self.contains(ids).any():
-            raise StoreError(f"ids already present: {ids[self.contains(ids)][:10].tolist()}")
+        ids, x = checked_new(self, ids, vectors)
         if not self.is_trained:
             raise StoreError("index is not trained; call train() first")
         if len(ids) == 0:
