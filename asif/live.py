@@ -214,7 +214,7 @@ class LiveModel:
             arr = np.unique(np.asarray(ids, dtype=np.int64))
             present = arr[self.model.image_store.contains(arr)]
             if len(present):
-                kept = self._keep_for_restore(present)
+                kept = self._keep_for_restore(present[-RESTORABLE:])  # no more than can be kept
                 self.metadata.log_delete([int(i) for i in present])
                 seq = self.metadata.last_seq()
                 with self.lock.write():
@@ -236,11 +236,6 @@ class LiveModel:
                 thumb = self.metadata.thumbnail(rec.image)
                 kept[pid] = NewPair(rec.image, list(rec.captions), thumb, image_vecs[row], text_vecs[row])
         return kept
-
-    def restorable(self, ids: Sequence[int]) -> list[int]:
-        """Those of these deleted pair ids that restore_pairs can still add back."""
-        with self._edit_lock:
-            return [int(i) for i in ids if int(i) in self._deleted]
 
     def restore_pairs(self, ids: Sequence[int]) -> dict[int, int]:
         """Add recently deleted pairs back (same image reference, captions, thumbnail and vectors; new ids, since
