@@ -271,11 +271,23 @@ def main() -> int:
         from bench.live_traffic import main as live_main
 
         return live_main([a for a in sys.argv[1:] if a != "--live"])
+    if "--store" in sys.argv[1:]:  # the model over the FAISS and the Milvus store, side by side
+        from bench.stores import main as stores_main
+
+        argv = sys.argv[1:]
+        i = argv.index("--store")
+        stores = "faiss," + argv[i + 1] if i + 1 < len(argv) and argv[i + 1] != "faiss" else "faiss"
+        return stores_main([*argv[:i], *argv[i + 2 :], "--stores", stores])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--live",
         action="store_true",
         help="run the live-traffic benchmark instead (bench/live_traffic.py; see its --help for its options)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=["milvus"],
+        help="compare the model over the FAISS store and this one instead (bench/stores.py; see its --help)",
     )
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)

@@ -15,6 +15,8 @@ It implements ``asif.stores.base.VectorStore``, so the ASIF math runs unchanged 
   the k-th one's similarity cell is fetched again with twice as many.
 - **Limits**: Milvus servers cap ``topk`` (and ``nq``) at 16,384: a larger k is refused up front.
 - Hits carry only ids (``output_fields=["id"]``): returning every field makes a search 4-5x slower.
+- Bulk adds (``FLUSH_AT`` rows or more) are flushed into sealed, indexed segments: milvus-lite searches rows still
+  in growing segments about 30x slower (1.9 s instead of 55 ms for k=800 over 10k 1280-d anchors).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TOPK_MAX = 16_384  # Milvus servers' cap on topk and nq
 EXACT_TYPES = {"FLAT"}
 DISTANCE_EXACT_TYPES = {"FLAT", "IVF_FLAT", "HNSW", "GPU_IVF_FLAT", "GPU_BRUTE_FORCE"}  # distances are true IPs
 CHUNK = 1_000  # ids per query expression, rows per insert
+FLUSH_AT = 1_000  # an add of this many rows is flushed: milvus-lite searches unflushed rows ~30x slower
 STRONG = "Strong"
 
 
@@ -157,6 +160,8 @@ class MilvusStore:
                 for i, v in zip(ids[start : start + CHUNK], x[start : start + CHUNK], strict=True)
             ]
             self.client.insert(self.collection, rows)
+        if len(ids) >= FLUSH_AT:
+            self.client.flush(self.collection)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
