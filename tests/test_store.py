@@ -428,3 +428,19 @@ def test_a_refined_store_deletes_lazily_and_never_returns_a_deleted_pair(tmp_pat
     again = FaissStore.read(tmp_path / "s.faiss", d, store.spec)
     assert np.array_equal(again.ids(), keep) and again.index.ntotal == len(keep)
     assert np.array_equal(again.search(q, 30)[1], keep[ref])
+
+
+def test_duplicate_groups_bookkeeping():
+    from asif.stores.duplicates import DuplicateGroups
+
+    x = np.array([[1.0, 0], [0, 1.0], [1.0, 0], [1.0, 0]], dtype=np.float32)
+    groups = DuplicateGroups()
+    rows = groups.group(np.array([9, 4, 5, 7]), x)
+    assert rows.tolist() == [1, 2]  # one row per group: id 4 alone, ids {5, 7, 9} keyed by 5
+    assert groups.members(5) == [5, 7, 9] and groups.key_of(9) == 5 and groups.key_of(4) == 4
+    assert groups.remove(np.array([5])) == ([], [(5, 7)])  # the key goes: the next smallest takes over
+    assert groups.members(7) == [7, 9] and groups.key_of(9) == 7
+    assert groups.remove(np.array([7, 9, 4])) == ([7, 4], [])  # a group deleted whole: its key is dropped once
+    assert not groups and groups.arrays()[0].size == 0
+    again = DuplicateGroups(np.array([3, 8]), np.array([2, 2]))
+    assert again.members(2) == [2, 3, 8] and sorted(again.non_keys()) == [3, 8]

@@ -55,7 +55,7 @@ import numpy as np
 
 from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
 from asif.stores.base import StoreError, as_matrix, checked_new
-from asif.stores.duplicates import rows_by_hash
+from asif.stores.duplicates import DuplicateGroups
 from asif.stores.spec import IndexSpec
 from asif.vectors import VectorTable
 
@@ -163,19 +163,13 @@ class FaissStore:
             _enable_id_lookup(self.index)
         # A set, not a sorted array: an edit costs O(1) instead of re-sorting every id (~50 ms at 1M).
         self._ids: set[int] = set(_ids_of(self.index).tolist()) if index is not None else set()
-        # Groups of identical vectors (only with a refine table): the indexed key of a group is its
-        # smallest pair id; _members[key] lists all its pair ids, _key_of maps the other members to it.
-        self._members: dict[int, list[int]] = {}
-        self._key_of: dict[int, int] = {}
+        # Groups of identical vectors (only with a refine table): one indexed vector per group.
+        self._groups = DuplicateGroups(*(groups if groups is not None else (None, None)))
         # Re-ranked stores delete lazily: a removed vector leaves the re-ranking table at once (so searches
         # skip it) and FAISS in batches of PURGE_AT. FAISS's fast-scan IVF removes an id by scanning every
         # list: ~7 ms per delete at 1M pairs, held under the service's write lock.
         self._dead: set[int] = set()
-        if groups is not None:
-            for member, key in zip(groups[0].tolist(), groups[1].tolist(), strict=True):
-                self._key_of[member] = key
-                self._members.setdefault(key, [key]).append(member)
-            self._ids.update(self._key_of)
+        self._ids.update(self._groups.non_keys())
 
     @property
     def groups_duplicates(self) -> bool:
@@ -260,7 +254,7 @@ class FaissStore:
             return
         if self._dead and not self._dead.isdisjoint(ids.tolist()):
             self.purge()  # an id deleted and added again: its old vector must go first
-        rows = self._group_rows(ids, x) if self.groups_duplicates else np.arange(len(ids))
+        rows = self._groups.group(ids, x) if self.groups_duplicates else np.arange(len(ids))
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
             self.index.add_with_ids(x[part], ids[part])
@@ -268,50 +262,16 @@ class FaissStore:
                 self.refine.add(ids[part], x[part])
         self._ids.update(ids.tolist())
 
-    def _group_rows(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Group bitwise-identical rows; records the groups and returns the rows to index (one per group)."""
-        groups: list[list[int]] = []
-        for rows in rows_by_hash(x).values():
-            while rows:  # split a bucket by exact equality (hash collisions stay apart)
-                same = [r for r in rows if np.array_equal(x[r], x[rows[0]])]
-                groups.append(same)
-                rows = [r for r in rows if r not in same] if len(same) < len(rows) else []
-        keep = []
-        for rows in groups:
-            if len(rows) == 1:
-                keep.append(rows[0])
-                continue
-            group = sorted(int(ids[r]) for r in rows)
-            key = group[0]
-            keep.append(next(r for r in rows if ids[r] == key))
-            self._members[key] = group
-            for member in group[1:]:
-                self._key_of[member] = key
-        return np.sort(np.asarray(keep, dtype=np.int64))
-
     def remove(self, ids: np.ndarray) -> int:
-        _apply_faiss_threads()
         """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
+        _apply_faiss_threads()
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[self.contains(ids)]
         if len(ids) == 0:
             return 0
-        drop = []  # indexed keys whose vector goes
-        # Descending: a group's other members go before its key (the smallest id), so a group deleted
-        # whole is removed from FAISS once instead of being re-keyed member by member.
-        for pid in ids[::-1].tolist():
-            key = self._key_of.pop(pid, None)
-            if key is not None:  # a non-key member: only the group shrinks
-                group = self._members[key]
-                group.remove(pid)
-                if len(group) == 1:
-                    del self._members[key]
-                continue
-            group = self._members.pop(pid, None)
-            if group is None:
-                drop.append(pid)
-            else:
-                self._rekey(pid, [m for m in group if m != pid])
+        drop, moves = self._groups.remove(ids)
+        for old, new in moves:
+            self._rekey(old, new)
         if drop:
             if self.refine is not None:
                 self.refine.remove(np.asarray(drop, dtype=np.int64))
@@ -319,21 +279,14 @@ class FaissStore:
         self._ids.difference_update(ids.tolist())
         return len(ids)
 
-    def _rekey(self, old: int, rest: list[int]) -> None:
-        """The key of a group was deleted: index its vector under the smallest remaining member."""
+    def _rekey(self, old: int, new: int) -> None:
+        """The key of a group was deleted: index its vector under the group's new key."""
         assert self.refine is not None
-        new = min(rest)
         vec = self.refine.get(np.array([old]))
         self.refine.remove(np.array([old]))
         self._bury([old])
         self.index.add_with_ids(vec, np.array([new], dtype=np.int64))
         self.refine.add(np.array([new]), vec)
-        del self._key_of[new]
-        if len(rest) > 1:
-            self._members[new] = sorted(rest)
-            for member in rest:
-                if member != new:
-                    self._key_of[member] = new
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of the given ids (exact for Flat and the Flat refine store)."""
@@ -342,15 +295,13 @@ class FaissStore:
         if missing.any():
             raise StoreError(f"unknown ids: {ids[missing][:10].tolist()}")
         if self.refine is not None:
-            keys = np.fromiter((self._key_of.get(i, i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+            keys = np.fromiter((self._groups.key_of(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
             return self.refine.get(keys)
         return self.index.reconstruct_batch(ids).reshape(len(ids), self.dim)
 
     def groups(self) -> tuple[np.ndarray, np.ndarray]:
         """(member ids, their group keys) for every pair that is not its group's key."""
-        members = np.fromiter(self._key_of.keys(), dtype=np.int64, count=len(self._key_of))
-        keys = np.fromiter(self._key_of.values(), dtype=np.int64, count=len(self._key_of))
-        return members, keys
+        return self._groups.arrays()
 
     # -- search ---------------------------------------------------------------------------------
     def _nprobe_for(self, fetch: int) -> int:
@@ -382,8 +333,8 @@ class FaissStore:
         return sims, ids.astype(np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        _apply_faiss_threads()
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
+        _apply_faiss_threads()
         x = as_matrix(queries, self.dim)
         k = effective_k(k, self.ntotal)
         if k == 0 or len(x) == 0:
@@ -460,7 +411,7 @@ class FaissStore:
         b = len(keys)
         out_s = np.full((b, k), -np.inf, dtype=np.float32)
         out_i = np.full((b, k), -1, dtype=np.int64)
-        if not self._members:
+        if not self._groups:
             m = min(k, keys.shape[1])
             out_s[:, :m], out_i[:, :m] = sims[:, :m], keys[:, :m]
             return out_s, out_i, (out_i >= 0).all(axis=1) & np.isfinite(out_s).all(axis=1)
@@ -476,7 +427,7 @@ class FaissStore:
                 if len(got_i) >= k and this_cell != cell:
                     break
                 cell = this_cell
-                members = self._members.get(key, (key,))
+                members = self._groups.members(key)
                 got_i.extend(members)
                 got_s.extend([sim] * len(members))
             if len(got_i) >= k:
