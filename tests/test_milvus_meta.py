@@ -1,0 +1,71 @@
+"""Pair metadata, edit log and label sets in Milvus (milvus-lite): the records the single-process SQLite holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asif.metadata import NewPair, StoredLabelSet
+from asif.milvus_meta import IdClock, MilvusMetadata
+
+
+@pytest.fixture
+def meta(tmp_path):
+    from pymilvus import MilvusClient
+
+    return MilvusMetadata(MilvusClient(str(tmp_path / "m.db")), "t", text_dim=4)
+
+
+def pair(name, captions, thumb=b"\xff\xd8jpeg"):
+    return NewPair(name, captions, thumb, np.zeros(3, np.float32), np.zeros(4, np.float32))
+
+
+def test_ids_grow_with_time_and_never_repeat():
+    clock = IdClock(tag=7)
+    ids = clock.take(500)  # more than 64 per millisecond: the clock moves on
+    assert ids == sorted(ids) and len(set(ids)) == 500
+    assert all((i >> 6) & 0xFFFF == 7 for i in ids)
+    other = IdClock(tag=8).take(500)
+    assert not set(ids) & set(other)
+
+
+def test_pairs_thumbnails_and_paging(meta):
+    ids = meta.log_add([pair("a.jpg", ["a dog", "a pet"]), pair("b.jpg", ['say "hi"'], None), pair("c.jpg", ["c"])])
+    assert meta.count() == 3
+    rec = meta.get(ids[0])
+    assert rec.image == "a.jpg" and rec.captions == ["a dog", "a pet"] and rec.caption == "a dog | a pet"
+    assert meta.captions([ids[1], 12345]) == {ids[1]: 'say "hi"'}
+    assert meta.thumbnail("a.jpg") == b"\xff\xd8jpeg" and meta.thumbnail("b.jpg") is None
+    assert [r.id for r in meta.page(-1, 2)] == ids[:2] and [r.id for r in meta.page(ids[1], 10)] == ids[2:]
+    meta.log_delete([ids[0]])
+    assert meta.get(ids[0]) is None and meta.count() == 2
+
+
+def test_edits_are_followed_in_order(meta):
+    assert meta.last_seq() == 0 and meta.edits_after(0) == []
+    first = meta.record_edits("add", [10, 11])
+    last = meta.record_edits("delete", [10])
+    assert last > first == meta.edits_after(0)[1].seq
+    edits = meta.edits_after(0)
+    assert [(e.op, e.pair_id) for e in edits] == [("add", 10), ("add", 11), ("delete", 10)]
+    assert [e.pair_id for e in meta.edits_after(first)] == [10] and meta.last_seq() == last
+
+
+def test_label_sets_round_trip_and_replace(meta):
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    meta.put_label_set(StoredLabelSet("animals", ["dog", "cat", "emu"], ["a {}"], emb))
+    meta.put_label_set(StoredLabelSet("tools", ["saw"], ["{}"], emb[:1]))
+    (animals, tools) = meta.label_sets()
+    assert animals.name == "animals" and animals.classes == ["dog", "cat", "emu"] and animals.templates == ["a {}"]
+    np.testing.assert_array_equal(animals.embeddings, emb)
+    meta.put_label_set(StoredLabelSet("animals", ["owl"], ["{}"], emb[2:]))
+    assert [s.classes for s in meta.label_sets()] == [["owl"], ["saw"]]
+    assert meta.delete_label_set("tools") and not meta.delete_label_set("tools")
+    assert [s.name for s in meta.label_sets()] == ["animals"]
+
+
+def test_the_manifest_is_stored(meta):
+    assert meta.get_meta("manifest") is None
+    meta.set_meta("manifest", {"k": 800, "p": 8.0})
+    meta.set_meta("manifest", {"k": 400, "p": 8.0})
+    assert meta.get_meta("manifest") == {"k": 400, "p": 8.0}
