@@ -58,6 +58,7 @@ def test_label_sets_round_trip_and_replace(meta):
     (animals, tools) = meta.label_sets()
     assert animals.name == "animals" and animals.classes == ["dog", "cat", "emu"] and animals.templates == ["a {}"]
     np.testing.assert_array_equal(animals.embeddings, emb)
+    assert tools.classes == ["saw"] and tools.embeddings.shape == (1, 4)
     meta.put_label_set(StoredLabelSet("animals", ["owl"], ["{}"], emb[2:]))
     assert [s.classes for s in meta.label_sets()] == [["owl"], ["saw"]]
     assert meta.delete_label_set("tools") and not meta.delete_label_set("tools")
