@@ -7,7 +7,7 @@ It implements ``asif.stores.base.VectorStore``, so the ASIF math runs unchanged 
   recall, exact distances for what they find), or a quantised type (``IVF_SQ8``, ``HNSW_SQ``; on servers
   ``IVF_PQ``, ``IVF_RABITQ``, ``DISKANN``...) whose candidates are re-ranked here on their stored float vectors, so
   the similarities raised to ``p`` are always true inner products. milvus-lite 3.2 honours FLAT, IVF_FLAT, IVF_SQ8,
-  HNSW and HNSW_SQ.
+  HNSW and HNSW_SQ, but builds 128 IVF lists whatever ``nlist`` says (set ``nprobe`` against 128 there).
 - **Reads are Strong**: every search and query passes ``consistency_level="Strong"``, so a pair deleted through
   another client (another API replica) is never returned once its delete was acknowledged.
 - **Ties at the k-th place go to the smallest ids**, as in the FAISS store and the dense reference: Milvus orders
