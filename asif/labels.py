@@ -168,14 +168,28 @@ class NeighbourCache:
         self.version = _next_version()
         return rows
 
-    def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int) -> np.ndarray:
+    def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int, known: bool = False) -> np.ndarray:
         """Account for anchors just added (n_before = anchor count before the add); returns the rows changed.
 
         Rows keep the canonical order of :func:`asif.relrep.top_sorted` (similarity on a grid, then id).
+        ``known``: rows may already hold some of these ids (an edit another process made, followed after this
+        cache searched the shared store): those are left out, per row.
         """
         if len(new_ids) == 0 or len(self.queries) == 0:
             return NO_ROWS
         new_ids = np.asarray(new_ids, dtype=np.int64)
+        if known:  # one id at a time, each left out of the rows that hold it already
+            valid = np.arange(self.depth)[None, :] < self.exact[:, None]
+            vectors = np.asarray(new_vectors, dtype=np.float32)
+            changed = [
+                self._add(new_ids[j : j + 1], vectors[j : j + 1], n_before, ((self.ids == i) & valid).any(axis=1))
+                for j, i in enumerate(new_ids.tolist())
+            ]
+            return np.unique(np.concatenate(changed))
+        return self._add(new_ids, new_vectors, n_before, None)
+
+    def _add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int, skip: np.ndarray | None) -> np.ndarray:
+        """``add``, leaving out the rows of the ``skip`` mask."""
         s = self.queries @ np.asarray(new_vectors, dtype=np.float32).T  # (L, m)
         qs = np.floor(s / TIE_GRID)
         last = np.maximum(self.exact - 1, 0)[:, None]
@@ -186,6 +200,8 @@ class NeighbourCache:
         # its last known-exact entry; a truncated row that knows nothing (all deleted) waits for ensure().
         truncated = (self.exact < n_before)[:, None]
         enters = np.where(truncated, before_last & (self.exact > 0)[:, None], True)
+        if skip is not None:
+            enters &= ~skip[:, None]
         rows = np.flatnonzero(enters.any(axis=1))
         if len(rows) == 0:
             return NO_ROWS

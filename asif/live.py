@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from asif.encoders import ImageEncoder, TextEncoder
 from asif.labels import CachedLabels, LabelSet
 from asif.loading import open_index
 from asif.metadata import Edit, NewPair, StoredLabelSet
-from asif.model import Prediction
+from asif.model import AsifModel, Prediction
 from asif.persist import Delta, compact_index_folder, delta_pairs, write_delta
 from asif.rwlock import RWLock
 from asif.stores import StoreError
@@ -72,6 +73,16 @@ class Answer:
     p: float
     pairs: int
     version: int  # edit-log sequence number of the last edit the model held (durable across restarts)
+
+
+def stacked_embeddings(pairs: Sequence[NewPair]) -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) embeddings of new pairs as matrices (StoreError when their sizes differ)."""
+    try:
+        img = np.stack([np.asarray(p.image_vec, dtype=np.float32) for p in pairs])
+        txt = np.stack([np.asarray(p.text_vec, dtype=np.float32) for p in pairs])
+    except ValueError as exc:
+        raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
+    return img, txt
 
 
 def net_delta(edits: Sequence[Edit], to_seq: int) -> Delta:
@@ -108,10 +119,16 @@ class LiveModel:
     ) -> None:
         self.path = Path(path)
         loaded = open_index(self.path, image_encoder, text_encoder, device=device, verify=verify)
-        self.model = loaded.model
-        self.metadata = loaded.metadata
-        self.manifest = loaded.folder.manifest
         self.verify = verify
+        self._start(loaded.model, loaded.metadata, loaded.folder.manifest, inline_cache_bytes, compact_ratio)
+
+    def _start(
+        self, model: AsifModel, metadata: Any, manifest: dict[str, Any], inline_cache_bytes: int, compact_ratio: float
+    ) -> None:
+        """State shared by every kind of live model: locks, caches, the label sets, the maintenance thread."""
+        self.model = model
+        self.metadata = metadata
+        self.manifest = manifest
         self.lock = RWLock()
         # Edits one at a time, so that the log's order is the order they are applied in; the log is written
         # (an fsync) outside the readers-writer lock, which an edit takes only to apply itself in memory.
@@ -189,11 +206,7 @@ class LiveModel:
         """Validate, log durably, apply; returns the new ids. Invalid pairs raise StoreError, unlogged."""
         if not pairs:
             return []
-        try:
-            img = np.stack([np.asarray(p.image_vec, dtype=np.float32) for p in pairs])
-            txt = np.stack([np.asarray(p.text_vec, dtype=np.float32) for p in pairs])
-        except ValueError as exc:
-            raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
+        img, txt = stacked_embeddings(pairs)
         with self._edit_lock:
             # The ids the log will assign are not in the stores (never reused): validate with stand-ins.
             self.model.check_new_pairs(np.arange(-len(pairs), 0), img, txt)

@@ -185,12 +185,13 @@ class MilvusMetadata:
         self.client.insert(self._name("pairs"), rows)
         return ids
 
-    def record_edits(self, op: str, pair_ids: Sequence[int]) -> int:
-        """Append edits (once the stores hold them) for other replicas to follow; returns the last edit id."""
+    def record_edits(self, op: str, pair_ids: Sequence[int]) -> list[int]:
+        """Append edits (once the stores hold them) for other replicas to follow; returns their edit ids."""
         seqs = self.clock.take(len(pair_ids))
         rows = [{"id": s, "op": op, "pair_id": int(p), "vec": [0.0, 0.0]} for s, p in zip(seqs, pair_ids, strict=True)]
-        self.client.insert(self._name("edits"), rows)
-        return seqs[-1] if seqs else self.last_seq()
+        if rows:
+            self.client.insert(self._name("edits"), rows)
+        return seqs
 
     def log_delete(self, ids: Sequence[int]) -> None:
         ids = [int(i) for i in ids]

@@ -49,6 +49,7 @@ class JournalEntry:
     ids: np.ndarray
     vectors: np.ndarray | None  # caption vectors (an add's; a remove's when the store holds them exactly)
     n_before: int  # pairs held before the edit
+    followed: bool = False  # made by another process: a label row may already hold the ids (built after it)
 
     @property
     def nbytes(self) -> int:
@@ -283,7 +284,7 @@ class AsifModel:
         changed = []
         for entry in reversed(missed):
             if entry.op == "add":
-                changed.append(cache.add(entry.ids, entry.vectors, entry.n_before))
+                changed.append(cache.add(entry.ids, entry.vectors, entry.n_before, known=entry.followed))
             else:
                 changed.append(cache.remove(entry.ids, entry.vectors))
         changed.append(cache.ensure(k, self.text_store.search, self.n_pairs))
@@ -455,6 +456,16 @@ class AsifModel:
         self.text_store.remove(present)
         self._edited(JournalEntry(self.version + 1, "remove", present, vectors, n_before))
         return len(present)
+
+    def followed_edit(self, op: str, ids: np.ndarray, text_vectors: np.ndarray | None) -> None:
+        """An edit another process made to shared stores, which already hold it: the label sets follow it.
+
+        The pairs held before an add are taken as the pairs held now: an overestimate, with which a label row
+        that cannot place a newcomer refills by search instead (exact either way).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        kind = "add" if op == "add" else "remove"
+        self._edited(JournalEntry(self.version + 1, kind, ids.copy(), text_vectors, self.n_pairs, followed=True))
 
     def _edited(self, entry: JournalEntry) -> None:
         self.version = entry.version

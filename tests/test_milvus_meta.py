@@ -43,8 +43,8 @@ def test_pairs_thumbnails_and_paging(meta):
 
 def test_edits_are_followed_in_order(meta):
     assert meta.last_seq() == 0 and meta.edits_after(0) == []
-    first = meta.record_edits("add", [10, 11])
-    last = meta.record_edits("delete", [10])
+    first = meta.record_edits("add", [10, 11])[-1]
+    (last,) = meta.record_edits("delete", [10])
     assert last > first == meta.edits_after(0)[1].seq
     edits = meta.edits_after(0)
     assert [(e.op, e.pair_id) for e in edits] == [("add", 10), ("add", 11), ("delete", 10)]

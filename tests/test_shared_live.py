@@ -1,0 +1,114 @@
+"""Two API replicas (live models) over one shared Milvus database (milvus-lite): each sees the other's edits, and
+every answer equals the independent dense reference over the pairs held at the time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asif.labels import LabelSet
+from asif.metadata import NewPair
+from asif.shared_live import open_shared
+from tests import reference
+from tests.conftest import HashTextEncoder, PixelEncoder
+
+K, P = 8, 4.0
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(tmp_path / "shared.db"))
+    a = open_shared(client, "asif", PixelEncoder(), HashTextEncoder(), k=K, p=P)
+    b = open_shared(client, "asif", PixelEncoder(), HashTextEncoder(), k=K, p=P)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def new_pairs(img, txt, tag):
+    return [NewPair(f"{tag}{i}.jpg", [f"{tag} caption {i}"], None, img[i], txt[i]) for i in range(len(img))]
+
+
+def check_against_reference(live, queries, label_emb, labels, held):
+    """Scores from this replica equal the dense reference over the pairs `held` (id -> (image vec, text vec))."""
+    ids = np.array(sorted(held))
+    img = np.stack([held[i][0] for i in ids])
+    txt = np.stack([held[i][1] for i in ids])
+    answer = live.classify(queries, labels, k=K, p=P, top=len(labels.classes), explain=50)
+    ref = reference.scores(queries, label_emb, img, txt, K, P)
+    for b, pred in enumerate(answer.predictions):
+        got = dict(pred.scores)
+        np.testing.assert_allclose([got[c] for c in labels.classes], ref[b], atol=1e-5)
+        assert {a.pair_id for a in pred.explanation} <= set(held)
+    return answer
+
+
+def test_edits_through_one_replica_are_seen_by_the_other(replicas):
+    a, b = replicas
+    rng = np.random.default_rng(0)
+    img, txt = unit(rng, 40, 48), unit(rng, 40, 64)
+    ids = a.add_pairs(new_pairs(img[:30], txt[:30], "a"))
+    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    label_emb = unit(rng, 5, 64)
+    labels = LabelSet(tuple(f"c{i}" for i in range(5)), ("{}",))
+    b_labels = b.put_label_set("five", labels, label_emb)
+    queries = img[[0, 5, 12]] + 0.01
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    check_against_reference(b, queries, label_emb, b_labels, held)
+
+    # A pair added through B explains a classification through A (A follows B's edit first).
+    (new,) = b.add_pairs(new_pairs(img[30:31], txt[30:31], "b"))
+    held[new] = (img[30], txt[30])
+    a_labels = a.label_set("five")
+    assert a_labels is None  # B made the label set: A has not followed yet
+    a.follow()
+    a_labels = a.label_set("five")
+    assert a_labels is not None and a_labels.classes == labels.classes
+    answer = check_against_reference(a, img[30:31], label_emb, a_labels, held)
+    assert new in {x.pair_id for x in answer.predictions[0].explanation}
+
+    # A pair deleted through B never appears again in A's answers; A's scores are exact without it.
+    victim = answer.predictions[0].explanation[0].pair_id
+    assert b.delete_pairs([victim]) == [victim]
+    del held[victim]
+    for _ in range(3):
+        answer = check_against_reference(a, img[30:31], label_emb, a_labels, held)
+        assert victim not in {x.pair_id for x in answer.predictions[0].explanation}
+    assert a.metadata.get(victim) is None and not a.has_pair(victim)
+
+    # A's own edits keep B exact as well, and both agree.
+    more = a.add_pairs(new_pairs(img[31:40], txt[31:40], "c"))
+    held.update({i: (img[31 + j], txt[31 + j]) for j, i in enumerate(more)})
+    a.delete_pairs(more[:3])
+    for i in more[:3]:
+        del held[i]
+    ra = check_against_reference(a, queries, label_emb, a_labels, held)
+    rb = check_against_reference(b, queries, label_emb, b.label_set("five"), held)
+    for pa, pb in zip(ra.predictions, rb.predictions, strict=True):  # both replicas agree (to float rounding)
+        assert [lbl for lbl, _ in pa.scores] == [lbl for lbl, _ in pb.scores]
+        np.testing.assert_allclose([s for _, s in pa.scores], [s for _, s in pb.scores], rtol=1e-6)
+
+
+def test_a_replica_opened_later_starts_from_the_shared_state(replicas, tmp_path):
+    a, _ = replicas
+    rng = np.random.default_rng(1)
+    img, txt = unit(rng, 12, 48), unit(rng, 12, 64)
+    ids = a.add_pairs(new_pairs(img, txt, "x"))
+    a.delete_pairs(ids[:2])
+    label_emb = unit(rng, 3, 64)
+    a.put_label_set("three", LabelSet(("x", "y", "z"), ("{}",)), label_emb)
+    late = open_shared(a.model.image_store.client, "asif", PixelEncoder(), HashTextEncoder())
+    try:
+        assert late.model.n_pairs == 10 and set(late.stored_label_sets()) == {"three"}
+        assert late.snapshot().edits == 0 and late.pending_edits() == 0
+        held = {i: (img[j], txt[j]) for j, i in enumerate(ids) if i not in ids[:2]}
+        check_against_reference(late, img[5:7], label_emb, late.label_set("three"), held)
+    finally:
+        late.close()
