@@ -30,6 +30,8 @@ LiveFactory = Callable[[Settings], LiveModel]
 
 
 def load_live(settings: Settings) -> LiveModel:
+    if settings.store == "milvus":
+        return load_shared(settings)
     return LiveModel(
         settings.index,
         settings.image_encoder,
@@ -38,6 +40,29 @@ def load_live(settings: Settings) -> LiveModel:
         verify=settings.verify_checksums,
         inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
         compact_ratio=settings.compact_ratio,
+    )
+
+
+def load_shared(settings: Settings) -> LiveModel:
+    """A replica over shared state in Milvus (ASIF_STORE=milvus); encoders from its manifest unless overridden."""
+    from pymilvus import MilvusClient
+
+    from asif.encoders import load_image_encoder, load_text_encoder
+    from asif.milvus_meta import read_manifest
+    from asif.shared_live import open_shared
+    from asif.stores.milvus_store import MilvusIndex
+
+    client = MilvusClient(settings.milvus_uri)
+    manifest = read_manifest(client, settings.milvus_prefix) or {}
+    image_spec = settings.image_encoder or manifest.get("image_encoder", {}).get("spec", "effnet-lite2")
+    text_spec = settings.text_encoder or manifest.get("text_encoder", {}).get("spec", "minilm")
+    return open_shared(
+        client,
+        settings.milvus_prefix,
+        load_image_encoder(image_spec, settings.device),
+        load_text_encoder(text_spec, settings.device),
+        index=MilvusIndex.parse(settings.milvus_index),
+        inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
     )
 
 
@@ -100,7 +125,10 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
         state.refresh_gauges()
         state.ready = True
         snapshots = asyncio.create_task(_snapshot_loop(state))
-        log.info("ready: %d pairs from %s (%d edits replayed)", live.model.n_pairs, settings.index, live.replayed)
+        source = (
+            settings.index if settings.store == "faiss" else f"Milvus {settings.milvus_uri} ({settings.milvus_prefix})"
+        )
+        log.info("ready: %d pairs from %s (%d edits replayed)", live.model.n_pairs, source, live.replayed)
         try:
             yield
         finally:

@@ -70,6 +70,16 @@ def _quote(text: str) -> str:
     return json.dumps(text)  # a Milvus string literal: double quotes, backslash escapes
 
 
+def read_manifest(client: Any, prefix: str) -> dict[str, Any] | None:
+    """The manifest of the shared model ``prefix`` (encoders, defaults), or None when there is none yet."""
+    name = f"{prefix}_meta"
+    if not client.has_collection(name):
+        return None
+    client.load_collection(name)
+    rows = client.query(name, filter='key == "manifest"', output_fields=["value"], consistency_level=STRONG)
+    return json.loads(rows[0]["value"]) if rows else None
+
+
 class MilvusMetadata:
     """Thread-safe metadata over one Milvus database (a server URI, or a milvus-lite file)."""
 

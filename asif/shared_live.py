@@ -140,6 +140,14 @@ class SharedLiveModel(LiveModel):
         self.follow()
         return super().classify(embeddings, labels, k, p, **options)
 
+    def label_set(self, name: str) -> CachedLabels | None:
+        self.follow()  # a set another replica stored is found by name
+        return super().label_set(name)
+
+    def stored_label_sets(self) -> dict[str, CachedLabels]:
+        self.follow()
+        return super().stored_label_sets()
+
     # -- edits: stores first, then the record the others follow ---------------------------------------------
     def add_pairs(self, pairs: Sequence[NewPair]) -> list[int]:
         if not pairs:

@@ -66,10 +66,7 @@ def test_edits_through_one_replica_are_seen_by_the_other(replicas):
     # A pair added through B explains a classification through A (A follows B's edit first).
     (new,) = b.add_pairs(new_pairs(img[30:31], txt[30:31], "b"))
     held[new] = (img[30], txt[30])
-    a_labels = a.label_set("five")
-    assert a_labels is None  # B made the label set: A has not followed yet
-    a.follow()
-    a_labels = a.label_set("five")
+    a_labels = a.label_set("five")  # B stored it: A follows B's edits before the lookup
     assert a_labels is not None and a_labels.classes == labels.classes
     answer = check_against_reference(a, img[30:31], label_emb, a_labels, held)
     assert new in {x.pair_id for x in answer.predictions[0].explanation}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,7 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASIF_", env_file=None, extra="ignore")
 
-    index: Path = Field(Path("index"), description="index folder written by `asif build`")
+    index: Path = Field(Path("index"), description="index folder written by `asif build` (store faiss)")
+    store: Literal["faiss", "milvus"] = Field(
+        "faiss", description="faiss: the index folder, one process; milvus: shared state in Milvus, many replicas"
+    )
+    milvus_uri: str = Field("milvus.db", description="store milvus: a server URI (http://host:19530) or a lite file")
+    milvus_prefix: str = Field("asif", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$", description="collection names")
+    milvus_index: str = Field("FLAT", description="store milvus: index type and options, e.g. HNSW:M=16,ef=1024")
     image_encoder: str | None = Field(None, description="override the manifest's image encoder spec")
     text_encoder: str | None = Field(None, description="override the manifest's text encoder spec")
     device: str | None = Field(None, description="cuda | cpu; default: cuda when available")
