@@ -82,7 +82,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="serve an index folder over HTTP",
         description="Start the REST service. Other settings come from ASIF_* environment variables (see README).",
     )
-    p.add_argument("--index", type=Path, required=True, help="index folder written by `asif build`")
+    p.add_argument("--index", type=Path, help="index folder written by `asif build` (not with ASIF_STORE=milvus)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
@@ -95,13 +95,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from asif.persist import IndexFolderError, read_manifest
 
-    try:
-        read_manifest(args.index)
-    except IndexFolderError as exc:
-        print(f"asif serve: error: {exc}", file=sys.stderr)
-        return 2
+    settings = Settings() if args.index is None else Settings(index=args.index)
+    if settings.store == "faiss":  # the index folder must be there; Milvus mode reads shared state instead
+        if args.index is None:
+            print("asif serve: error: --index is required (or ASIF_STORE=milvus)", file=sys.stderr)
+            return 2
+        try:
+            read_manifest(args.index)
+        except IndexFolderError as exc:
+            print(f"asif serve: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    settings = Settings(index=args.index)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
