@@ -8,12 +8,20 @@ import json
 
 from fastapi import UploadFile
 from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import ApiError
 from asif.images import open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet
+
+
+def invalid_body(exc: ValidationError) -> ApiError:
+    """A request body that fails its schema -> 422 naming the first bad field."""
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    return ApiError(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
 
 
 def decode_base64(data: str, settings: Settings, what: str) -> bytes:

@@ -233,10 +233,14 @@ class LiveModel:
                 with self.lock.write():
                     self.model.remove_pairs(present)
                     self._seq = seq
-                self._deleted.update(kept)
-                while len(self._deleted) > RESTORABLE:
-                    self._deleted.popitem(last=False)
+                self._remember_deleted(kept)
         return [int(i) for i in present]
+
+    def _remember_deleted(self, kept: dict[int, NewPair]) -> None:
+        """Keep what restore_pairs needs for the last RESTORABLE deleted pairs (call with the edit lock)."""
+        self._deleted.update(kept)
+        while len(self._deleted) > RESTORABLE:
+            self._deleted.popitem(last=False)
 
     def _keep_for_restore(self, ids: np.ndarray) -> dict[int, NewPair]:
         """What restore_pairs needs to add these pairs back (call with the edit lock, before deleting)."""

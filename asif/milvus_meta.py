@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 
 from asif.metadata import Edit, NewPair, PairRecord, StoredLabelSet
+from asif.stores.milvus_store import CHUNK, STRONG, ids_expr
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
-STRONG = "Strong"
-CHUNK = 1_000
 MAX_VARCHAR = 65_535
 
 
@@ -60,10 +59,6 @@ class IdClock:
     @staticmethod
     def ms_of(ident: int) -> int:
         return int(ident) >> 22
-
-
-def _ids_expr(field: str, ids: Sequence[int]) -> str:
-    return f"{field} in [{','.join(str(int(i)) for i in ids)}]"
 
 
 def _quote(text: str) -> str:
@@ -163,7 +158,7 @@ class MilvusMetadata:
         out: dict[int, str] = {}
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), CHUNK):
-            for rec in self._records(_ids_expr("id", ids[start : start + CHUNK])):
+            for rec in self._records(ids_expr("id", ids[start : start + CHUNK])):
                 out[rec.id] = rec.caption
         return out
 
@@ -178,7 +173,7 @@ class MilvusMetadata:
         # Milvus returns a filter's rows in no set order: take the ids above `after`, then the first `limit`.
         ids = sorted(int(r["id"]) for r in self._query("pairs", f"id > {int(after)}", ["id"], limit=16_384))
         wanted = ids[: int(limit)]
-        return sorted(self._records(_ids_expr("id", wanted)), key=lambda r: r.id) if wanted else []
+        return sorted(self._records(ids_expr("id", wanted)), key=lambda r: r.id) if wanted else []
 
     # -- the edit log ------------------------------------------------------------------------------------------
     def log_add(self, pairs: Sequence[NewPair]) -> list[int]:

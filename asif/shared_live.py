@@ -175,9 +175,7 @@ class SharedLiveModel(LiveModel):
                     self.model.remove_pairs(present)
                 self.metadata.log_delete([int(i) for i in present])
                 self._mark(self.metadata.record_edits("delete", present.tolist()))
-                self._deleted.update(kept)
-                while len(self._deleted) > RESTORABLE:
-                    self._deleted.popitem(last=False)
+                self._remember_deleted(kept)
         return [int(i) for i in present]
 
     def put_label_set(self, name: str, label_set: LabelSet, embeddings: np.ndarray) -> CachedLabels:

@@ -31,16 +31,12 @@ from asif.labels import LabelSet
 from asif.model import AsifModel
 from asif.stores import VectorStore, build_store, choose_index_spec, set_faiss_threads
 from asif.synthetic import SyntheticWorld
+from bench.live_traffic import percentiles
 
 K, P = 800, 8.0
 D_IMAGE, D_TEXT = 1280, 384
 N_CLASSES = 100
 EDITS = 100
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    arr = 1000 * np.asarray(values, dtype=np.float64)
-    return {"n": len(arr), "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 
 def make_stores(kind: str, img: np.ndarray, txt: np.ndarray, ids: np.ndarray, workdir: Path) -> list[VectorStore]:

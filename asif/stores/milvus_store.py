@@ -22,6 +22,7 @@ It implements ``asif.stores.base.VectorStore``, so the ASIF math runs unchanged 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +66,9 @@ class MilvusIndex:
         return {"type": self.type, "build": dict(self.build), "search": dict(self.search)}
 
 
-def _ids_expr(ids: list[int]) -> str:
-    return f"id in [{','.join(str(int(i)) for i in ids)}]"
+def ids_expr(field: str, ids: Sequence[int]) -> str:
+    """A Milvus filter: ``field`` is one of these integer ids."""
+    return f"{field} in [{','.join(str(int(i)) for i in ids)}]"
 
 
 class MilvusStore:
@@ -141,7 +143,7 @@ class MilvusStore:
             chunk = ids[start : start + CHUNK]
             rows.extend(
                 self.client.query(
-                    self.collection, filter=_ids_expr(chunk), output_fields=fields, consistency_level=STRONG
+                    self.collection, filter=ids_expr("id", chunk), output_fields=fields, consistency_level=STRONG
                 )
             )
         return rows

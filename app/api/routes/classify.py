@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
 from app.core.errors import ApiError
-from app.inputs import check_k_p, decode_base64, decode_images, form_list, label_set_from, read_upload
+from app.inputs import check_k_p, decode_base64, decode_images, form_list, invalid_body, label_set_from, read_upload
 from app.schemas import (
     ClassifyJSON,
     ClassifyOptions,
@@ -80,9 +80,7 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
             blobs = [decode_base64(b, settings, f"image {i}") for i, b in enumerate(body.images)]
             return body, blobs
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        raise ApiError(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
+        raise invalid_body(exc) from exc
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8") from exc
     raise ApiError(415, "send application/json (base64 images) or multipart/form-data (image files)")

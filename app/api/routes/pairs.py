@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, WriteAccess
 from app.core.errors import ApiError
-from app.inputs import decode_base64, decode_images, read_upload
+from app.inputs import decode_base64, decode_images, invalid_body, read_upload
 from app.schemas import Deleted, NewPairsJSON, PairIds, PairOut, PairPage, RestoreBody, Restored
 from asif.encoders.base import l2_normalise
 from asif.images import thumbnail_jpeg
@@ -78,8 +78,7 @@ async def _parse_new_pairs(request: Request, state: State) -> list[tuple[bytes, 
         try:
             body = NewPairsJSON.model_validate_json(await request.body())
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ApiError(422, f"{'.'.join(str(x) for x in first.get('loc', ()))}: {first.get('msg')}") from exc
+            raise invalid_body(exc) from exc
         except UnicodeDecodeError as exc:
             raise ApiError(400, "request body is not valid UTF-8") from exc
         for i, p in enumerate(body.pairs):

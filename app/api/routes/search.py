@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
 from app.core.errors import ApiError
-from app.inputs import decode_base64, decode_images, read_upload
+from app.inputs import decode_base64, decode_images, invalid_body, read_upload
 from app.schemas import SearchHit, SearchJSON, SearchResponse
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -50,9 +50,7 @@ async def _parse(request: Request, state: State) -> tuple[str | None, bytes | No
             blob = decode_base64(body.image, state.settings, "image") if body.image is not None else None
             return body.text, blob, body.top
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        raise ApiError(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
+        raise invalid_body(exc) from exc
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8") from exc
     raise ApiError(415, "send application/json (text or a base64 image) or multipart/form-data (text or an image file)")
