@@ -33,7 +33,23 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pairs", type=Path, required=True, help="CSV/TSV with image,caption columns, or JSONL")
     p.add_argument("--images-root", type=Path, required=True, help="folder the image paths are relative to")
-    p.add_argument("--out", type=Path, required=True, help="index folder to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="index folder to write (with --store milvus: the folder for the resumable embedding chunks, "
+        "default asif-build-<prefix>)",
+    )
+    p.add_argument(
+        "--store",
+        choices=("faiss", "milvus"),
+        default="faiss",
+        help="faiss: an index folder for one process (default); milvus: a shared model that API replicas serve",
+    )
+    p.add_argument("--milvus-uri", default="milvus.db", help="Milvus server URI (http://host:19530) or a lite file")
+    p.add_argument("--milvus-prefix", default="asif", help="collection name prefix of the shared model")
+    p.add_argument(
+        "--milvus-index", default="FLAT", help="Milvus index type and options, e.g. FLAT or HNSW:M=16,ef=1024"
+    )
     p.add_argument("--image-encoder", default="effnet-lite2", help=IMAGE_ENCODER_HELP)
     p.add_argument("--text-encoder", default="minilm", help=TEXT_ENCODER_HELP)
     p.add_argument(
@@ -63,15 +79,24 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 def _run_build(args: argparse.Namespace) -> int:
     from index_builder.build import BuildConfig, BuildError, run_build
+    from index_builder.milvus_out import MilvusTargetError
     from index_builder.pairs_io import PairsFileError
 
+    if args.out is None:
+        if args.store == "faiss":
+            print("asif build: error: --out is required (the index folder to write)", file=sys.stderr)
+            return 2
+        args.out = Path(f"asif-build-{args.milvus_prefix}")
     config = _config(BuildConfig, args, rerank=None if args.rerank.lower() == "none" else args.rerank)
     try:
         report = run_build(config)
-    except (BuildError, PairsFileError, ValueError) as exc:
+    except (BuildError, PairsFileError, MilvusTargetError, ValueError) as exc:
         print(f"asif build: error: {exc}", file=sys.stderr)
         return 2
-    print(f"index written to {args.out}")
+    if args.store == "milvus":
+        print(f"shared model {args.milvus_prefix!r} loaded into Milvus at {args.milvus_uri}")
+    else:
+        print(f"index written to {args.out}")
     print("\n".join(report.lines()))
     return 0
 

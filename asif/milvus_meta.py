@@ -3,7 +3,8 @@
 The Milvus counterpart of ``asif.metadata.PairMetadata`` (same methods, same records). Collections, named
 ``{prefix}_{what}`` (Milvus needs a vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
 
-- ``pairs``: ``id`` (the pair id), ``image`` (reference), ``captions`` (JSON list), ``thumb`` (base64 JPEG, '' if none).
+- ``pairs``: ``id`` (the pair id), ``image`` (reference), ``captions`` (JSON list), ``thumb`` (base64 JPEG on one
+  pair per image, '' on the others).
 - ``edits``: ``id`` (the edit id: the order replicas follow edits in), ``op`` ('add' or 'delete'), ``pair_id``.
 - ``label_sets``: ``name``, ``templates`` (JSON), ``n`` (classes); ``label_rows``: one row per class, ``set``,
   ``row``, ``label`` and the class embedding ``vec``.
@@ -13,6 +14,7 @@ The Milvus counterpart of ``asif.metadata.PairMetadata`` (same methods, same rec
 2024, a 16-bit tag drawn at random by each process, and a counter (64 per millisecond; the clock waits past a full
 one). They are unique unless two processes draw the same tag and allocate in the same millisecond with the same
 counter, and they grow with time, which is what replicas follow edits by (``edits_after``). Every read is Strong.
+``asif build --store milvus`` numbers the pairs it loads 0..n-1, below every clock id.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from asif.metadata import Edit, NewPair, PairRecord, StoredLabelSet
-from asif.stores.milvus_store import CHUNK, STRONG, ids_expr
+from asif.stores.milvus_store import CHUNK, STRONG, all_ids, ids_expr
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MAX_VARCHAR = 65_535
@@ -63,6 +65,21 @@ class IdClock:
 
 def _quote(text: str) -> str:
     return json.dumps(text)  # a Milvus string literal: double quotes, backslash escapes
+
+
+PREFIX_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,40}$"  # a Milvus collection name, less the suffixes below
+SHARED = ("image", "text", "pairs", "edits", "label_sets", "label_rows", "meta")  # collections of one model
+
+
+def shared_collections(client: Any, prefix: str) -> list[str]:
+    """The collections of the shared model ``prefix`` that exist in this database."""
+    return [f"{prefix}_{what}" for what in SHARED if client.has_collection(f"{prefix}_{what}")]
+
+
+def drop_shared(client: Any, prefix: str) -> None:
+    """Drop every collection of the shared model ``prefix`` (a rebuild, or a build that was interrupted)."""
+    for name in shared_collections(client, prefix):
+        client.drop_collection(name)
 
 
 def read_manifest(client: Any, prefix: str) -> dict[str, Any] | None:
@@ -169,6 +186,9 @@ class MilvusMetadata:
     def count(self) -> int:
         return int(self._query("pairs", "", ["count(*)"])[0]["count(*)"])
 
+    def ids(self) -> list[int]:
+        return all_ids(self.client, self._name("pairs"))
+
     def page(self, after: int = -1, limit: int = 100) -> list[PairRecord]:
         # Milvus returns a filter's rows in no set order: take the ids above `after`, then the first `limit`.
         ids = sorted(int(r["id"]) for r in self._query("pairs", f"id > {int(after)}", ["id"], limit=16_384))
@@ -176,18 +196,31 @@ class MilvusMetadata:
         return sorted(self._records(ids_expr("id", wanted)), key=lambda r: r.id) if wanted else []
 
     # -- the edit log ------------------------------------------------------------------------------------------
-    def log_add(self, pairs: Sequence[NewPair]) -> list[int]:
-        """Assign ids and record the pairs (rows with thumbnails, then the edits replicas follow)."""
-        ids = self.clock.take(len(pairs))
-        rows = []
-        for pid, pair in zip(ids, pairs, strict=True):
-            thumb = base64.b64encode(pair.thumbnail).decode() if pair.thumbnail else ""
-            captions = json.dumps(list(pair.captions), ensure_ascii=False)
-            if len(thumb) > MAX_VARCHAR or len(captions.encode()) > MAX_VARCHAR:
+    def insert_pairs(self, rows: Iterable[tuple[int, str, Sequence[str], bytes | None]]) -> int:
+        """Write pair rows ``(id, image reference, captions, thumbnail JPEG or None)`` in chunks; returns how many.
+
+        One thumbnail per image is enough (``thumbnail`` finds any pair's; a delete moves it to a pair that stays).
+        """
+        batch: list[dict[str, Any]] = []
+        written = 0
+        for pid, image, captions, thumbnail in rows:
+            thumb = base64.b64encode(thumbnail).decode() if thumbnail else ""
+            text = json.dumps(list(captions), ensure_ascii=False)
+            if len(thumb) > MAX_VARCHAR or len(text.encode()) > MAX_VARCHAR:
                 raise ValueError(f"pair {pid}: captions or thumbnail too large for Milvus ({MAX_VARCHAR} bytes)")
-            rows.append({"id": pid, "image": pair.image[:1024], "captions": captions, "thumb": thumb,
-                         "vec": [0.0, 0.0]})  # fmt: skip
-        self.client.insert(self._name("pairs"), rows)
+            batch.append({"id": int(pid), "image": image[:1024], "captions": text, "thumb": thumb, "vec": [0.0, 0.0]})
+            if len(batch) == CHUNK:
+                self.client.insert(self._name("pairs"), batch)
+                written, batch = written + len(batch), []
+        if batch:
+            self.client.insert(self._name("pairs"), batch)
+            written += len(batch)
+        return written
+
+    def log_add(self, pairs: Sequence[NewPair]) -> list[int]:
+        """Assign ids and record the pairs (rows with thumbnails; the edits replicas follow come later)."""
+        ids = self.clock.take(len(pairs))
+        self.insert_pairs((pid, p.image, p.captions, p.thumbnail) for pid, p in zip(ids, pairs, strict=True))
         return ids
 
     def record_edits(self, op: str, pair_ids: Sequence[int]) -> list[int]:
@@ -201,7 +234,19 @@ class MilvusMetadata:
     def log_delete(self, ids: Sequence[int]) -> None:
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), CHUNK):
-            self.client.delete(self._name("pairs"), ids=ids[start : start + CHUNK])
+            chunk = ids[start : start + CHUNK]
+            self._keep_thumbnails(chunk)
+            self.client.delete(self._name("pairs"), ids=chunk)
+
+    def _keep_thumbnails(self, leaving: list[int]) -> None:
+        """Thumbnails on pairs about to go move to a pair of the same image that stays (if any)."""
+        fields = ["id", "image", "captions", "thumb"]
+        going = set(leaving)
+        for row in self._query("pairs", f"{ids_expr('id', leaving)} and thumb != ''", fields):
+            others = self._query("pairs", f"image == {_quote(row['image'])}", fields, limit=len(going) + 1)
+            heir = next((r for r in others if int(r["id"]) not in going), None)
+            if heir is not None and not heir["thumb"]:
+                self.client.upsert(self._name("pairs"), [{**heir, "thumb": row["thumb"], "vec": [0.0, 0.0]}])
 
     def revert_add(self, ids: Sequence[int]) -> None:
         """An add whose store write failed: its pair rows go (no edit was recorded for it)."""

@@ -15,6 +15,7 @@ Anchors (``--anchors``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -38,6 +39,8 @@ from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
 from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from asif.stores.milvus_store import MilvusIndex
+from index_builder.milvus_out import check_target, load_milvus, open_client
 from index_builder.pairs_io import read_pairs, resolve_image
 
 WORK_DIR = ".build"
@@ -67,6 +70,10 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     force: bool = False
     seed: int = 0
+    store: str = "faiss"  # faiss: an index folder at `out`; milvus: a shared model (`out` keeps the work chunks)
+    milvus_uri: str = "milvus.db"
+    milvus_prefix: str = "asif"
+    milvus_index: str = "FLAT"
 
 
 @dataclass
@@ -251,12 +258,34 @@ def run_build(
     log: TextIO = sys.stderr,
     after_images: Callable[[], None] | None = None,
 ) -> BuildReport:
-    """Build (or resume building) an index folder. ``after_images`` is a test hook."""
-    t_start = time.perf_counter()
+    """Build (or resume building) an index folder, or load a shared model into Milvus (``config.store``).
+    ``after_images`` is a test hook."""
     check_k_p(config.k, config.p)
+    if config.store == "faiss":
+        if (Path(config.out) / MANIFEST).exists() and not config.force:
+            raise BuildError(f"{config.out} already holds an index; pass --force to rebuild it")
+        return _build(config, None, image_encoder, text_encoder, log, after_images)
+    if config.store != "milvus":
+        raise BuildError(f"unknown store {config.store!r}; choose faiss or milvus")
+    MilvusIndex.parse(config.milvus_index)  # a bad spec fails before any work
+    client = open_client(config.milvus_uri)
+    try:
+        check_target(client, config.milvus_prefix, config.force)
+        return _build(config, client, image_encoder, text_encoder, log, after_images)
+    finally:
+        client.close()
+
+
+def _build(
+    config: BuildConfig,
+    client: Any,
+    image_encoder: ImageEncoder | None,
+    text_encoder: TextEncoder | None,
+    log: TextIO,
+    after_images: Callable[[], None] | None,
+) -> BuildReport:
+    t_start = time.perf_counter()
     out = Path(config.out)
-    if (out / MANIFEST).exists() and not config.force:
-        raise BuildError(f"{out} already holds an index; pass --force to rebuild it")
     if not Path(config.images_root).is_dir():
         raise BuildError(f"images root is not a directory: {config.images_root}")
     if config.anchors not in ANCHOR_MODES:
@@ -286,7 +315,8 @@ def run_build(
         raise BuildError(f"no usable pairs in {config.pairs}")
     image_refs = list(image_index)
 
-    print(f"loading encoders {config.image_encoder!r} and {config.text_encoder!r}", file=log)
+    if image_encoder is None or text_encoder is None:
+        print(f"loading encoders {config.image_encoder!r} and {config.text_encoder!r}", file=log)
     image_encoder = image_encoder or load_image_encoder(config.image_encoder, config.device, config.batch_size)
     text_encoder = text_encoder or load_text_encoder(config.text_encoder, config.device, config.batch_size)
     image_id, text_id = image_encoder.identity.to_dict(), text_encoder.identity.to_dict()
@@ -311,11 +341,60 @@ def run_build(
     report.captions = int(image_ok[row_image_arr].sum())
     report.images = int(image_ok.sum())
     report.pairs = len(anchor_meta)
-    ids = np.arange(len(anchor_meta), dtype=np.int64)
 
+    manifest = {
+        "image_encoder": image_id,
+        "text_encoder": text_id,
+        "anchors": config.anchors,
+        "defaults": {"k": config.k, "p": config.p},
+        "next_pair_id": len(anchor_meta),
+        "counts": {
+            "pairs": report.pairs,
+            "rows": report.rows,
+            "captions": report.captions,
+            "images": report.images,
+            "skipped": report.skipped,
+        },
+        "build": {"pairs_file": str(config.pairs), "images_root": str(config.images_root)},
+    }
     t0 = time.perf_counter()
+    vectors = {"image": img_vecs, "text": txt_vecs}
+    if client is not None:
+        first: dict[int, int] = {}  # one thumbnail per image: on its first pair
+        for i, (img, _) in enumerate(anchor_meta):
+            first.setdefault(img, i)
+        rows = [(image_refs[img], caps, thumbs[img] if first[img] == i else None)
+                for i, (img, caps) in enumerate(anchor_meta)]  # fmt: skip
+        index = MilvusIndex.parse(config.milvus_index)
+        report.index = load_milvus(client, config.milvus_prefix, index, vectors, rows, manifest, log)
+        report.index_seconds = time.perf_counter() - t0
+    else:
+        _write_folder(config, out, vectors, anchor_meta, image_refs, thumbs, manifest, report, t_start, log)
+    shutil.rmtree(work, ignore_errors=True)
+    if client is not None:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # it only held the work chunks
+    report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _write_folder(
+    config: BuildConfig,
+    out: Path,
+    vectors: dict[str, np.ndarray],
+    anchor_meta: Sequence[tuple[int, list[str]]],
+    image_refs: list[str],
+    thumbs: list[bytes],
+    manifest: dict[str, Any],
+    report: BuildReport,
+    t_start: float,
+    log: TextIO,
+) -> None:
+    """Train and fill the two FAISS stores and write the index folder (manifest last)."""
+    t0 = time.perf_counter()
+    ids = np.arange(len(anchor_meta), dtype=np.int64)
     stores = {}
-    for role, vecs in (("image", img_vecs), ("text", txt_vecs)):
+    for role, vecs in vectors.items():
         spec = choose_index_spec(
             len(vecs),
             vecs.shape[1],
@@ -340,31 +419,10 @@ def run_build(
         metadata.close()
 
     report.total_seconds = time.perf_counter() - t_start
-    manifest = {
-        "image_encoder": image_id,
-        "text_encoder": text_id,
-        "anchors": config.anchors,
-        "defaults": {"k": config.k, "p": config.p},
-        "next_pair_id": len(ids),
-        "metadata": metadata_name,
-        "counts": {
-            "pairs": report.pairs,
-            "rows": report.rows,
-            "captions": report.captions,
-            "images": report.images,
-            "skipped": report.skipped,
-        },
-        "build": {
-            "pairs_file": str(config.pairs),
-            "images_root": str(config.images_root),
-            "seconds": round(report.total_seconds, 1),
-            "report": asdict(report),
-        },
-    }
+    build = {**manifest["build"], "seconds": round(report.total_seconds, 1), "report": asdict(report)}
+    manifest = {**manifest, "metadata": metadata_name, "build": build}
     save_index_folder(out, stores["image"], stores["text"], manifest)
     for stale in out.glob("pairs-*.sqlite*"):
         if not stale.name.startswith(metadata_name):
             stale.unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
     read_manifest(out)  # the committed folder reads back
-    return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -130,34 +131,72 @@ def hash_encoder() -> HashTextEncoder:
 # The service on a tiny index built with the fast encoders.
 
 
-@pytest.fixture
-def built_index(tmp_path):
-    """A 20-image colour collection (two captions each) built with the fast test encoders."""
+@dataclass(frozen=True)
+class MilvusTarget:
+    """A shared model in a milvus-lite database (what `asif build --store milvus` writes)."""
+
+    uri: str
+    prefix: str = "asif"
+
+
+def build_colours(tmp_path, store: str = "faiss"):
+    """The 20-image colour collection (two captions each) built with the fast test encoders into an index folder
+    (store faiss) or a milvus-lite database (store milvus); returns (index folder or MilvusTarget, images root)."""
     from index_builder.build import BuildConfig, run_build
 
     images, pairs = write_pair_collection(tmp_path / "data")
     out = tmp_path / "index"
-    run_build(
-        BuildConfig(pairs=pairs, images_root=images, out=out, k=10, anchors="image"), PixelEncoder(), HashTextEncoder()
-    )
-    return out, images
+    target = out if store == "faiss" else MilvusTarget(str(tmp_path / "milvus.db"))
+    extra = {} if store == "faiss" else {"store": "milvus", "milvus_uri": target.uri}
+    config = BuildConfig(pairs=pairs, images_root=images, out=out, k=10, anchors="image", **extra)
+    run_build(config, PixelEncoder(), HashTextEncoder())
+    return target, images
 
 
-def make_client(index_dir, **settings):
+@pytest.fixture
+def built_index(tmp_path):
+    """The colour collection in an index folder (tests of the single-process store's own behaviour)."""
+    return build_colours(tmp_path)
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def served_index(request, tmp_path):
+    """The colour collection in each store: the tests that take it run against both."""
+    return build_colours(tmp_path, request.param)
+
+
+def open_live(target, image_encoder=None, text_encoder=None):
+    """The live model over an index folder, or a replica over a shared model in Milvus; fast test encoders."""
+    image_encoder, text_encoder = image_encoder or PixelEncoder(), text_encoder or HashTextEncoder()
+    if isinstance(target, MilvusTarget):
+        from pymilvus import MilvusClient
+
+        from asif.shared_live import open_shared
+
+        return open_shared(MilvusClient(target.uri), target.prefix, image_encoder, text_encoder)
+    from asif.live import LiveModel
+
+    return LiveModel(target, image_encoder, text_encoder)
+
+
+def make_client(target, image_encoder=None, **settings):
+    """A TestClient over an index folder, or over a shared model in Milvus (a new replica each time)."""
     from fastapi.testclient import TestClient
 
     from app.core.config import Settings
     from app.main import create_app
-    from asif.live import LiveModel
 
-    cfg = Settings(index=index_dir, batch_max_wait_ms=1, snapshot_interval_s=3600, **settings)
-    app = create_app(cfg, live_factory=lambda s: LiveModel(s.index, PixelEncoder(), HashTextEncoder()))
-    return TestClient(app)
+    common = {"batch_max_wait_ms": 1, "snapshot_interval_s": 3600, **settings}
+    if isinstance(target, MilvusTarget):
+        cfg = Settings(store="milvus", milvus_uri=target.uri, milvus_prefix=target.prefix, **common)
+    else:
+        cfg = Settings(index=target, **common)
+    return TestClient(create_app(cfg, live_factory=lambda s: open_live(target, image_encoder)))
 
 
 @pytest.fixture
-def client(built_index):
-    with make_client(built_index[0]) as c:
+def client(served_index):
+    with make_client(served_index[0]) as c:
         yield c
 
 

@@ -114,14 +114,14 @@ def test_a_deleted_pair_is_restored_with_its_vectors_captions_and_thumbnail(clie
     assert client.post("/v1/pairs/restore", json={"ids": []}).status_code == 422
 
 
-def test_restore_needs_the_key_and_info_says_writes_are_protected(built_index):
-    with make_client(built_index[0], api_key="sekrit") as client:
+def test_restore_needs_the_key_and_info_says_writes_are_protected(served_index):
+    with make_client(served_index[0], api_key="sekrit") as client:
         assert client.get("/v1/info").json()["write_protected"] is True
         auth = {"Authorization": "Bearer sekrit"}
         assert client.delete("/v1/pairs/3", headers=auth).status_code == 200
         assert client.post("/v1/pairs/restore", json={"ids": [3]}).status_code == 401
         assert client.post("/v1/pairs/restore", json={"ids": [3]}, headers=auth).status_code == 200
-    with make_client(built_index[0]) as client:
+    with make_client(served_index[0]) as client:
         assert client.get("/v1/info").json()["write_protected"] is False
 
 

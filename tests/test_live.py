@@ -12,6 +12,7 @@ from asif.live import LiveModel
 from asif.metadata import NewPair
 from asif.persist import read_manifest
 from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder
+from tests.conftest import open_live as open_in_store
 
 
 def open_live(index):
@@ -58,9 +59,8 @@ def test_unsnapshotted_edits_are_replayed_after_a_crash(built_index):
     assert third.add_pairs([new_pair(third, (1, 2, 3), "new")]) == [ids[1] + 1]
 
 
-def test_concurrent_classify_and_edits_lose_nothing(built_index):
-    index, _ = built_index
-    live = open_live(index)
+def test_concurrent_classify_and_edits_lose_nothing(served_index):
+    live = open_in_store(served_index[0])
     labels = LabelSet(tuple(COLOURS), ("a {} square",))
     cached = live.put_label_set("colours", labels, live.model.embed_labels(labels))
     query = live.image_encoder.encode([__import__("PIL.Image").Image.new("RGB", (8, 8), (220, 30, 30))])

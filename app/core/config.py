@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from asif.milvus_meta import PREFIX_PATTERN
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASIF_", env_file=None, extra="ignore")
@@ -18,7 +20,7 @@ class Settings(BaseSettings):
         "faiss", description="faiss: the index folder, one process; milvus: shared state in Milvus, many replicas"
     )
     milvus_uri: str = Field("milvus.db", description="store milvus: a server URI (http://host:19530) or a lite file")
-    milvus_prefix: str = Field("asif", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$", description="collection names")
+    milvus_prefix: str = Field("asif", pattern=PREFIX_PATTERN, description="store milvus: collection name prefix")
     milvus_index: str = Field("FLAT", description="store milvus: index type and options, e.g. HNSW:M=16,ef=1024")
     image_encoder: str | None = Field(None, description="override the manifest's image encoder spec")
     text_encoder: str | None = Field(None, description="override the manifest's text encoder spec")

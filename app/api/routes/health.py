@@ -43,7 +43,7 @@ async def info(state: State) -> Info:
         pairs=model.n_pairs,
         anchors=str(live.manifest.get("anchors", "image")),
         index={
-            role: {"spec": store.describe(), "ntotal": store.ntotal}
+            role: {"spec": store.describe(), "ntotal": store.ntotal, "exact": store.is_exact}
             for role, store in (("image", model.image_store), ("text", model.text_store))
         },
         defaults={"k": model.k, "p": model.p},

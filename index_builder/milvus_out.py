@@ -1,0 +1,75 @@
+"""`asif build --store milvus`: load the embedded anchors into a shared model in Milvus (see asif.shared_live).
+
+The stores and the pair rows are written first, the manifest last: replicas (and a rebuild) take a prefix with
+a manifest as a built model, and a prefix without one as the leftovers of an interrupted load, dropped here.
+Pairs are numbered 0..n-1, as in an index folder; pairs added live later get time-ordered ids above them.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from asif.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
+from asif.stores.milvus_store import MilvusIndex, MilvusStore
+
+BULK = 20_000  # rows per store add (each is flushed into a sealed segment)
+
+
+class MilvusTargetError(RuntimeError):
+    """The Milvus prefix already holds a model (and no --force), or the database cannot be reached."""
+
+
+def open_client(uri: str) -> Any:
+    from pymilvus import MilvusClient
+
+    try:
+        return MilvusClient(uri)
+    except Exception as exc:  # pymilvus raises its own MilvusException and grpc errors
+        raise MilvusTargetError(f"cannot open Milvus at {uri!r}: {exc}") from exc
+
+
+def check_target(client: Any, prefix: str, force: bool) -> None:
+    """Refuse to overwrite a built model unless ``force``; a half-loaded prefix is always cleared later."""
+    if not re.match(PREFIX_PATTERN, prefix):
+        raise MilvusTargetError(f"bad Milvus prefix {prefix!r}: letters, digits and _ (not first), at most 41")
+    if read_manifest(client, prefix) is not None and not force:
+        raise MilvusTargetError(f"Milvus prefix {prefix!r} already holds a model; pass --force to rebuild it")
+
+
+def load_milvus(
+    client: Any,
+    prefix: str,
+    index: MilvusIndex,
+    vectors: dict[str, np.ndarray],
+    pairs: Sequence[tuple[str, Sequence[str], bytes | None]],
+    manifest: dict[str, Any],
+    log: TextIO = sys.stderr,
+) -> dict[str, str]:
+    """Replace the model ``prefix`` with these anchors: ``vectors`` by role (image, text), row i = pair i, and
+    ``pairs`` = (image reference, captions, thumbnail or None) per row. Returns the index spec per role."""
+    if shared_collections(client, prefix):
+        print(f"dropping the collections of Milvus prefix {prefix!r}", file=log)
+        drop_shared(client, prefix)
+    n = len(pairs)
+    ids = np.arange(n, dtype=np.int64)
+    metadata = MilvusMetadata(client, prefix, vectors["text"].shape[1])
+    bar = tqdm(total=3 * n, desc="milvus", unit="row", file=sys.stderr)
+    for role in ("image", "text"):
+        store = MilvusStore(client, f"{prefix}_{role}", vectors[role].shape[1], index)
+        for start in range(0, n, BULK):
+            store.add(ids[start : start + BULK], vectors[role][start : start + BULK])
+            bar.update(min(n, start + BULK) - start)
+    for start in range(0, n, BULK):
+        stop = min(n, start + BULK)
+        metadata.insert_pairs((start + i, *pairs[start + i]) for i in range(stop - start))
+        bar.update(stop - start)
+    bar.close()
+    client.flush(f"{prefix}_pairs")
+    metadata.set_meta("manifest", {**manifest, "store": "milvus", "milvus_index": index.to_dict()})
+    return {role: f"milvus:{index.type}" for role in ("image", "text")}
