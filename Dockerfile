@@ -25,8 +25,10 @@ ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 ARG PIP_TRUSTED_HOST
 ARG WITH_MPNET=0
+# Optional extras of the asif package, e.g. EXTRAS=milvus for the Milvus store (pymilvus, docker-compose.milvus.yml).
+ARG EXTRAS=
 # The same install procedure as CI (.ci/run): CPU torch first, then the project.
-RUN ASIF_TORCH_INDEX_URL="${TORCH_INDEX_URL}" ASIF_WITH_MPNET="${WITH_MPNET}" sh docker/install.sh .
+RUN ASIF_TORCH_INDEX_URL="${TORCH_INDEX_URL}" ASIF_WITH_MPNET="${WITH_MPNET}" sh docker/install.sh ".${EXTRAS:+[${EXTRAS}]}"
 # Leaner runtime: torch's C++ headers and test binaries and the packages' own test suites are never used by the
 # service (~250 MB).
 RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \

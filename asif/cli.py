@@ -74,12 +74,17 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--p", type=float, default=DEFAULT_P, help="default p recorded in the manifest")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--force", action="store_true", help="rebuild over an existing index folder")
+    p.add_argument("--force", action="store_true", help="rebuild over an existing index folder or Milvus prefix")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="exit 0 without building when the target already holds a model (a compose builder that runs again)",
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from index_builder.build import BuildConfig, BuildError, run_build
-    from index_builder.milvus_out import MilvusTargetError
+    from index_builder.build import BuildConfig, run_build
+    from index_builder.errors import AlreadyBuiltError, BuildError
     from index_builder.pairs_io import PairsFileError
 
     if args.out is None:
@@ -90,7 +95,13 @@ def _run_build(args: argparse.Namespace) -> int:
     config = _config(BuildConfig, args, rerank=None if args.rerank.lower() == "none" else args.rerank)
     try:
         report = run_build(config)
-    except (BuildError, PairsFileError, MilvusTargetError, ValueError) as exc:
+    except AlreadyBuiltError as exc:
+        if args.skip_existing:
+            print(f"asif build: {exc}: nothing to do (--skip-existing)")
+            return 0
+        print(f"asif build: error: {exc}", file=sys.stderr)
+        return 2
+    except (BuildError, PairsFileError, ValueError) as exc:
         print(f"asif build: error: {exc}", file=sys.stderr)
         return 2
     if args.store == "milvus":
@@ -154,6 +165,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchors", choices=("image", "caption"), default="caption", help="primary anchor mode")
     p.add_argument("--index-type", default="auto", help="index of the served path with --pairs")
     p.add_argument("--rerank-factor", type=float, default=RERANK_FACTOR, help="IVF-PQ re-ranking factor, with --pairs")
+    p.add_argument(
+        "--store", choices=("faiss", "milvus"), default="faiss", help="anchor store of the served path, with --pairs"
+    )
+    p.add_argument("--milvus-uri", default=None, help="with --store milvus (default: a lite file in --out)")
+    p.add_argument("--milvus-index", default="FLAT", help="with --store milvus: index type and options")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--p", type=float, default=DEFAULT_P)
     p.add_argument("--ks", default="25,50,100,200,400,800", help="k values of the sweep")

@@ -63,6 +63,9 @@ class EvalConfig:
     batch_size: int = 32
     device: str | None = None
     cache_dir: Path | None = None
+    store: str = "faiss"  # the served path's anchor store (with --pairs): faiss, or milvus (its FLAT default)
+    milvus_uri: str | None = None  # default: a milvus-lite database in the output folder
+    milvus_index: str = "FLAT"
 
 
 def _log(msg: str) -> None:
@@ -149,12 +152,34 @@ def served_top1(
     return np.array(pred)
 
 
+def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[Any]:
+    """The anchors in two fresh Milvus collections (``eval_image``, ``eval_text``), row i = id i."""
+    from pymilvus import MilvusClient
+
+    from asif.stores.milvus_store import MilvusIndex, MilvusStore
+
+    client = MilvusClient(cfg.milvus_uri or str(cfg.out / "milvus.db"))
+    index = MilvusIndex.parse(cfg.milvus_index)
+    stores = []
+    for role, x in (("image", image), ("text", text)):
+        if client.has_collection(f"eval_{role}"):
+            client.drop_collection(f"eval_{role}")
+        store = MilvusStore(client, f"eval_{role}", x.shape[1], index)
+        ids = np.arange(len(x), dtype=np.int64)
+        for start in tqdm(range(0, len(x), 20_000), desc=f"milvus {role}", file=sys.stderr):
+            store.add(ids[start : start + 20_000], x[start : start + 20_000])
+        stores.append(store)
+    return stores
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     test: TestSet = load_test_set(cfg.test, cfg.classes)
     templates = read_templates(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES)
     loaded = None
+    if cfg.store == "milvus" and cfg.index is not None:
+        raise ValueError("--store milvus evaluates --pairs loaded into Milvus; an --index folder is FAISS's")
     if cfg.index is not None:
         loaded = open_index(cfg.index, device=cfg.device)
         img_enc, txt_enc = loaded.model.image_encoder, loaded.model.text_encoder
@@ -237,23 +262,26 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             )
             for x in (main.image, main.text)
         )
-        model = AsifModel(
-            build_store(main.image, np.arange(n), image_spec),
-            build_store(main.text, np.arange(n), text_spec),
-            k=cfg.k,
-            p=cfg.p,
-        )
+        if cfg.store == "milvus":
+            model = AsifModel(*milvus_stores(cfg, main.image, main.text), k=cfg.k, p=cfg.p)
+        else:
+            model = AsifModel(
+                build_store(main.image, np.arange(n), image_spec),
+                build_store(main.text, np.arange(n), text_spec),
+                k=cfg.k,
+                p=cfg.p,
+            )
         # Recall@k of the image index against exact search (store ids are the anchor rows here).
         probe = test_emb[: min(len(test_emb), 500)]
         _, got = model.image_store.search(probe, cfg.k)
         _, ref = exact_topk(probe, main.image, cfg.k)
         recall = recall_at_k(got, ref)
-    _log(f"served path ({model.image_store.spec.factory}) vs dense reference")
+    _log(f"served path ({model.image_store.describe()['factory']}) vs dense reference")
     served = served_top1(model, test_emb, label_emb, test.names, cfg.k, cfg.p)
     served_acc = float((served == truth).mean())
     dense_acc = float((dense_pred == truth).mean())
     report["served"] = {
-        "index": {"image": model.image_store.spec.to_dict(), "text": model.text_store.spec.to_dict()},
+        "index": {"image": model.image_store.describe(), "text": model.text_store.describe()},
         "top1": served_acc,
         "dense_top1": dense_acc,
         "top1_agreement": float((served == dense_pred).mean()),

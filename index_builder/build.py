@@ -40,14 +40,11 @@ from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_
 from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from asif.stores.milvus_store import MilvusIndex
+from index_builder.errors import AlreadyBuiltError, BuildError
 from index_builder.milvus_out import check_target, load_milvus, open_client
 from index_builder.pairs_io import read_pairs, resolve_image
 
 WORK_DIR = ".build"
-
-
-class BuildError(RuntimeError):
-    """The build cannot proceed (bad arguments, nothing to index, existing index)."""
 
 
 @dataclass
@@ -263,7 +260,7 @@ def run_build(
     check_k_p(config.k, config.p)
     if config.store == "faiss":
         if (Path(config.out) / MANIFEST).exists() and not config.force:
-            raise BuildError(f"{config.out} already holds an index; pass --force to rebuild it")
+            raise AlreadyBuiltError(f"{config.out} already holds an index; pass --force to rebuild it")
         return _build(config, None, image_encoder, text_encoder, log, after_images)
     if config.store != "milvus":
         raise BuildError(f"unknown store {config.store!r}; choose faiss or milvus")

@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from asif.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
 from asif.stores.milvus_store import MilvusIndex, MilvusStore
+from index_builder.errors import AlreadyBuiltError, BuildError
 
 BULK = 20_000  # rows per store add (each is flushed into a sealed segment)
 
 
-class MilvusTargetError(RuntimeError):
-    """The Milvus prefix already holds a model (and no --force), or the database cannot be reached."""
+class MilvusTargetError(BuildError):
+    """The Milvus database cannot be reached, or the prefix is not a valid collection name."""
 
 
 def open_client(uri: str) -> Any:
@@ -39,7 +40,7 @@ def check_target(client: Any, prefix: str, force: bool) -> None:
     if not re.match(PREFIX_PATTERN, prefix):
         raise MilvusTargetError(f"bad Milvus prefix {prefix!r}: letters, digits and _ (not first), at most 41")
     if read_manifest(client, prefix) is not None and not force:
-        raise MilvusTargetError(f"Milvus prefix {prefix!r} already holds a model; pass --force to rebuild it")
+        raise AlreadyBuiltError(f"Milvus prefix {prefix!r} already holds a model; pass --force to rebuild it")
 
 
 def load_milvus(

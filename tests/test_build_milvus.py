@@ -12,7 +12,7 @@ from asif.loading import open_index
 from asif.milvus_meta import MilvusMetadata, read_manifest
 from asif.stores.milvus_store import MilvusStore
 from index_builder.build import BuildConfig, run_build
-from index_builder.milvus_out import MilvusTargetError
+from index_builder.errors import AlreadyBuiltError
 from tests.conftest import HashTextEncoder, MilvusTarget, PixelEncoder, open_live, write_pair_collection
 from tests.test_builder import add_bad_rows
 
@@ -69,7 +69,7 @@ def test_the_shared_model_holds_what_an_index_folder_holds(tmp_path, collection)
 def test_a_built_model_needs_force_and_leftovers_are_cleared(tmp_path, collection):
     images, pairs = collection
     run_build(milvus_config(tmp_path, images, pairs, anchors="image"), PixelEncoder(), HashTextEncoder())
-    with pytest.raises(MilvusTargetError, match="--force"):
+    with pytest.raises(AlreadyBuiltError, match="--force"):
         run_build(milvus_config(tmp_path, images, pairs), PixelEncoder(), HashTextEncoder())
     from pymilvus import MilvusClient
 
@@ -96,6 +96,8 @@ def test_cli_build_into_milvus_and_its_errors(tmp_path, collection, capsys, monk
     assert "shared model 'colours' loaded into Milvus" in capsys.readouterr().out
     assert main([*args, *ENCODERS, "--milvus-prefix", "colours", "--out", str(tmp_path / "w")]) == 2
     assert "already holds a model; pass --force" in capsys.readouterr().err
+    assert main([*args, *ENCODERS, "--milvus-prefix", "colours", "--skip-existing"]) == 0  # a builder run again
+    assert "nothing to do (--skip-existing)" in capsys.readouterr().out
     assert main([*args, *ENCODERS, "--milvus-prefix", "bad-prefix!"]) == 2
     assert "bad Milvus prefix" in capsys.readouterr().err
     assert main([*args, *ENCODERS, "--milvus-index", "HNSW:M"]) == 2

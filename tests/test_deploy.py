@@ -22,7 +22,7 @@ from tests.conftest import write_pair_collection
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "docker" / "Dockerfile.gpu"]
-COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml"]
+COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", ROOT / "docker-compose.milvus.yml"]
 ENTRYPOINT_VARS = {
     "ASIF_PAIRS",
     "ASIF_IMAGES_ROOT",
@@ -31,6 +31,7 @@ ENTRYPOINT_VARS = {
     "ASIF_ANCHORS",
     "ASIF_HOST",
     "ASIF_PORT",
+    "ASIF_BUILD_DIR",
 }
 
 
@@ -78,14 +79,55 @@ PASS_THROUGH_ARGS = {
 
 
 @pytest.mark.parametrize(
-    ("compose_file", "variable"), [("docker-compose.yml", "ASIF_IMAGE"), ("docker-compose.gpu.yml", "ASIF_GPU_IMAGE")]
+    ("compose_file", "variable", "fixed"),
+    [
+        ("docker-compose.yml", "ASIF_IMAGE", set()),
+        ("docker-compose.gpu.yml", "ASIF_GPU_IMAGE", set()),
+        ("docker-compose.milvus.yml", "ASIF_IMAGE", {"EXTRAS=milvus"}),
+    ],
 )
-def test_compose_takes_the_image_and_build_arguments_from_the_environment(compose_file, variable):
+def test_compose_takes_the_image_and_build_arguments_from_the_environment(compose_file, variable, fixed):
     services = load_yaml(ROOT / compose_file)["services"]
-    for service in services.values():
-        assert service["image"].startswith(f"${{{variable}:-"), service["image"]
+    for name, service in services.items():
+        if name not in MILVUS_STACK:
+            assert service["image"].startswith(f"${{{variable}:-"), service["image"]
     # Listed without a value: compose passes each one where it is set in its environment, and only then.
-    assert set(services["builder"]["build"]["args"]) == PASS_THROUGH_ARGS
+    assert set(services["builder"]["build"]["args"]) == PASS_THROUGH_ARGS | fixed
+
+
+MILVUS_STACK = {"etcd", "minio", "milvus", "lb"}  # official images: Milvus's compose file, and nginx
+
+
+def test_milvus_compose_semantics():
+    """Milvus standalone from its official images, the builder once it is healthy, two replicas of the Milvus-mode
+    service once the builder is done, and one port in front of them whose upstreams are those replicas."""
+    import re
+
+    services = load_yaml(ROOT / "docker-compose.milvus.yml")["services"]
+    assert services["milvus"]["image"].startswith("milvusdb/milvus:v2.5")
+    assert services["milvus"]["command"] == ["milvus", "run", "standalone"]
+    assert services["milvus"]["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert services["milvus"]["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert services["builder"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    replicas = sorted(name for name, svc in services.items() if svc.get("command") == ["serve"])
+    assert replicas == ["api-a", "api-b"]
+    known = {f"ASIF_{name.upper()}" for name in Settings.model_fields} | ENTRYPOINT_VARS
+    for name in [*replicas, "builder"]:
+        env = services[name]["environment"]
+        assert env["ASIF_STORE"] == "milvus" and env["ASIF_MILVUS_URI"].endswith("http://milvus:19530}")
+        assert all(var in known for var in env if var.startswith("ASIF_")), name
+    for name in replicas:
+        assert services[name]["depends_on"]["builder"]["condition"] == "service_completed_successfully"
+        assert "ports" not in services[name]  # reached through the balancer only
+    lb = services["lb"]
+    assert lb["ports"] == ["${ASIF_HTTP_PORT:-8000}:8000"]
+    assert {name for name, dep in lb["depends_on"].items() if dep["condition"] == "service_healthy"} == set(replicas)
+    conf_path = lb["volumes"][0].split(":")[0]
+    conf = (ROOT / conf_path).read_text()
+    assert sorted(re.findall(r"server (\S+):8000", conf)) == replicas and "listen 8000;" in conf
+    assert "non_idempotent" not in conf  # a POST that reached one replica is never replayed on another
+    entry = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert "--skip-existing" in entry and "--store milvus" in entry
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -184,3 +226,36 @@ def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
     # The shutdown snapshot wrote the edit as a delta of generation 1.
     assert manifest["generation"] == 1 and manifest["counts"]["pairs"] == 17  # 16 captions + 1 added
     assert [d["adds"] for d in manifest["deltas"]] == [1]
+
+
+@pytest.mark.slow
+def test_entrypoint_loads_a_shared_model_into_milvus_once(tmp_path):
+    """ASIF_STORE=milvus: `build` loads the pairs into Milvus (here a milvus-lite file), and a second run (the compose
+    builder started again) keeps the model; ASIF_REBUILD=1 rebuilds it."""
+    images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=1)
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        ASIF_STORE="milvus",
+        ASIF_MILVUS_URI=str(tmp_path / "shared.db"),
+        ASIF_BUILD_DIR=str(tmp_path / "work"),
+        ASIF_PAIRS=str(pairs),
+        ASIF_IMAGES_ROOT=str(images),
+        ASIF_IMAGE_ENCODER="effnet-lite0",
+        ASIF_TEXT_ENCODER="minilm",
+        HF_HUB_OFFLINE="1",
+    )
+    entry = str(ROOT / "docker" / "entrypoint.sh")
+    built = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0 and "loaded into Milvus" in built.stdout, built.stderr
+    again = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    rebuilt = subprocess.run([entry, "build"], env={**env, "ASIF_REBUILD": "1"}, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert rebuilt.returncode == 0 and "dropping the collections" in rebuilt.stderr, rebuilt.stderr
+    from pymilvus import MilvusClient
+
+    from asif.milvus_meta import read_manifest
+
+    manifest = read_manifest(MilvusClient(env["ASIF_MILVUS_URI"]), "asif")
+    assert manifest["counts"]["pairs"] == 8 and manifest["image_encoder"]["spec"] == "effnet-lite0"

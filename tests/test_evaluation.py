@@ -145,6 +145,14 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     cache = EmbeddingCache(load_image_encoder("effnet-lite0").identity, tmp_path / "cache" / "embeddings")
     found, _ = cache.get([file_key(p) for p in sorted((tmp_path / "test").rglob("*.png"))])
     assert found.all()
+    # The served path over the Milvus store (milvus-lite, FLAT): exact, like the dense reference.
+    assert main([*args, "--store", "milvus", "--out", str(tmp_path / "out_milvus")]) == 0
+    served = json.loads((tmp_path / "out_milvus" / "report.json").read_text())["served"]
+    assert served["index"]["image"]["backend"] == "milvus" and served["index"]["image"]["type"] == "FLAT"
+    assert served["top1_agreement"] == 1.0 and served["image_recall_at_k"] == 1.0
+    assert (tmp_path / "out_milvus" / "milvus.db").exists()
+    assert main([*args, "--store", "milvus", "--index", str(out)]) == 2
+    assert "an --index folder is FAISS's" in capsys.readouterr().err
 
 
 def test_recall_at_k_counts_the_share_of_true_neighbours_found():
