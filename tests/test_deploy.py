@@ -179,22 +179,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
-    images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=2)
-    port = free_port()
-    env = dict(
+def entrypoint_env(images, pairs, **extra: str) -> dict[str, str]:
+    """The entrypoint's environment outside a container: this venv's asif, the pairs, the packaged encoders."""
+    return dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        ASIF_INDEX=str(tmp_path / "index"),
         ASIF_PAIRS=str(pairs),
         ASIF_IMAGES_ROOT=str(images),
         ASIF_IMAGE_ENCODER="effnet-lite0",
         ASIF_TEXT_ENCODER="minilm",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
+
+
+@pytest.mark.slow
+def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
+    images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=2)
+    port = free_port()
+    env = entrypoint_env(
+        images,
+        pairs,
+        ASIF_INDEX=str(tmp_path / "index"),
         ASIF_HOST="127.0.0.1",
         ASIF_PORT=str(port),
         ASIF_API_KEY="",
-        HF_HUB_OFFLINE="1",
     )
     entry = str(ROOT / "docker" / "entrypoint.sh")
     built = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=300)
@@ -233,17 +242,12 @@ def test_entrypoint_loads_a_shared_model_into_milvus_once(tmp_path):
     """ASIF_STORE=milvus: `build` loads the pairs into Milvus (here a milvus-lite file), and a second run (the compose
     builder started again) keeps the model; ASIF_REBUILD=1 rebuilds it."""
     images, pairs = write_pair_collection(tmp_path / "data", n_per_colour=1)
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    env = entrypoint_env(
+        images,
+        pairs,
         ASIF_STORE="milvus",
         ASIF_MILVUS_URI=str(tmp_path / "shared.db"),
         ASIF_BUILD_DIR=str(tmp_path / "work"),
-        ASIF_PAIRS=str(pairs),
-        ASIF_IMAGES_ROOT=str(images),
-        ASIF_IMAGE_ENCODER="effnet-lite0",
-        ASIF_TEXT_ENCODER="minilm",
-        HF_HUB_OFFLINE="1",
     )
     entry = str(ROOT / "docker" / "entrypoint.sh")
     built = subprocess.run([entry, "build"], env=env, capture_output=True, text=True, timeout=300)
