@@ -6,7 +6,8 @@
 
 from asif.stores.base import StoreError, VectorStore, as_matrix
 from asif.stores.duplicates import count_distinct_rows
-from asif.stores.faiss_store import RERANK_MIN, FaissStore, build_store, refine_path, set_faiss_threads
+from asif.stores.faiss_index import set_faiss_threads
+from asif.stores.faiss_store import RERANK_MIN, FaissStore, build_store, refine_path
 from asif.stores.spec import FLAT_MAX_N, RERANK_FACTOR, IndexSpec, choose_index_spec, ivfpq_params
 
 __all__ = [

@@ -3,24 +3,8 @@
 It implements ``asif.stores.base.VectorStore`` (the narrow interface the ASIF math uses), plus training and
 files (``write``/``read``) for the index folder. ``asif.stores.milvus_store`` is the other implementation.
 
-Index choice (``choose_index_spec``), the documented rule:
-
-- ``flat``: exact inner-product search (``IDMap2,Flat``). Used for ``auto`` when n <= 50,000.
-- ``ivfpq``: ``IVF{nlist},PQ{M}x4fs`` (FAISS's SIMD "fast-scan" PQ with 4-bit codes) with
-  ``nlist = clamp(power of two nearest 2*sqrt(n), 16, 65536)`` (half FAISS's usual 4*sqrt(n):
-  k=800 neighbours spread over many lists, and fewer, longer lists need fewer probes), also at most n/39 so every
-  centroid gets FAISS's minimum of 39 training points; ``M`` = the divisor of the dimension
-  nearest to dim/8 (8 dimensions per 4-bit sub-quantiser: 80 bytes for 1280-d, 24 for 384-d,
-  48 for 768-d, the same bytes as 8-bit PQ with half as many sub-quantisers). At 100k clustered
-  1280-d vectors, fast-scan scans ~3x faster than ``PQ80x8`` and ranks better (PQ-only recall@800
-  0.87 vs 0.82). Trained on a seeded sample of ``max(64*nlist, 30000)`` vectors (at most n).
-  ``nprobe`` is at least nlist/8, enough lists to hold 4x the candidates wanted and 131,072 vectors.
-  By default the candidates are re-ranked exactly: ``max(rerank_factor * k', 4096)`` candidates (k' = the
-  distinct vectors k pairs span, see below) come from
-  the PQ codes, their exact inner products are computed from a refine store
-  (a table of the float32 vectors by id, or float16 with ``SQfp16``), and the best ``k`` are kept, so
-  the similarities raised to ``p`` are the true ones.
-- any other string is a FAISS ``index_factory`` string used as given (inner product metric).
+Index choice (``choose_index_spec``) is documented in ``asif.stores.spec``; the raw FAISS helpers (threads,
+construction, IVF access) are in ``asif.stores.faiss_index``.
 
 Identical vectors are indexed once when the store re-ranks (IVF-PQ with a refine table): with one
 anchor per caption, every image appears once per caption (five times in Flickr8k). The vectors of one
@@ -46,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,86 +39,13 @@ import numpy as np
 from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
 from asif.stores.base import StoreError, as_matrix, checked_new
 from asif.stores.duplicates import DuplicateGroups
+from asif.stores.faiss_index import apply_faiss_threads, enable_id_lookup, ids_of, ivf_or_none, new_index
 from asif.stores.spec import IndexSpec
 from asif.vectors import VectorTable
 
 RERANK_MIN = 4096  # candidates re-ranked at least (~1.7 ms at 1M): small k and grouped anchors need them on real data
 SCAN_MIN = 131_072  # PQ codes scanned at least per query (~1 ms with fast-scan)
 PURGE_AT = 1024  # re-ranked stores: deleted vectors left in FAISS (filtered out) before one batched removal
-
-
-_faiss_threads: int | None = None  # OpenMP threads per FAISS call, in every thread (None: OpenMP's default)
-_thread_state = threading.local()
-
-
-def set_faiss_threads(n: int | None) -> None:
-    """OpenMP threads for every FAISS call of the process, whichever thread makes it.
-
-    ``faiss.omp_set_num_threads`` only sets the calling thread's value: threads started later (a server's
-    worker threads) keep OpenMP's default of one thread per core, and single-query searches and edits spent
-    ~10 ms in OpenMP barriers under load. Each store call applies this value to its thread first.
-    """
-    global _faiss_threads
-    _faiss_threads = n
-    _apply_faiss_threads()
-
-
-def _apply_faiss_threads() -> None:
-    n = _faiss_threads
-    if n and getattr(_thread_state, "n", None) != n:
-        faiss.omp_set_num_threads(n)
-        _thread_state.n = n
-
-
-def _new_index(dim: int, factory: str) -> faiss.Index:
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:  # FAISS reports bad factory strings as RuntimeError
-        raise StoreError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from exc
-    ivf = _ivf_or_none(index)
-    if ivf is None and not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
-        index = faiss.IndexIDMap2(index)
-    ivfpq = faiss.downcast_index(ivf) if ivf is not None else None
-    if isinstance(ivfpq, faiss.IndexIVFPQ):
-        # Polysemous training (on by default) costs minutes and only serves Hamming filtering,
-        # which inner-product search does not use. 64 points per PQ centroid train it well.
-        ivfpq.do_polysemous_training = False
-        ivfpq.pq.cp.max_points_per_centroid = 64
-        ivfpq.pq.cp.niter = 20
-    return index
-
-
-def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def _enable_id_lookup(index: faiss.Index) -> None:
-    """IVF: a hash-table direct map makes removal by id O(1) instead of a scan of every list.
-
-    Fast-scan indices store codes in blocks, which FAISS cannot edit through a direct map: their
-    removal scans the ids of every list (~1 ms per million vectors), still far inside the budget.
-    """
-    ivf = _ivf_or_none(index)
-    if ivf is None or isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
-        return
-    if ivf.direct_map.type != faiss.DirectMap.Hashtable:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-
-
-def _ids_of(index: faiss.Index) -> np.ndarray:
-    ivf = _ivf_or_none(index)
-    if ivf is None:
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
-    invlists = ivf.invlists
-    parts = []
-    for lst in range(ivf.nlist):
-        size = invlists.list_size(lst)
-        if size:
-            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 class FaissStore:
@@ -151,18 +61,18 @@ class FaissStore:
     ):
         self.dim = int(dim)
         self.spec = spec
-        self.index = index if index is not None else _new_index(self.dim, spec.factory)
+        self.index = index if index is not None else new_index(self.dim, spec.factory)
         self.refine = refine
         if self.refine is None and spec.refine:
             try:
                 self.refine = VectorTable(self.dim, spec.refine)
             except ValueError as exc:
                 raise StoreError(str(exc)) from exc
-        self._ivf = _ivf_or_none(self.index)
+        self._ivf = ivf_or_none(self.index)
         if self._ivf is not None:
-            _enable_id_lookup(self.index)
+            enable_id_lookup(self.index)
         # A set, not a sorted array: an edit costs O(1) instead of re-sorting every id (~50 ms at 1M).
-        self._ids: set[int] = set(_ids_of(self.index).tolist()) if index is not None else set()
+        self._ids: set[int] = set(ids_of(self.index).tolist()) if index is not None else set()
         # Groups of identical vectors (only with a refine table): one indexed vector per group.
         self._groups = DuplicateGroups(*(groups if groups is not None else (None, None)))
         # Re-ranked stores delete lazily: a removed vector leaves the re-ranking table at once (so searches
@@ -199,7 +109,7 @@ class FaissStore:
     def purge(self) -> None:
         """Remove the deleted vectors still in FAISS (one pass over the lists for all of them)."""
         if self._dead:
-            _apply_faiss_threads()
+            apply_faiss_threads()
             self.index.remove_ids(faiss.IDSelectorArray(np.fromiter(self._dead, dtype=np.int64)))
             self._dead.clear()
 
@@ -237,16 +147,16 @@ class FaissStore:
 
     # -- building and editing -----------------------------------------------------------------
     def train(self, sample: np.ndarray) -> None:
-        _apply_faiss_threads()
+        apply_faiss_threads()
         x = as_matrix(sample, self.dim)
         if not self.index.is_trained:
             if self._ivf is not None and len(x) < self._ivf.nlist:
                 raise StoreError(f"need at least {self._ivf.nlist} training vectors, got {len(x)}")
             self.index.train(x)
-            _enable_id_lookup(self.index)
+            enable_id_lookup(self.index)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
-        _apply_faiss_threads()
+        apply_faiss_threads()
         ids, x = checked_new(self, ids, vectors)
         if not self.is_trained:
             raise StoreError("index is not trained; call train() first")
@@ -264,7 +174,7 @@ class FaissStore:
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the given ids; unknown ids are ignored. Returns how many were removed."""
-        _apply_faiss_threads()
+        apply_faiss_threads()
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[self.contains(ids)]
         if len(ids) == 0:
@@ -334,7 +244,7 @@ class FaissStore:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
-        _apply_faiss_threads()
+        apply_faiss_threads()
         x = as_matrix(queries, self.dim)
         k = effective_k(k, self.ntotal)
         if k == 0 or len(x) == 0:
