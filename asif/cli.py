@@ -62,7 +62,10 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         help="one anchor per caption (default), or one per image with its captions' mean embedding",
     )
     p.add_argument(
-        "--rerank", default="Flat", help="IVF-PQ re-ranking vectors: Flat (float32) | SQfp16 (float16) | none"
+        "--rerank",
+        default="Flat",
+        help="IVF-PQ re-ranking vectors: Flat (float32) | SQfp16 (float16) | SQ8 / SQ6 / SQ4 (scalar codes) | a FAISS "
+        "codec string | none",
     )
     p.add_argument(
         "--rerank-factor",

@@ -1,4 +1,6 @@
-"""Exact anchor vectors by pair id, for re-ranking IVF-PQ candidates.
+"""Anchor vectors by pair id, for re-ranking IVF-PQ candidates: exact (``Flat``, float32), half precision
+(``SQfp16``), or compact codes of a trained FAISS codec (``SQ8``, ``SQ6``, ``SQ4``, or any FAISS standalone-codec
+factory string such as ``PCAR256,SQ8``), decoded to float32 on lookup.
 
 Rows live in fixed-size blocks (65,536 rows each) with an id -> row array (pair ids are assigned by the
 service, 0, 1, 2, ...), so:
@@ -23,18 +25,34 @@ import faiss
 import numpy as np
 
 DTYPES = {"Flat": np.float32, "SQfp16": np.float16}
+NEAR_EXACT = frozenset(DTYPES)  # kinds whose vectors are (within float16 rounding) the vectors added
 BLOCK_SHIFT = 16
 BLOCK_ROWS = 1 << BLOCK_SHIFT
 
 
+def make_codec(dim: int, kind: str) -> faiss.Index:
+    """A FAISS standalone codec (``sa_encode``/``sa_decode``) for a re-ranking table kind other than Flat/SQfp16."""
+    try:
+        codec = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+        size = codec.sa_code_size()
+    except RuntimeError as exc:  # bad factory strings, and indices without a standalone codec
+        raise ValueError(
+            f"unknown re-ranking store {kind!r}: Flat, SQfp16, or a FAISS codec such as SQ8, SQ4, PCAR256,SQ8 ({exc})"
+        ) from exc
+    if size <= 0:
+        raise ValueError(f"re-ranking store {kind!r} has no standalone codes")
+    return codec
+
+
 class VectorTable:
-    def __init__(self, dim: int, kind: str = "Flat") -> None:
-        if kind not in DTYPES:
-            raise ValueError(f"unknown re-ranking store {kind!r}; choose one of {', '.join(DTYPES)}")
+    def __init__(self, dim: int, kind: str = "Flat", codec: faiss.Index | None = None) -> None:
         self.dim = dim
         self.kind = kind
-        self.dtype = np.dtype(DTYPES[kind])
-        self.blocks: list[np.ndarray] = []  # each (BLOCK_ROWS, dim)
+        self.codec = None if kind in DTYPES else (codec if codec is not None else make_codec(dim, kind))
+        # Rows of `width` elements: the vector (float32/float16), or its code bytes (uint8).
+        self.dtype = np.dtype(DTYPES[kind]) if self.codec is None else np.dtype(np.uint8)
+        self.width = dim if self.codec is None else int(self.codec.sa_code_size())
+        self.blocks: list[np.ndarray] = []  # each (BLOCK_ROWS, width)
         self.ids = np.zeros(0, dtype=np.int64)  # row -> pair id
         self.row_of = np.full(0, -1, dtype=np.int64)  # pair id -> row, -1 when absent
         self.n = 0
@@ -44,12 +62,39 @@ class VectorTable:
     def ntotal(self) -> int:
         return self.n
 
+    @property
+    def near_exact(self) -> bool:
+        """Whether lookups return the vectors added (float32, or float16-rounded), not a codec's approximation."""
+        return self.kind in NEAR_EXACT
+
+    @property
+    def needs_training(self) -> bool:
+        return self.codec is not None and not self.codec.is_trained
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the codec (compact kinds) on a sample of the vectors; nothing to do for Flat and SQfp16."""
+        if self.needs_training:
+            assert self.codec is not None
+            self.codec.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def _encode(self, vectors: np.ndarray) -> np.ndarray:
+        if self.codec is None:
+            return np.asarray(vectors)
+        if not self.codec.is_trained:
+            raise ValueError(f"the {self.kind} re-ranking table is not trained")
+        return self.codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        if self.codec is None:
+            return raw.astype(np.float32, copy=False)
+        return self.codec.sa_decode(np.ascontiguousarray(raw))
+
     def nbytes(self) -> int:
-        return int(self.n * self.dim * self.dtype.itemsize + self.ids[: self.n].nbytes + self.row_of.nbytes)
+        return int(self.n * self.width * self.dtype.itemsize + self.ids[: self.n].nbytes + self.row_of.nbytes)
 
     def _reserve(self, rows: int, max_id: int) -> None:
         while len(self.blocks) * BLOCK_ROWS < rows:
-            self.blocks.append(np.zeros((BLOCK_ROWS, self.dim), dtype=self.dtype))
+            self.blocks.append(np.zeros((BLOCK_ROWS, self.width), dtype=self.dtype))
         if rows > len(self.ids):  # 8 bytes a row: doubling these is cheap
             ids = np.zeros(max(rows, 2 * len(self.ids), 1024), dtype=np.int64)
             ids[: self.n] = self.ids[: self.n]
@@ -87,13 +132,19 @@ class VectorTable:
         return rows
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add float vectors under ids (encoded for compact kinds)."""
+        if len(ids):
+            self._add_rows(ids, self._encode(vectors))
+
+    def _add_rows(self, ids: np.ndarray, raw: np.ndarray) -> None:
+        """Add stored rows (vectors, or codes) under ids."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return
         if ids.min() < 0:
             raise ValueError("pair ids must be non-negative")
         self._reserve(self.n + len(ids), int(ids.max()))
-        self._put_rows(self.n, np.asarray(vectors))
+        self._put_rows(self.n, raw)
         rows = np.arange(self.n, self.n + len(ids))
         self.ids[rows] = ids
         self.row_of[ids] = rows
@@ -119,12 +170,12 @@ class VectorTable:
         return self._gather(self._rows_of(ids))
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        raw = np.empty((len(rows), self.width), dtype=self.dtype)
         block = rows >> BLOCK_SHIFT
         for b in np.unique(block).tolist():
             sel = block == b
-            out[sel] = self.blocks[b][rows[sel] & (BLOCK_ROWS - 1)]
-        return out
+            raw[sel] = self.blocks[b][rows[sel] & (BLOCK_ROWS - 1)]
+        return self._decode(raw)
 
     def inner_products(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         """(b, f) inner products of query row i with the vectors of ids[i] (all present), float32.
@@ -164,8 +215,7 @@ class VectorTable:
         if self.n == 0:
             return np.zeros((0, self.dim), dtype=np.float32), self.ids[:0]
         used = self.blocks[: (self.n + BLOCK_ROWS - 1) >> BLOCK_SHIFT]
-        vectors = np.concatenate(used)[: self.n].astype(np.float32, copy=False)
-        return vectors, self.ids[: self.n]
+        return self._decode(np.concatenate(used)[: self.n]), self.ids[: self.n]
 
     def any_id(self) -> int:
         """Some stored id (for padding a gather); the table must not be empty."""
@@ -174,15 +224,18 @@ class VectorTable:
         return int(self.ids[0])
 
     def write(self, path: Path, **extra: np.ndarray) -> None:
-        """Save ids, vectors and any extra named arrays (read back into ``extra``), atomically, as ``.npz``."""
+        """Save ids, vectors (or codes, with the trained codec) and any extra named arrays (read back into
+        ``extra``), atomically, as ``.npz``."""
         path = Path(path)
+        if self.codec is not None:
+            extra = {**extra, "codec": faiss.serialize_index(self.codec)}
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 _write_npy(zf, "ids", self.ids[: self.n])
                 with zf.open("vectors.npy", "w", force_zip64=True) as member:
                     header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
-                    np.lib.format.write_array_header_2_0(member, {**header, "shape": (self.n, self.dim)})
+                    np.lib.format.write_array_header_2_0(member, {**header, "shape": (self.n, self.width)})
                     for start in range(0, self.n, BLOCK_ROWS):
                         # A view, not tobytes(): copying a 335 MB block held the GIL for ~300 ms.
                         rows = self.blocks[start >> BLOCK_SHIFT][: min(BLOCK_ROWS, self.n - start)]
@@ -195,29 +248,35 @@ class VectorTable:
 
     @classmethod
     def read(cls, path: Path, dim: int, kind: str) -> VectorTable:
-        table = cls(dim, kind)
+        table = cls(dim, kind) if kind in DTYPES else None
         with zipfile.ZipFile(path) as zf:
             names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
             if not {"ids", "vectors"} <= names:
                 raise ValueError(f"{path}: not a vector table (arrays {sorted(names)})")
             with zf.open("ids.npy") as member:
                 ids = np.lib.format.read_array(member, allow_pickle=False)
-            table.extra = {}
+            extra = {}
             for name in sorted(names - {"ids", "vectors"}):
                 with zf.open(f"{name}.npy") as member:
-                    table.extra[name] = np.lib.format.read_array(member, allow_pickle=False)
+                    extra[name] = np.lib.format.read_array(member, allow_pickle=False)
+            if table is None:
+                if "codec" not in extra:
+                    raise ValueError(f"{path}: a {kind} table without its codec")
+                table = cls(dim, kind, faiss.deserialize_index(extra.pop("codec")))
+            table.extra = extra
             with zf.open("vectors.npy") as member:
                 version = np.lib.format.read_magic(member)
                 read_header = (
                     np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 )
                 shape, fortran, dtype = read_header(member)
-                if len(shape) != 2 or shape[1] != dim or shape[0] != len(ids) or fortran:
-                    raise ValueError(f"{path}: vectors of shape {shape} for {len(ids)} ids, expected dim {dim}")
+                width = table.width
+                if len(shape) != 2 or shape[1] != width or shape[0] != len(ids) or fortran or dtype != table.dtype:
+                    raise ValueError(f"{path}: rows of shape {shape} for {len(ids)} ids, expected width {width}")
                 for start in range(0, len(ids), BLOCK_ROWS):
                     rows = min(BLOCK_ROWS, len(ids) - start)
-                    chunk = np.frombuffer(_read_exact(member, rows * dim * dtype.itemsize), dtype=dtype)
-                    table.add(ids[start : start + rows], chunk.reshape(rows, dim))
+                    chunk = np.frombuffer(_read_exact(member, rows * width * dtype.itemsize), dtype=dtype)
+                    table._add_rows(ids[start : start + rows], chunk.reshape(rows, width))
         return table
 
 

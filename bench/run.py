@@ -19,6 +19,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,8 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def build(vectors: np.ndarray, ids: np.ndarray) -> tuple[FaissStore, dict[str, float]]:
-    spec = choose_index_spec(len(vectors), vectors.shape[1], distinct=count_distinct_rows(vectors))
+def build(vectors: np.ndarray, ids: np.ndarray, refine: str | None = "Flat") -> tuple[FaissStore, dict[str, float]]:
+    spec = choose_index_spec(len(vectors), vectors.shape[1], refine=refine, distinct=count_distinct_rows(vectors))
     store = FaissStore(vectors.shape[1], spec)
     t0 = time.perf_counter()
     if not store.is_trained:
@@ -88,9 +89,18 @@ def dense_reference(queries: np.ndarray, img: np.ndarray, keys: KeyMatrix, k: in
     return keys.score(sparsify(sims, idx, p))
 
 
-def bench_size(n: int, n_queries: int, seed: int, captions_per_image: int = 1) -> dict:
-    out: dict = {"n": n, "captions_per_image": captions_per_image}
+def bench_size(
+    n: int, n_queries: int, seed: int, captions_per_image: int = 1, refines: Sequence[str] = ("Flat",)
+) -> Iterator[dict]:
+    """One result per re-ranking table kind, on the same data."""
     world = SyntheticWorld(d_image=1280, d_text=384, n_classes=N_CLASSES, seed=seed)
+    data = make_data(world, n, n_queries, captions_per_image)
+    for refine in refines:
+        print(f"n={n:,} re-ranking {refine} ...", file=sys.stderr, flush=True)
+        yield bench_one(world, data, n, n_queries, seed, captions_per_image, refine)
+
+
+def make_data(world: SyntheticWorld, n: int, n_queries: int, captions_per_image: int) -> dict:
     t0 = time.perf_counter()
     img, txt = generate(world, n, captions_per_image)
     queries, _ = world.queries(n_queries)
@@ -104,11 +114,19 @@ def bench_size(n: int, n_queries: int, seed: int, captions_per_image: int = 1) -
         axis=1,
     ).reshape(N_CLASSES * N_TEMPLATES, -1)
     label_emb = combine_prompt_embeddings(prompts, N_CLASSES)
-    out["generate_s"] = time.perf_counter() - t0
+    return {"img": img, "txt": txt, "queries": queries, "label_emb": label_emb, "generate_s": time.perf_counter() - t0}
+
+
+def bench_one(
+    world: SyntheticWorld, data: dict, n: int, n_queries: int, seed: int, captions_per_image: int, refine: str
+) -> dict:
+    out: dict = {"n": n, "captions_per_image": captions_per_image, "generate_s": data["generate_s"]}
+    img, txt, queries, label_emb = data["img"], data["txt"], data["queries"], data["label_emb"]
     ids = np.arange(n, dtype=np.int64)
 
-    img_store, img_build = build(img, ids)
-    txt_store, txt_build = build(txt, ids)
+    kind = None if refine.lower() == "none" else refine
+    img_store, img_build = build(img, ids, kind)
+    txt_store, txt_build = build(txt, ids, kind)
     out["index"] = {"image": img_store.spec.factory, "text": txt_store.spec.factory, "refine": img_store.spec.refine}
     out["build"] = {"image": img_build, "text": txt_build}
     out["distinct_image_vectors"] = img_store.nvectors
@@ -118,6 +136,7 @@ def bench_size(n: int, n_queries: int, seed: int, captions_per_image: int = 1) -
         "refine_stores": bpv_img.get("refine", 0.0) + bpv_txt.get("refine", 0.0),
         "dense_float32": 4 * (img.shape[1] + txt.shape[1]),
     }
+    out["bytes_per_pair"]["in_ram"] = out["bytes_per_pair"]["indices"] + out["bytes_per_pair"]["refine_stores"]
 
     model = AsifModel(img_store, txt_store, k=K, p=P)
     names = tuple(f"class {i}" for i in range(N_CLASSES))
@@ -247,7 +266,8 @@ def table(results: list[dict], http: dict | None) -> str:
         ls, ld = r["latency_single"]["served"], r["latency_single"]["dense"]
         b = r["build"]
         rows.append(
-            f"| {r['n']:,} | {r['index']['image']} / {r['index']['text']} | {ls['p50_ms']:.1f} / {ls['p99_ms']:.1f} | "
+            f"| {r['n']:,} | {r['index']['image']} / {r['index']['text']} + {r['index']['refine'] or 'none'} | "
+            f"{ls['p50_ms']:.1f} / {ls['p99_ms']:.1f} | "
             f"{ld['p50_ms']:.1f} / {ld['p99_ms']:.1f} | {r['speedup_p50']:.1f}x | "
             f"{r['throughput_batch64_img_s']['served']:.0f} / {r['throughput_batch64_img_s']['dense']:.0f} | "
             f"{r['recall_at_800']:.3f} | {100 * r['top1_agreement']:.1f}% | "
@@ -298,14 +318,20 @@ def main() -> int:
     parser.add_argument(
         "--captions-per-image", type=int, default=1, help="pairs per distinct image (5 in Flickr8k and COCO)"
     )
+    parser.add_argument(
+        "--rerank",
+        default="Flat",
+        help="re-ranking table kinds of the IVF-PQ stores, compared on the same data: e.g. Flat,SQfp16,SQ8,SQ4,none",
+    )
     args = parser.parse_args()
     os.environ.setdefault("ASIF_PLUGIN_ENCODERS", "1")
     set_faiss_threads(args.faiss_threads)  # as the service does (ASIF_FAISS_THREADS), in every thread
     results = []
+    refines = [r.strip() for r in args.rerank.split(",") if r.strip()]
     for n in (int(s) for s in args.sizes.split(",")):
-        print(f"n={n:,} ...", file=sys.stderr, flush=True)
-        results.append(bench_size(n, args.queries, args.seed, args.captions_per_image))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        for result in bench_size(n, args.queries, args.seed, args.captions_per_image, refines):
+            results.append(result)
+            print(json.dumps(result), file=sys.stderr, flush=True)
     http = None if args.no_http else http_overhead()
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

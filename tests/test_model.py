@@ -162,15 +162,16 @@ def test_ivfpq_top1_agrees_with_dense_reference(recall_setup):
 
 
 @pytest.mark.slow
-def test_ivfpq_edit_equals_rebuild_top1(small_world):
+@pytest.mark.parametrize("refine", ["Flat", "SQ8"])
+def test_ivfpq_edit_equals_rebuild_top1(small_world, refine):
     data = small_world.pairs(6000, n_queries=100)
     img, txt = data.image_anchors, data.text_anchors
     ids = np.arange(6000)
 
     def ivf_model(sel):
         return AsifModel(
-            build_store(img[sel], ids[sel], choose_index_spec(len(sel), img.shape[1], "ivfpq")),
-            build_store(txt[sel], ids[sel], choose_index_spec(len(sel), txt.shape[1], "ivfpq")),
+            build_store(img[sel], ids[sel], choose_index_spec(len(sel), img.shape[1], "ivfpq", refine=refine)),
+            build_store(txt[sel], ids[sel], choose_index_spec(len(sel), txt.shape[1], "ivfpq", refine=refine)),
             k=200,
             p=8,
         )

@@ -79,6 +79,9 @@ def test_rerank_factor_is_validated_and_recorded():
     assert choose_index_spec(1_000_000, 1280, refine=None).rerank_factor == 1.0
     with pytest.raises(StoreError, match="rerank_factor"):
         choose_index_spec(1_000_000, 1280, rerank_factor=0.5)
+    assert choose_index_spec(1_000_000, 1280, refine="SQ8").refine == "SQ8"
+    with pytest.raises(StoreError, match="unknown re-ranking store 'SQ9'"):
+        choose_index_spec(1_000_000, 1280, refine="SQ9")
 
 
 def test_add_remove_duplicate_and_unknown(rng):
@@ -97,10 +100,11 @@ def test_add_remove_duplicate_and_unknown(rng):
     assert store.search(a[3:4], 1)[1][0, 0] == 3
 
 
-def test_save_load_roundtrip(tmp_path, rng):
+@pytest.mark.parametrize("refine", ["Flat", "SQ8"])
+def test_save_load_roundtrip(tmp_path, rng, refine):
     a = random_unit(rng, 400, 8)
     for kind in ["flat", "ivfpq"]:
-        spec = choose_index_spec(400, 8, kind)
+        spec = choose_index_spec(400, 8, kind, refine=refine)
         store = build_store(a, np.arange(400) * 7, spec)
         store.remove(np.array([0, 7]))
         files = store.write(tmp_path / f"{kind}.faiss")
@@ -124,6 +128,22 @@ def test_ivfpq_recall_at_800_on_50k_clustered(recall_setup):
     np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", anchors[ids], queries), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compact_sq8_reranking_at_50k_clustered(recall_setup):
+    """IVF-PQ candidates re-ranked on 8-bit scalar codes (1 byte per dimension instead of 4): recall@800 against
+    exact search stays high and the similarities are within the codes' error of the exact ones."""
+    _, anchors, queries = recall_setup["image"]
+    spec = choose_index_spec(len(anchors), anchors.shape[1], "ivfpq", refine="SQ8")
+    store = build_store(anchors, np.arange(len(anchors)), spec)
+    assert not store.exact_vectors and store.bytes_per_vector()["refine"] < anchors.shape[1] + 20
+    sims, ids = store.search(queries, 800)
+    _, ref = reference.topk(queries, anchors, 800)
+    recall = np.mean([len(np.intersect1d(ids[r], ref[r])) / 800 for r in range(len(queries))])
+    print(f"IVF-PQ + SQ8 re-ranking recall@800 on {len(anchors)} clustered anchors: {recall:.4f}")
+    assert recall >= 0.95
+    np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", anchors[ids], queries), atol=0.01)
+
+
 def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
     from asif.vectors import VectorTable
 
@@ -142,16 +162,23 @@ def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
     half = VectorTable(6, "SQfp16")
     half.add(np.array([3]), x[:1])
     np.testing.assert_allclose(half.get(np.array([3])), x[:1], atol=1e-3)
-    with pytest.raises(ValueError):
-        VectorTable(6, "SQ8")
+    with pytest.raises(ValueError, match="unknown re-ranking store"):
+        VectorTable(6, "Bogus9")
+    untrained = VectorTable(6, "SQ8")
+    with pytest.raises(ValueError, match="not trained"):
+        untrained.add(np.array([1]), x[:1])
 
 
-@pytest.mark.parametrize("kind", ["Flat", "SQfp16"])
-def test_vector_table_inner_products_match_numpy_after_edits(rng, kind):
+TOLERANCE = {"Flat": 1e-6, "SQfp16": 2e-3, "SQ8": 1e-2, "SQ4": 0.1}
+
+
+@pytest.mark.parametrize("kind", list(TOLERANCE))
+def test_vector_table_inner_products_match_numpy_after_edits(rng, kind, tmp_path):
     from asif.vectors import VectorTable
 
     x = random_unit(rng, 200, 24)
     table = VectorTable(24, kind)
+    table.train(x)  # compact codes (SQ8, SQ4) learn each dimension's range; Flat and SQfp16 need nothing
     table.add(np.arange(200) + 1000, x)
     table.remove(np.arange(1000, 1200, 7))  # rows move: products must follow ids, not rows
     alive = np.setdiff1d(np.arange(1000, 1200), np.arange(1000, 1200, 7))
@@ -159,9 +186,21 @@ def test_vector_table_inner_products_match_numpy_after_edits(rng, kind):
     cand = np.stack([rng.choice(alive, 40, replace=False) for _ in range(3)])
     got = table.inner_products(cand, q)
     want = np.einsum("bfd,bd->bf", x[cand - 1000], q)
-    np.testing.assert_allclose(got, want, atol=1e-6 if kind == "Flat" else 2e-3)
+    np.testing.assert_allclose(got, want, atol=TOLERANCE[kind])
     with pytest.raises(KeyError):
         table.inner_products(np.array([[1000]]), q[:1])  # removed id
+    # Written and read back (codes with their trained codec): the same values, and still editable.
+    table.write(tmp_path / "t.npz", marker=np.arange(3))
+    again = VectorTable.read(tmp_path / "t.npz", 24, kind)
+    assert set(again.extra) == {"marker"} and again.nbytes() == table.nbytes()
+    np.testing.assert_array_equal(again.inner_products(cand, q), got)
+    again.add(np.array([5]), x[:1])
+    np.testing.assert_allclose(again.get(np.array([5])), x[:1], atol=TOLERANCE[kind] * 5)
+    if kind in ("SQ8", "SQ4"):
+        assert table.nbytes() < VectorTable(24, "SQfp16").dtype.itemsize * 24 * table.ntotal + 9000
+        np.savez(tmp_path / "bad.npz", ids=np.arange(2), vectors=np.zeros((2, table.width), np.uint8))
+        with pytest.raises(ValueError, match="without its codec"):
+            VectorTable.read(tmp_path / "bad.npz", 24, kind)
 
 
 def _lattice(rng, n, dim):

@@ -115,7 +115,7 @@ class FaissStore:
 
     @property
     def is_trained(self) -> bool:
-        return bool(self.index.is_trained)
+        return bool(self.index.is_trained) and not (self.refine is not None and self.refine.needs_training)
 
     @property
     def is_exact(self) -> bool:
@@ -123,7 +123,8 @@ class FaissStore:
 
     @property
     def exact_vectors(self) -> bool:
-        return self.refine is not None or self.is_exact
+        """Whether ``reconstruct`` returns the vectors added (a Flat index, or a float32/float16 refine table)."""
+        return (self.refine is not None and self.refine.near_exact) or self.is_exact
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "faiss", **self.spec.to_dict()}
@@ -154,6 +155,8 @@ class FaissStore:
                 raise StoreError(f"need at least {self._ivf.nlist} training vectors, got {len(x)}")
             self.index.train(x)
             enable_id_lookup(self.index)
+        if self.refine is not None:
+            self.refine.train(x)  # compact re-ranking codes (SQ8, ...) train on the same sample
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
         apply_faiss_threads()

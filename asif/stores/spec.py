@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asif.stores.base import StoreError
+from asif.vectors import DTYPES, make_codec
 
 FLAT_MAX_N = 50_000
 RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Index choice")
@@ -81,6 +82,11 @@ def choose_index_spec(
     """
     if not 1.0 <= rerank_factor <= 100.0:
         raise StoreError(f"rerank_factor must be in [1, 100], got {rerank_factor}")
+    if refine and refine not in DTYPES:
+        try:
+            make_codec(dim, refine)  # a bad kind fails here, before any embedding work
+        except ValueError as exc:
+            raise StoreError(str(exc)) from exc
     kind = index_type.strip()
     if kind.lower() == "auto":
         kind = "flat" if n <= FLAT_MAX_N else "ivfpq"
