@@ -168,6 +168,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchors", choices=("image", "caption"), default="caption", help="primary anchor mode")
     p.add_argument("--index-type", default="auto", help="index of the served path with --pairs")
     p.add_argument("--rerank-factor", type=float, default=RERANK_FACTOR, help="IVF-PQ re-ranking factor, with --pairs")
+    p.add_argument("--rerank", default="Flat", help="IVF-PQ re-ranking table (Flat, SQfp16, SQ8, ...), with --pairs")
     p.add_argument(
         "--store", choices=("faiss", "milvus"), default="faiss", help="anchor store of the served path, with --pairs"
     )
@@ -192,6 +193,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     cfg = _config(
         EvalConfig,
         args,
+        rerank=None if args.rerank.lower() == "none" else args.rerank,
         ks=[int(x) for x in args.ks.split(",")],
         ps=[float(x) for x in args.ps.split(",")],
         sizes=[int(x) for x in args.sizes.split(",")],

@@ -51,6 +51,7 @@ class EvalConfig:
     anchors: str = "caption"
     index_type: str = "auto"
     rerank_factor: float = RERANK_FACTOR
+    rerank: str | None = "Flat"  # re-ranking table of the served path's IVF-PQ stores (Flat, SQfp16, SQ8, ...)
     k: int = 800
     p: float = 8.0
     ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
@@ -258,7 +259,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     else:
         image_spec, text_spec = (
             choose_index_spec(
-                n, x.shape[1], cfg.index_type, rerank_factor=cfg.rerank_factor, distinct=count_distinct_rows(x)
+                n,
+                x.shape[1],
+                cfg.index_type,
+                refine=cfg.rerank,
+                rerank_factor=cfg.rerank_factor,
+                distinct=count_distinct_rows(x),
             )
             for x in (main.image, main.text)
         )

@@ -153,6 +153,8 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "out_milvus" / "milvus.db").exists()
     assert main([*args, "--store", "milvus", "--index", str(out)]) == 2
     assert "an --index folder is FAISS's" in capsys.readouterr().err
+    assert main([*args, "--rerank", "SQ9", "--out", str(tmp_path / "out_bad")]) == 2
+    assert "unknown re-ranking store 'SQ9'" in capsys.readouterr().err
 
 
 def test_recall_at_k_counts_the_share_of_true_neighbours_found():
