@@ -204,7 +204,9 @@ def client(served_index):
 # An index folder written straight from random embeddings (no ties), for live-model tests.
 
 
-def write_synthetic_index(folder, n: int = 300, seed: int = 0, k: int = 30, p: float = 8.0, index_type: str = "flat"):
+def write_synthetic_index(
+    folder, n: int = 300, seed: int = 0, k: int = 30, p: float = 8.0, index_type: str = "flat", refine: str = "Flat"
+):
     """An index folder of n random pairs whose encoder identities are the fast test encoders' (48-d images,
     64-d captions); returns (image anchors, caption anchors), row i = pair i."""
     from asif.metadata import PairMetadata
@@ -227,6 +229,6 @@ def write_synthetic_index(folder, n: int = 300, seed: int = 0, k: int = 30, p: f
         "metadata": "pairs.sqlite",
         "counts": {"pairs": n},
     }
-    stores = [build_store(x, ids, choose_index_spec(n, x.shape[1], index_type)) for x in (img, txt)]
+    stores = [build_store(x, ids, choose_index_spec(n, x.shape[1], index_type, refine=refine)) for x in (img, txt)]
     save_index_folder(folder, stores[0], stores[1], manifest)
     return img, txt

@@ -222,6 +222,38 @@ def test_snapshot_writes_what_changed_not_the_collection(tmp_path):
     assert sorted(reopened.model.image_store.ids().tolist()) == sorted(live.model.image_store.ids().tolist())
 
 
+def test_live_edits_snapshots_and_compaction_on_compact_sq8_reranking(tmp_path):
+    """An IVF-PQ index folder whose re-ranking tables hold 8-bit codes: live adds and deletes, a delta snapshot,
+    a compaction into a new base and a reopen all keep the same pairs and the same answers."""
+    folder = tmp_path / "index"
+    img, _ = write_synthetic_index(folder, n=3000, k=50, index_type="ivfpq", refine="SQ8")
+    live = open_live(folder, compact_ratio=0.002)
+    assert live.model.image_store.spec.refine == "SQ8" and not live.model.image_store.exact_vectors
+    rng = np.random.default_rng(5)
+    lab = labels(6)
+    emb = random_unit(rng, 6, 64)
+    live.put_label_set("s", lab, emb)
+    added = live.add_pairs([new_pair(rng, f"n{i}") for i in range(4)])
+    live.delete_pairs([3, 4, added[0]])
+    queries = np.concatenate([img[:5], random_unit(rng, 3, 48)])
+    before = [p.scores for p in live.classify(queries, live.label_set("s"), 50, 8.0).predictions]
+    ids_before = sorted(live.model.image_store.ids().tolist())
+    assert live.snapshot().generation == 1  # a delta: 4 adds and 3 deletes
+    reopened = open_live(folder)
+    assert sorted(reopened.model.image_store.ids().tolist()) == ids_before
+    assert [p.scores for p in reopened.classify(queries, reopened.label_set("s"), 50, 8.0).predictions] == before
+    reopened.add_pairs([new_pair(rng, "late")])
+    info = reopened.compact()
+    assert info.compacted and read_manifest(folder)["deltas"] == []
+    again = open_live(folder)
+    assert again.model.image_store.spec.refine == "SQ8" and again.model.n_pairs == 3000 + 4 - 3 + 1
+    np.testing.assert_allclose(
+        [[s for _, s in p.scores] for p in again.classify(queries, again.label_set("s"), 50, 8.0).predictions],
+        [[s for _, s in p.scores] for p in reopened.classify(queries, reopened.label_set("s"), 50, 8.0).predictions],
+        atol=1e-6,
+    )
+
+
 def test_a_rejected_edit_is_never_logged_nor_replayed(tmp_path):
     write_synthetic_index(tmp_path / "index", n=50)
     live = open_live(tmp_path / "index")
