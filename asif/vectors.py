@@ -31,9 +31,15 @@ BLOCK_ROWS = 1 << BLOCK_SHIFT
 
 
 def make_codec(dim: int, kind: str) -> faiss.Index:
-    """A FAISS standalone codec (``sa_encode``/``sa_decode``) for a re-ranking table kind other than Flat/SQfp16."""
+    """A FAISS standalone codec (``sa_encode``/``sa_decode``) for a re-ranking table kind other than Flat/SQfp16.
+
+    ``PCAR,<codec>`` (no dimension) rotates onto the principal axes of the table's own vectors, keeping every
+    dimension (an orthogonal map: inner products unchanged), before the codec: scalar codes then spend their
+    per-dimension ranges on axes of falling variance, which ranks better at the same bytes (README).
+    """
+    factory = f"PCAR{dim}," + kind[len("PCAR,") :] if kind.upper().startswith("PCAR,") else kind
     try:
-        codec = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+        codec = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         size = codec.sa_code_size()
     except RuntimeError as exc:  # bad factory strings, and indices without a standalone codec
         raise ValueError(
@@ -52,6 +58,7 @@ class VectorTable:
         # Rows of `width` elements: the vector (float32/float16), or its code bytes (uint8).
         self.dtype = np.dtype(DTYPES[kind]) if self.codec is None else np.dtype(np.uint8)
         self.width = dim if self.codec is None else int(self.codec.sa_code_size())
+        self._rotation: tuple[np.ndarray, np.ndarray, faiss.Index] | None = None  # see _rotated()
         self.blocks: list[np.ndarray] = []  # each (BLOCK_ROWS, width)
         self.ids = np.zeros(0, dtype=np.int64)  # row -> pair id
         self.row_of = np.full(0, -1, dtype=np.int64)  # pair id -> row, -1 when absent
@@ -83,6 +90,19 @@ class VectorTable:
         if not self.codec.is_trained:
             raise ValueError(f"the {self.kind} re-ranking table is not trained")
         return self.codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def _rotated(self) -> tuple[np.ndarray, np.ndarray, faiss.Index] | None:
+        """(R, mean, inner codec) when the codec is an orthonormal PCA rotation (``PCAR,...``) over an inner codec:
+        x = R^T y + mean, so q.x = y.(R q) + mean.q and products need not rotate 4,000 candidates back."""
+        if self._rotation is None and self.codec is not None and self.codec.is_trained:
+            pt = faiss.downcast_index(self.codec)
+            if isinstance(pt, faiss.IndexPreTransform) and pt.chain.size() == 1:
+                vt = faiss.downcast_VectorTransform(pt.chain.at(0))
+                if isinstance(vt, faiss.PCAMatrix) and vt.is_orthonormal and vt.d_out == vt.d_in == self.dim:
+                    rot = faiss.vector_to_array(vt.A).reshape(self.dim, self.dim)
+                    mean = faiss.vector_to_array(vt.mean)
+                    self._rotation = (rot, mean, faiss.downcast_index(pt.index))
+        return self._rotation
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
         if self.codec is None:
@@ -170,12 +190,15 @@ class VectorTable:
         return self._gather(self._rows_of(ids))
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
+        return self._decode(self._gather_raw(rows))
+
+    def _gather_raw(self, rows: np.ndarray) -> np.ndarray:
         raw = np.empty((len(rows), self.width), dtype=self.dtype)
         block = rows >> BLOCK_SHIFT
         for b in np.unique(block).tolist():
             sel = block == b
             raw[sel] = self.blocks[b][rows[sel] & (BLOCK_ROWS - 1)]
-        return self._decode(raw)
+        return raw
 
     def inner_products(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         """(b, f) inner products of query row i with the vectors of ids[i] (all present), float32.
@@ -186,6 +209,11 @@ class VectorTable:
         """
         rows = self._rows_of(ids)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        rotation = self._rotated()
+        if rotation is not None:
+            rot, mean, inner = rotation
+            y = inner.sa_decode(self._gather_raw(rows.ravel())).reshape(*rows.shape, self.dim)
+            return np.einsum("bfd,bd->bf", y, x @ rot.T) + (x @ mean)[:, None]
         if self.dtype != np.float32:
             return np.einsum("bfd,bd->bf", self._gather(rows.ravel()).reshape(*rows.shape, self.dim), x)
         out = np.empty(rows.shape, dtype=np.float32)

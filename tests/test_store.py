@@ -169,7 +169,7 @@ def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
         untrained.add(np.array([1]), x[:1])
 
 
-TOLERANCE = {"Flat": 1e-6, "SQfp16": 2e-3, "SQ8": 1e-2, "SQ4": 0.1}
+TOLERANCE = {"Flat": 1e-6, "SQfp16": 2e-3, "SQ8": 1e-2, "SQ4": 0.1, "PCAR,SQ8": 1e-2}
 
 
 @pytest.mark.parametrize("kind", list(TOLERANCE))
@@ -187,6 +187,9 @@ def test_vector_table_inner_products_match_numpy_after_edits(rng, kind, tmp_path
     got = table.inner_products(cand, q)
     want = np.einsum("bfd,bd->bf", x[cand - 1000], q)
     np.testing.assert_allclose(got, want, atol=TOLERANCE[kind])
+    # Products are those of the decoded vectors (PCAR: computed in the rotated space, never rotated back).
+    decoded = table.get(cand.ravel()).reshape(*cand.shape, 24)
+    np.testing.assert_allclose(got, np.einsum("bfd,bd->bf", decoded, q), atol=1e-5)
     with pytest.raises(KeyError):
         table.inner_products(np.array([[1000]]), q[:1])  # removed id
     # Written and read back (codes with their trained codec): the same values, and still editable.
@@ -196,7 +199,7 @@ def test_vector_table_inner_products_match_numpy_after_edits(rng, kind, tmp_path
     np.testing.assert_array_equal(again.inner_products(cand, q), got)
     again.add(np.array([5]), x[:1])
     np.testing.assert_allclose(again.get(np.array([5])), x[:1], atol=TOLERANCE[kind] * 5)
-    if kind in ("SQ8", "SQ4"):
+    if kind in ("SQ8", "SQ4", "PCAR,SQ8"):
         assert table.nbytes() < VectorTable(24, "SQfp16").dtype.itemsize * 24 * table.ntotal + 9000
         np.savez(tmp_path / "bad.npz", ids=np.arange(2), vectors=np.zeros((2, table.width), np.uint8))
         with pytest.raises(ValueError, match="without its codec"):
