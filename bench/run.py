@@ -321,13 +321,14 @@ def main() -> int:
     parser.add_argument(
         "--rerank",
         default="Flat",
-        help="re-ranking table kinds of the IVF-PQ stores, compared on the same data: e.g. Flat,SQfp16,SQ8,SQ4,none",
+        help="re-ranking table kinds of the IVF-PQ stores, compared on the same data: e.g. Flat,SQfp16,SQ8,SQ4,none "
+        "(separate with ';' when a kind holds a comma: 'SQ8;PCAR,SQ8')",
     )
     args = parser.parse_args()
     os.environ.setdefault("ASIF_PLUGIN_ENCODERS", "1")
     set_faiss_threads(args.faiss_threads)  # as the service does (ASIF_FAISS_THREADS), in every thread
     results = []
-    refines = [r.strip() for r in args.rerank.split(",") if r.strip()]
+    refines = [r.strip() for r in args.rerank.split(";" if ";" in args.rerank else ",") if r.strip()]
     for n in (int(s) for s in args.sizes.split(",")):
         for result in bench_size(n, args.queries, args.seed, args.captions_per_image, refines):
             results.append(result)
