@@ -18,6 +18,7 @@ so saving or loading never holds a second copy of the table.
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class VectorTable:
         self.dtype = np.dtype(DTYPES[kind]) if self.codec is None else np.dtype(np.uint8)
         self.width = dim if self.codec is None else int(self.codec.sa_code_size())
         self._rotation: tuple[np.ndarray, np.ndarray, faiss.Index] | None = None  # see _rotated()
+        self.mapped = False  # rows mapped from the file read (read(..., mmap=True))
         self.blocks: list[np.ndarray] = []  # each (BLOCK_ROWS, width)
         self.ids = np.zeros(0, dtype=np.int64)  # row -> pair id
         self.row_of = np.full(0, -1, dtype=np.int64)  # pair id -> row, -1 when absent
@@ -275,7 +277,9 @@ class VectorTable:
         os.replace(tmp, path)
 
     @classmethod
-    def read(cls, path: Path, dim: int, kind: str) -> VectorTable:
+    def read(cls, path: Path, dim: int, kind: str, mmap: bool = False) -> VectorTable:
+        """Read a table written by ``write``. ``mmap``: map the rows from the file (copy-on-write: edits stay in
+        memory) instead of reading them; the page cache then holds what searches touch (README: cold vs warm)."""
         table = cls(dim, kind) if kind in DTYPES else None
         with zipfile.ZipFile(path) as zf:
             names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
@@ -301,16 +305,49 @@ class VectorTable:
                 width = table.width
                 if len(shape) != 2 or shape[1] != width or shape[0] != len(ids) or fortran or dtype != table.dtype:
                     raise ValueError(f"{path}: rows of shape {shape} for {len(ids)} ids, expected width {width}")
+                if mmap and len(ids):
+                    info = zf.getinfo("vectors.npy")
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise ValueError(f"{path}: compressed rows cannot be mapped")
+                    offset = _member_data_offset(path, info) + member.tell()
+                    rows_mm = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(len(ids), width))
+                    table._adopt(ids, rows_mm)
+                    return table
                 for start in range(0, len(ids), BLOCK_ROWS):
                     rows = min(BLOCK_ROWS, len(ids) - start)
                     chunk = np.frombuffer(_read_exact(member, rows * width * dtype.itemsize), dtype=dtype)
                     table._add_rows(ids[start : start + rows], chunk.reshape(rows, width))
         return table
 
+    def _adopt(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Take mapped rows as the table: full blocks are views of the map; the partial last block is copied into
+        memory, so adds fill it as usual. Removes move rows within the (copy-on-write) map."""
+        n = len(ids)
+        full = n >> BLOCK_SHIFT
+        self.blocks = [rows[b << BLOCK_SHIFT : (b + 1) << BLOCK_SHIFT] for b in range(full)]
+        self._reserve(n, int(ids.max()))
+        if n > full << BLOCK_SHIFT:
+            self.blocks[full][: n - (full << BLOCK_SHIFT)] = rows[full << BLOCK_SHIFT :]
+        self.ids[:n] = ids
+        self.row_of[ids] = np.arange(n)
+        self.n = n
+        self.mapped = True
+
 
 def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
     with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
         np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored zip member's bytes start in the file: after its local header, name and extra field."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: bad zip local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def _read_exact(fh, size: int) -> bytes:

@@ -486,3 +486,37 @@ def test_duplicate_groups_bookkeeping():
     assert not groups and groups.arrays()[0].size == 0
     again = DuplicateGroups(np.array([3, 8]), np.array([2, 2]))
     assert again.members(2) == [2, 3, 8] and sorted(again.non_keys()) == [3, 8]
+
+
+@pytest.mark.parametrize("kind", ["Flat", "SQ8"])
+def test_a_mapped_table_answers_like_a_read_one_through_edits_and_leaves_its_file_alone(tmp_path, rng, kind):
+    """read(mmap=True) maps the rows from the file (copy-on-write): the same products as a table read into memory,
+    before and after adds and removes (which move mapped rows), the file unchanged by them, and a rewrite equal."""
+    from asif.vectors import BLOCK_ROWS, VectorTable
+
+    n = BLOCK_ROWS + 1000  # one full mapped block and a partial one
+    x = random_unit(rng, n, 8)
+    table = VectorTable(8, kind)
+    table.train(x)
+    table.add(np.arange(n) * 2, x)
+    path = tmp_path / "t.npz"
+    table.write(path)
+    before = path.read_bytes()
+    read, mapped = VectorTable.read(path, 8, kind), VectorTable.read(path, 8, kind, mmap=True)
+    assert mapped.mapped and not read.mapped
+    q = random_unit(rng, 4, 8)
+    cand = np.stack([rng.choice(n, 300, replace=False) * 2 for _ in range(4)])
+    np.testing.assert_array_equal(mapped.inner_products(cand, q), read.inner_products(cand, q))
+    gone = np.array([0, 2, 2 * (BLOCK_ROWS - 1), 2 * (n - 1)])  # rows of the mapped block and of the tail
+    extra = random_unit(rng, 3, 8)
+    for t in (read, mapped):
+        t.remove(gone)
+        t.add(np.array([1, 3, 5]), extra)
+    alive = np.setdiff1d(np.arange(n) * 2, gone)
+    cand = np.stack([np.concatenate([rng.choice(alive, 300, replace=False), [1, 3, 5]]) for _ in range(4)])
+    np.testing.assert_array_equal(mapped.inner_products(cand, q), read.inner_products(cand, q))
+    assert path.read_bytes() == before  # edits stayed in memory
+    mapped.write(tmp_path / "again.npz")
+    again = VectorTable.read(tmp_path / "again.npz", 8, kind)
+    np.testing.assert_array_equal(again.get(alive[:500]), read.get(alive[:500]))
+    assert again.ntotal == read.ntotal == n - 4 + 3

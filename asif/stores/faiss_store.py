@@ -423,11 +423,11 @@ class FaissStore:
         return written
 
     @classmethod
-    def read(cls, path: Path, dim: int, spec: IndexSpec) -> FaissStore:
+    def read(cls, path: Path, dim: int, spec: IndexSpec, mmap: bool = False) -> FaissStore:
         index = faiss.read_index(str(path))
         if index.d != dim:
             raise StoreError(f"{path} holds {index.d}-d vectors, expected {dim}")
-        refine = VectorTable.read(refine_path(path), dim, spec.refine) if spec.refine else None
+        refine = VectorTable.read(refine_path(path), dim, spec.refine, mmap=mmap) if spec.refine else None
         if refine is not None and refine.ntotal != index.ntotal:
             raise StoreError(f"{path}: refine store holds {refine.ntotal} vectors, index {index.ntotal}")
         groups = None
