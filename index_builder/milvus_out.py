@@ -38,7 +38,9 @@ def open_client(uri: str) -> Any:
 def check_target(client: Any, prefix: str, force: bool) -> None:
     """Refuse to overwrite a built model unless ``force``; a half-loaded prefix is always cleared later."""
     if not re.match(PREFIX_PATTERN, prefix):
-        raise MilvusTargetError(f"bad Milvus prefix {prefix!r}: letters, digits and _ (not first), at most 41")
+        raise MilvusTargetError(
+            f"bad Milvus prefix {prefix!r}: letters, digits and _, not starting with a digit, at most 41 characters"
+        )
     if read_manifest(client, prefix) is not None and not force:
         raise AlreadyBuiltError(f"Milvus prefix {prefix!r} already holds a model; pass --force to rebuild it")
 
