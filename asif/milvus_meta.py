@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from asif.metadata import Edit, NewPair, PairRecord, StoredLabelSet
-from asif.stores.milvus_store import CHUNK, STRONG, all_ids, ids_expr
+from asif.stores.milvus_store import CHUNK, STRONG, MilvusIndex, all_ids, create_collection, ids_expr
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MAX_VARCHAR = 65_535
@@ -111,13 +111,7 @@ class MilvusMetadata:
         def collection(what: str, fields: list[tuple[str, Any, dict]], vec_dim: int = 2) -> None:
             name = self._name(what)
             if not self.client.has_collection(name):
-                schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
-                for field, dtype, kw in fields:
-                    schema.add_field(field, dtype, **kw)
-                schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vec_dim)
-                params = self.client.prepare_index_params()
-                params.add_index("vec", index_type="FLAT", metric_type="IP")
-                self.client.create_collection(name, schema=schema, index_params=params, consistency_level=STRONG)
+                create_collection(self.client, name, fields, vec_dim, MilvusIndex("FLAT"))
             self.client.load_collection(name)
 
         text = {"max_length": MAX_VARCHAR}

@@ -44,13 +44,12 @@ def make_stores(kind: str, img: np.ndarray, txt: np.ndarray, ids: np.ndarray, wo
         return [build_store(x, ids, choose_index_spec(len(x), x.shape[1], "auto")) for x in (img, txt)]
     from pymilvus import MilvusClient
 
-    from asif.stores.milvus_store import MilvusStore
+    from asif.stores.milvus_store import MilvusStore, load_rows
 
     client = MilvusClient(str(workdir / "milvus.db"))
     stores = [MilvusStore(client, role, x.shape[1]) for role, x in (("image", img), ("text", txt))]
     for store, x in zip(stores, (img, txt), strict=True):
-        for start in range(0, len(x), 50_000):
-            store.add(ids[start : start + 50_000], x[start : start + 50_000])
+        load_rows(store, x, bulk=50_000)  # ids 0..n-1, as `ids` here
     return stores
 
 

@@ -157,7 +157,7 @@ def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[
     """The anchors in two fresh Milvus collections (``eval_image``, ``eval_text``), row i = id i."""
     from pymilvus import MilvusClient
 
-    from asif.stores.milvus_store import MilvusIndex, MilvusStore
+    from asif.stores.milvus_store import MilvusIndex, MilvusStore, load_rows
 
     client = MilvusClient(cfg.milvus_uri or str(cfg.out / "milvus.db"))
     index = MilvusIndex.parse(cfg.milvus_index)
@@ -166,9 +166,8 @@ def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[
         if client.has_collection(f"eval_{role}"):
             client.drop_collection(f"eval_{role}")
         store = MilvusStore(client, f"eval_{role}", x.shape[1], index)
-        ids = np.arange(len(x), dtype=np.int64)
-        for start in tqdm(range(0, len(x), 20_000), desc=f"milvus {role}", file=sys.stderr):
-            store.add(ids[start : start + 20_000], x[start : start + 20_000])
+        with tqdm(total=len(x), desc=f"milvus {role}", unit="row", file=sys.stderr) as bar:
+            load_rows(store, x, progress=bar.update)
         stores.append(store)
     return stores
 

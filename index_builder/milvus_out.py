@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asif.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
-from asif.stores.milvus_store import MilvusIndex, MilvusStore
+from asif.stores.milvus_store import MilvusIndex, MilvusStore, load_rows
 from index_builder.errors import AlreadyBuiltError, BuildError
 
 BULK = 20_000  # rows per store add (each is flushed into a sealed segment)
@@ -60,14 +60,11 @@ def load_milvus(
         print(f"dropping the collections of Milvus prefix {prefix!r}", file=log)
         drop_shared(client, prefix)
     n = len(pairs)
-    ids = np.arange(n, dtype=np.int64)
     metadata = MilvusMetadata(client, prefix, vectors["text"].shape[1])
     bar = tqdm(total=3 * n, desc="milvus", unit="row", file=sys.stderr)
     for role in ("image", "text"):
         store = MilvusStore(client, f"{prefix}_{role}", vectors[role].shape[1], index)
-        for start in range(0, n, BULK):
-            store.add(ids[start : start + BULK], vectors[role][start : start + BULK])
-            bar.update(min(n, start + BULK) - start)
+        load_rows(store, vectors[role], BULK, bar.update)
     for start in range(0, n, BULK):
         stop = min(n, start + BULK)
         metadata.insert_pairs((start + i, *pairs[start + i]) for i in range(stop - start))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,33 @@ def all_ids(client: Any, collection: str) -> list[int]:
     return sorted(out)
 
 
+def create_collection(
+    client: Any, name: str, fields: Sequence[tuple[str, Any, dict[str, Any]]], dim: int, index: MilvusIndex
+) -> None:
+    """A collection of the given scalar fields ``(name, DataType, options)`` plus ``vec``, ``dim`` floats indexed
+    for inner product by ``index``, read Strong by default."""
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    for field_name, dtype, options in fields:
+        schema.add_field(field_name, dtype, **options)
+    schema.add_field("vec", DataType.FLOAT_VECTOR, dim=int(dim))
+    params = client.prepare_index_params()
+    params.add_index("vec", index_type=index.type, metric_type="IP", params=dict(index.build))
+    client.create_collection(name, schema=schema, index_params=params, consistency_level=STRONG)
+
+
+def load_rows(
+    store: MilvusStore, vectors: np.ndarray, bulk: int = 20_000, progress: Callable[[int], object] | None = None
+) -> None:
+    """Bulk-load ``vectors`` under ids 0..n-1, ``bulk`` rows per add (each flushed into a sealed segment)."""
+    ids = np.arange(len(vectors), dtype=np.int64)
+    for start in range(0, len(vectors), bulk):
+        store.add(ids[start : start + bulk], vectors[start : start + bulk])
+        if progress is not None:
+            progress(min(len(vectors), start + bulk) - start)
+
+
 class MilvusStore:
     """Anchor vectors of one role in one Milvus collection; see the module doc."""
 
@@ -119,18 +146,10 @@ class MilvusStore:
             if got != self.dim:
                 raise StoreError(f"Milvus collection {collection!r} holds {got}-d vectors, expected {self.dim}")
         else:
-            self._create()
+            from pymilvus import DataType
+
+            create_collection(client, collection, [("id", DataType.INT64, {"is_primary": True})], self.dim, self.index)
         client.load_collection(collection)
-
-    def _create(self) -> None:
-        from pymilvus import DataType
-
-        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
-        params = self.client.prepare_index_params()
-        params.add_index("vec", index_type=self.index.type, metric_type="IP", params=dict(self.index.build))
-        self.client.create_collection(self.collection, schema=schema, index_params=params, consistency_level=STRONG)
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
