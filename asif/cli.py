@@ -24,6 +24,11 @@ def _config(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     return cls(**{**values, **overrides})
 
 
+def _rerank_kind(value: str) -> str | None:
+    """``--rerank``: a re-ranking table kind, or None for ``none``."""
+    return None if value.lower() == "none" else value
+
+
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
@@ -95,7 +100,7 @@ def _run_build(args: argparse.Namespace) -> int:
             print("asif build: error: --out is required (the index folder to write)", file=sys.stderr)
             return 2
         args.out = Path(f"asif-build-{args.milvus_prefix}")
-    config = _config(BuildConfig, args, rerank=None if args.rerank.lower() == "none" else args.rerank)
+    config = _config(BuildConfig, args, rerank=_rerank_kind(args.rerank))
     try:
         report = run_build(config)
     except AlreadyBuiltError as exc:
@@ -193,7 +198,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     cfg = _config(
         EvalConfig,
         args,
-        rerank=None if args.rerank.lower() == "none" else args.rerank,
+        rerank=_rerank_kind(args.rerank),
         ks=[int(x) for x in args.ks.split(",")],
         ps=[float(x) for x in args.ps.split(",")],
         sizes=[int(x) for x in args.sizes.split(",")],

@@ -251,10 +251,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     report["metrics"] = report["anchor_modes"][primary]["metrics"]
     report["confusion"] = confusion_matrix(truth, dense_pred, len(test.names)).tolist()
 
-    # 2. The served path (FAISS index as built) against the dense exact reference.
+    # 2. The served path (the stores as built) against the dense exact reference.
     recall: float | None = None
     if loaded is not None:
         model = loaded.model
+    elif cfg.store == "milvus":
+        model = AsifModel(*milvus_stores(cfg, main.image, main.text), k=cfg.k, p=cfg.p)
     else:
         image_spec, text_spec = (
             choose_index_spec(
@@ -267,15 +269,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             )
             for x in (main.image, main.text)
         )
-        if cfg.store == "milvus":
-            model = AsifModel(*milvus_stores(cfg, main.image, main.text), k=cfg.k, p=cfg.p)
-        else:
-            model = AsifModel(
-                build_store(main.image, np.arange(n), image_spec),
-                build_store(main.text, np.arange(n), text_spec),
-                k=cfg.k,
-                p=cfg.p,
-            )
+        model = AsifModel(
+            build_store(main.image, np.arange(n), image_spec),
+            build_store(main.text, np.arange(n), text_spec),
+            k=cfg.k,
+            p=cfg.p,
+        )
+    if loaded is None:
         # Recall@k of the image index against exact search (store ids are the anchor rows here).
         probe = test_emb[: min(len(test_emb), 500)]
         _, got = model.image_store.search(probe, cfg.k)
