@@ -8,15 +8,9 @@ import numpy as np
 
 from app.batching import MicroBatcher
 from asif.labels import LabelSet
-from asif.live import LiveModel
 from asif.metadata import NewPair
 from asif.persist import read_manifest
-from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder
-from tests.conftest import open_live as open_in_store
-
-
-def open_live(index):
-    return LiveModel(index, PixelEncoder(), HashTextEncoder())
+from tests.conftest import COLOURS, open_live
 
 
 def new_pair(live, rgb, caption):
@@ -60,7 +54,7 @@ def test_unsnapshotted_edits_are_replayed_after_a_crash(built_index):
 
 
 def test_concurrent_classify_and_edits_lose_nothing(served_index):
-    live = open_in_store(served_index[0])
+    live = open_live(served_index[0])
     labels = LabelSet(tuple(COLOURS), ("a {} square",))
     cached = live.put_label_set("colours", labels, live.model.embed_labels(labels))
     query = live.image_encoder.encode([__import__("PIL.Image").Image.new("RGB", (8, 8), (220, 30, 30))])
