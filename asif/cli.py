@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P
 from asif.stores import RERANK_FACTOR
+from index_builder.sources import SHARD_ROWS
 
 T = TypeVar("T")
 
@@ -36,8 +37,31 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         description="Embed image-caption pairs once and write an ASIF index folder. "
         "An interrupted build resumes from its embedded chunks when run again with the same arguments.",
     )
-    p.add_argument("--pairs", type=Path, required=True, help="CSV/TSV with image,caption columns, or JSONL")
-    p.add_argument("--images-root", type=Path, required=True, help="folder the image paths are relative to")
+    p.add_argument(
+        "--pairs",
+        required=True,
+        help="a CSV/TSV/JSONL pairs file (image,caption), or img2dataset output: webdataset shards or parquet files, "
+        "as a brace pattern or glob (quote it: 'data/{00000..00127}.tar', 'data/*.parquet')",
+    )
+    p.add_argument("--images-root", type=Path, help="folder a pairs file's image paths are relative to")
+    p.add_argument("--image-column", help="column of the image (pairs file: image; parquet: jpg, the image bytes)")
+    p.add_argument("--caption-column", help="column of the caption (default caption)")
+    p.add_argument("--key-column", default="key", help="parquet column of the sample id (default key; else the row)")
+    p.add_argument(
+        "--shard-rows", type=int, default=SHARD_ROWS, help=f"rows per shard of a pairs file (default {SHARD_ROWS})"
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="image decoding processes (default: cores - 1, at most 8; 0 decodes in the main process)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="embed the shards with Ray Data on a cluster: auto (the cluster this machine is in), local (start one "
+        "here), or ray://head:10001",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -100,7 +124,10 @@ def _run_build(args: argparse.Namespace) -> int:
             print("asif build: error: --out is required (the index folder to write)", file=sys.stderr)
             return 2
         args.out = Path(f"asif-build-{args.milvus_prefix}")
-    config = _config(BuildConfig, args, rerank=_rerank_kind(args.rerank))
+    overrides: dict[str, Any] = {"rerank": _rerank_kind(args.rerank)}
+    if args.decode_workers is None:
+        del args.decode_workers  # the config's default
+    config = _config(BuildConfig, args, **overrides)
     try:
         report = run_build(config)
     except AlreadyBuiltError as exc:

@@ -1,16 +1,23 @@
-"""`asif build`: embed image-caption pairs once and write a servable index folder.
+"""`asif build`: embed image-caption pairs once and write a servable index folder (or a shared Milvus model).
 
-Steps: read the pairs file; embed each distinct image once and every caption, in chunks
-written to ``<out>/.build/`` (so an interrupted build resumes where it stopped); form the
-anchors; train and fill the two FAISS indices; write metadata, indices and manifest through
-:mod:`asif.persist` (manifest last: the folder is never half-written).
+Steps:
+
+1. list the input's shards (:mod:`index_builder.sources`: a pairs file cut into chunks, webdataset tars, parquet
+   row groups);
+2. embed each shard not embedded yet into ``<out>/.build/shards/`` (:mod:`index_builder.shard_embed`; decoding in
+   worker processes, or on a Ray cluster with ``--ray``), so a killed build resumes shard by shard and a shard that
+   cannot be read is reported and skipped;
+3. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
+   fill them shard by shard (memory holds the index, never all embeddings);
+4. write metadata, indices and manifest through :mod:`asif.persist` (manifest last: never half-written).
 
 Anchors (``--anchors``):
 
 - ``caption`` (default): one anchor per caption; the image embedding is repeated for each caption
   (Flickr8k: 40,450 anchors). Measured better at the default k=800, p=8 (README, Evaluation).
-- ``image``: one anchor per image; its text side is the L2-normalised mean of its captions'
-  embeddings (Flickr8k: 8,090 anchors from 40,450 captions): 5x smaller, as good at its best k, p.
+- ``image``: one anchor per image; its text side is the L2-normalised mean of its captions' embeddings (Flickr8k:
+  8,090 anchors from 40,450 captions). Captions are grouped by image within a shard: the rows of one image must be
+  consecutive in a pairs file (as in Flickr8k's ``captions.csv``) or in one shard.
 """
 
 from __future__ import annotations
@@ -18,39 +25,46 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from asif.anchors import ANCHOR_MODES, form_anchors
+from asif.anchors import ANCHOR_MODES
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from asif.images import DEFAULT_MAX_PIXELS, ImageError, open_image, thumbnail_jpeg
+from asif.images import DEFAULT_MAX_PIXELS
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
 from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
-from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from asif.stores import RERANK_FACTOR, FaissStore, choose_index_spec, count_distinct_rows
 from asif.stores.milvus_store import MilvusIndex
+from index_builder.anchor_chunks import AnchorChunk, anchor_chunks
+from index_builder.decode import Decoder
 from index_builder.errors import AlreadyBuiltError, BuildError
 from index_builder.milvus_out import check_target, load_milvus, open_client
-from index_builder.pairs_io import read_pairs, resolve_image
+from index_builder.shard_embed import ShardEmbedding, StageTimes, embed_shard, stored_fingerprint, write_atomic
+from index_builder.sources import SHARD_ROWS, Shard, ShardError, SourceOptions, list_shards
 
 WORK_DIR = ".build"
 
 
+def default_decode_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 @dataclass
 class BuildConfig:
-    pairs: Path
-    images_root: Path
+    pairs: str | Path  # a pairs file, or webdataset/parquet shards (brace pattern or glob)
+    images_root: Path | None
     out: Path
     image_encoder: str = "effnet-lite2"
     text_encoder: str = "minilm"
@@ -61,13 +75,17 @@ class BuildConfig:
     k: int = DEFAULT_K
     p: float = DEFAULT_P
     batch_size: int = 32
-    image_chunk: int = 512
-    caption_chunk: int = 4096
+    shard_rows: int = SHARD_ROWS  # rows per shard of a pairs file
+    image_column: str | None = None  # parquet: default "jpg"; pairs files: default "image"
+    caption_column: str | None = None
+    key_column: str = "key"
+    decode_workers: int = field(default_factory=default_decode_workers)  # processes; 0 decodes in-process
+    ray: str | None = None  # Ray address (or "auto", "local"): embed the shards with Ray Data
     device: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     force: bool = False
     seed: int = 0
-    store: str = "faiss"  # faiss: an index folder at `out`; milvus: a shared model (`out` keeps the work chunks)
+    store: str = "faiss"  # faiss: an index folder at `out`; milvus: a shared model (`out` keeps the work files)
     milvus_uri: str = "milvus.db"
     milvus_prefix: str = "asif"
     milvus_index: str = "FLAT"
@@ -75,59 +93,68 @@ class BuildConfig:
 
 @dataclass
 class BuildReport:
-    rows: int = 0
+    rows: int = 0  # samples read, with those skipped
     captions: int = 0
     images: int = 0
     pairs: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    shards_embedded_now: int = 0
+    shards_resumed: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)  # shard -> why it was skipped
     images_embedded_now: int = 0
     captions_embedded_now: int = 0
-    image_seconds: float = 0.0
-    caption_seconds: float = 0.0
+    stages: StageTimes = field(default_factory=StageTimes)  # of the shards embedded by this run
+    decode_workers: int = 0
+    embed_seconds: float = 0.0  # wall time of the embedding step
     index_seconds: float = 0.0
     total_seconds: float = 0.0
-    resumed_chunks: int = 0
     index: dict[str, Any] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        def rate(n: int, s: float, unit: str) -> str:
-            return f"{n} in {s:.1f} s ({n / s:.1f} {unit}/s)" if s > 0 and n else f"{n} (from resumed chunks)"
+        st = self.stages
 
-        skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items()) or "none"
-        return [
+        def rate(n: int, s: float, unit: str, per: str = "") -> str:
+            return f"{n} in {s:.1f} s ({n / s:.1f} {unit}/s{per})" if s > 0 and n else f"{n}"
+
+        skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v) or "none"
+        workers = max(1, self.decode_workers)
+        out = [
             f"rows read:         {self.rows}",
             f"captions used:     {self.captions}",
             f"distinct images:   {self.images}",
             f"anchors (pairs):   {self.pairs}",
             f"skipped:           {skipped}",
-            f"images embedded:   {rate(self.images_embedded_now, self.image_seconds, 'img')}",
-            f"captions embedded: {rate(self.captions_embedded_now, self.caption_seconds, 'captions')}",
-            f"resumed chunks:    {self.resumed_chunks}",
-            f"index build:       {self.index_seconds:.1f} s (image {self.index.get('image')}, "
+            f"shards:            {self.shards} ({self.shards_embedded_now} embedded now, {self.shards_resumed} "
+            f"resumed, {len(self.failed_shards)} failed)",
+        ]
+        out += [f"  failed {name}: {why}" for name, why in self.failed_shards.items()]
+        out += [
+            f"read:              {rate(st.samples, st.read_seconds, 'samples')}",
+            f"decode:            {rate(st.images, st.decode_seconds / workers, 'img', f', {workers} workers')}",
+            f"images embedded:   {rate(self.images_embedded_now, st.image_seconds, 'img')}",
+            f"captions embedded: {rate(self.captions_embedded_now, st.caption_seconds, 'captions')}",
+            f"embedding wall:    {rate(self.images_embedded_now, self.embed_seconds, 'img')}",
+            f"index build:       {rate(self.pairs, self.index_seconds, 'pairs')} (image {self.index.get('image')}, "
             f"text {self.index.get('text')})",
             f"total:             {self.total_seconds:.1f} s",
         ]
+        return out
 
 
-def _fingerprint(config: BuildConfig, image_id: dict[str, Any], text_id: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    with open(config.pairs, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    h.update(
-        json.dumps(
-            [
-                str(config.images_root.resolve()),
-                image_id,
-                text_id,
-                config.image_chunk,
-                config.caption_chunk,
-                config.max_pixels,
-            ],
-            sort_keys=True,
-        ).encode()
-    )
-    return h.hexdigest()
+def _fingerprint(config: BuildConfig, kind: str, image_id: dict[str, Any], text_id: dict[str, Any]) -> str:
+    """What every shard file depends on beyond its own input (which each file's fingerprint covers)."""
+    settings = [
+        kind,
+        str(Path(config.images_root).resolve()) if config.images_root else None,
+        image_id,
+        text_id,
+        config.max_pixels,
+        config.image_column,
+        config.caption_column,
+        config.key_column,
+    ]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _prepare_work_dir(work: Path, fingerprint: str, log: TextIO) -> None:
@@ -138,114 +165,15 @@ def _prepare_work_dir(work: Path, fingerprint: str, log: TextIO) -> None:
         except (OSError, ValueError, KeyError):
             same = False
         if not same:
-            print("inputs or encoders changed since the interrupted build: starting over", file=log)
+            print("encoders or settings changed since the interrupted build: starting over", file=log)
             shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "shards").mkdir(parents=True, exist_ok=True)
     if not state.exists():
         write_json_atomic(state, {"fingerprint": fingerprint})
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def _load_image(path: Path, max_pixels: int) -> tuple[Image.Image | None, bytes]:
-    """(RGB image, thumbnail JPEG), or (None, b"") when the file is unreadable."""
-    try:
-        img = open_image(path, max_pixels=max_pixels)
-    except ImageError:
-        return None, b""
-    return img, thumbnail_jpeg(img)
-
-
-def _chunks(n: int, size: int) -> Iterator[tuple[int, int, int]]:
-    for c, start in enumerate(range(0, n, size)):
-        yield c, start, min(n, start + size)
-
-
-def embed_images(
-    paths: Sequence[Path], encoder: ImageEncoder, work: Path, config: BuildConfig, report: BuildReport
-) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    """Embed images in resumable chunks; returns (embeddings, ok mask, thumbnails)."""
-    n = len(paths)
-    emb = np.zeros((n, encoder.dim), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    thumbs: list[bytes] = [b""] * n
-    todo = []
-    for c, start, end in _chunks(n, config.image_chunk):
-        f = work / f"images-{c:05d}.npz"
-        if f.exists():
-            with np.load(f) as z:
-                emb[start:end], ok[start:end] = z["emb"], z["ok"]
-                offs, blob = z["offs"], z["thumbs"].tobytes()
-            thumbs[start:end] = [blob[offs[i] : offs[i + 1]] for i in range(end - start)]
-            report.resumed_chunks += 1
-        else:
-            todo.append((c, start, end))
-    bar = tqdm(total=n, initial=n - sum(e - s for _, s, e in todo), desc="images", unit="img", file=sys.stderr)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-
-        def submit(chunk: tuple[int, int, int]) -> list[Future]:
-            return [pool.submit(_load_image, paths[i], config.max_pixels) for i in range(chunk[1], chunk[2])]
-
-        pending = submit(todo[0]) if todo else []
-        for j, (c, start, end) in enumerate(todo):
-            loaded = [f.result() for f in pending]
-            pending = submit(todo[j + 1]) if j + 1 < len(todo) else []  # decode ahead while encoding
-            good = [i for i, (img, _) in enumerate(loaded) if img is not None]
-            chunk_emb = np.zeros((end - start, encoder.dim), dtype=np.float32)
-            for b in range(0, len(good), config.batch_size):
-                batch = good[b : b + config.batch_size]
-                chunk_emb[batch] = encoder.encode([loaded[i][0] for i in batch])
-                bar.update(len(batch))
-            bar.update(end - start - len(good))
-            chunk_ok = np.zeros(end - start, dtype=bool)
-            chunk_ok[good] = True
-            chunk_thumbs = [t for _, t in loaded]
-            offs = np.cumsum([0] + [len(t) for t in chunk_thumbs]).astype(np.int64)
-            _save_npz_atomic(
-                work / f"images-{c:05d}.npz",
-                emb=chunk_emb,
-                ok=chunk_ok,
-                offs=offs,
-                thumbs=np.frombuffer(b"".join(chunk_thumbs), dtype=np.uint8),
-            )
-            emb[start:end], ok[start:end], thumbs[start:end] = chunk_emb, chunk_ok, chunk_thumbs
-            report.images_embedded_now += end - start
-    bar.close()
-    report.image_seconds = time.perf_counter() - t0
-    return emb, ok, thumbs
-
-
-def embed_captions(
-    captions: Sequence[str], encoder: TextEncoder, work: Path, config: BuildConfig, report: BuildReport
-) -> np.ndarray:
-    n = len(captions)
-    emb = np.zeros((n, encoder.dim), dtype=np.float32)
-    chunks = list(_chunks(n, config.caption_chunk))
-    done = [c for c in chunks if (work / f"captions-{c[0]:05d}.npy").exists()]
-    bar = tqdm(total=n, initial=sum(e - s for _, s, e in done), desc="captions", unit="cap", file=sys.stderr)
-    t0 = time.perf_counter()
-    for c, start, end in chunks:
-        f = work / f"captions-{c:05d}.npy"
-        if f.exists():
-            emb[start:end] = np.load(f)
-            report.resumed_chunks += 1
-            continue
-        for b in range(start, end, config.batch_size * 4):
-            stop = min(end, b + config.batch_size * 4)
-            emb[b:stop] = encoder.encode(list(captions[b:stop]))
-            bar.update(stop - b)
-        tmp = f.with_name(f.name + ".tmp.npy")
-        np.save(tmp, emb[start:end])
-        tmp.replace(f)
-        report.captions_embedded_now += end - start
-    bar.close()
-    report.caption_seconds = time.perf_counter() - t0
-    return emb
+def shard_file(work: Path, shard: Shard) -> Path:
+    return work / "shards" / (hashlib.sha1(shard.name.encode()).hexdigest()[:20] + ".npz")
 
 
 def run_build(
@@ -253,22 +181,22 @@ def run_build(
     image_encoder: ImageEncoder | None = None,
     text_encoder: TextEncoder | None = None,
     log: TextIO = sys.stderr,
-    after_images: Callable[[], None] | None = None,
+    after_shard: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Build (or resume building) an index folder, or load a shared model into Milvus (``config.store``).
-    ``after_images`` is a test hook."""
+    ``after_shard(name)`` runs after each shard's embedding file is written (a test hook)."""
     check_k_p(config.k, config.p)
     if config.store == "faiss":
         if (Path(config.out) / MANIFEST).exists() and not config.force:
             raise AlreadyBuiltError(f"{config.out} already holds an index; pass --force to rebuild it")
-        return _build(config, None, image_encoder, text_encoder, log, after_images)
+        return _build(config, None, image_encoder, text_encoder, log, after_shard)
     if config.store != "milvus":
         raise BuildError(f"unknown store {config.store!r}; choose faiss or milvus")
     MilvusIndex.parse(config.milvus_index)  # a bad spec fails before any work
     client = open_client(config.milvus_uri)
     try:
         check_target(client, config.milvus_prefix, config.force)
-        return _build(config, client, image_encoder, text_encoder, log, after_images)
+        return _build(config, client, image_encoder, text_encoder, log, after_shard)
     finally:
         client.close()
 
@@ -279,38 +207,24 @@ def _build(
     image_encoder: ImageEncoder | None,
     text_encoder: TextEncoder | None,
     log: TextIO,
-    after_images: Callable[[], None] | None,
+    after_shard: Callable[[str], None] | None,
 ) -> BuildReport:
     t_start = time.perf_counter()
     out = Path(config.out)
-    if not Path(config.images_root).is_dir():
-        raise BuildError(f"images root is not a directory: {config.images_root}")
     if config.anchors not in ANCHOR_MODES:
         raise BuildError(f"unknown anchor mode {config.anchors!r}; choose one of {ANCHOR_MODES}")
-    pairs = read_pairs(config.pairs)
-    report = BuildReport(rows=len(pairs.rows) + pairs.empty_captions + len(pairs.bad_lines))
-    report.skipped = {"empty_captions": pairs.empty_captions, "bad_lines": len(pairs.bad_lines)}
-
-    root = Path(config.images_root)
-    image_index: dict[str, int] = {}
-    image_paths: list[Path] = []
-    row_image: list[int] = []
-    captions: list[str] = []
-    unsafe = 0
-    for ref, caption in pairs.rows:
-        if ref not in image_index:
-            path = resolve_image(root, ref)
-            if path is None:
-                unsafe += 1
-                continue
-            image_index[ref] = len(image_paths)
-            image_paths.append(path)
-        row_image.append(image_index[ref])
-        captions.append(caption)
-    report.skipped["unsafe_paths"] = unsafe
-    if not captions:
-        raise BuildError(f"no usable pairs in {config.pairs}")
-    image_refs = list(image_index)
+    if config.shard_rows < 1:
+        raise BuildError("--shard-rows must be at least 1")
+    options = SourceOptions(
+        images_root=Path(config.images_root) if config.images_root else None,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        key_column=config.key_column,
+        shard_rows=config.shard_rows,
+    )
+    report = BuildReport()
+    kind, shards = list_shards(config.pairs, options, report.failed_shards)
+    report.shards = len(shards) + len(report.failed_shards)
 
     if image_encoder is None or text_encoder is None:
         print(f"loading encoders {config.image_encoder!r} and {config.text_encoder!r}", file=log)
@@ -320,31 +234,28 @@ def _build(
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK_DIR
-    _prepare_work_dir(work, _fingerprint(config, image_id, text_id), log)
+    _prepare_work_dir(work, _fingerprint(config, kind, image_id, text_id), log)
+    todo = [s for s in shards if stored_fingerprint(shard_file(work, s)) != s.fingerprint()]
+    report.shards_resumed = len(shards) - len(todo)
+    _embed(config, options, todo, work, image_encoder, text_encoder, [image_id, text_id], report, log, after_shard)
+    files = [shard_file(work, s) for s in shards if s.name not in report.failed_shards]
+    if not files:
+        why = "; ".join(f"{n}: {w}" for n, w in report.failed_shards.items()) or "the input has no shards"
+        raise BuildError(f"no usable pairs in {config.pairs} ({why})")
 
-    image_emb, image_ok, thumbs = embed_images(image_paths, image_encoder, work, config, report)
-    if after_images is not None:
-        after_images()
-    caption_emb = embed_captions(captions, text_encoder, work, config, report)
-
-    row_image_arr = np.asarray(row_image, dtype=np.int64)
-    report.skipped["unreadable_images"] = int((~image_ok).sum())
-    report.skipped["captions_of_unreadable_images"] = int((~image_ok[row_image_arr]).sum())
-    img_vecs, txt_vecs, anchor_meta = form_anchors(
-        config.anchors, row_image_arr, caption_emb, image_emb, image_ok, captions
-    )
-    if len(anchor_meta) == 0:
-        raise BuildError("no anchors: every image was unreadable")
-    report.captions = int(image_ok[row_image_arr].sum())
-    report.images = int(image_ok.sum())
-    report.pairs = len(anchor_meta)
+    skipped: Counter = Counter()
+    n_pairs, distinct = _count(files, config.anchors, report, skipped)
+    report.skipped = dict(skipped)
+    if n_pairs == 0:
+        raise BuildError("no anchors: every image was unreadable or every sample was skipped")
+    report.pairs = n_pairs
 
     manifest = {
         "image_encoder": image_id,
         "text_encoder": text_id,
         "anchors": config.anchors,
         "defaults": {"k": config.k, "p": config.p},
-        "next_pair_id": len(anchor_meta),
+        "next_pair_id": n_pairs,
         "counts": {
             "pairs": report.pairs,
             "rows": report.rows,
@@ -352,68 +263,173 @@ def _build(
             "images": report.images,
             "skipped": report.skipped,
         },
-        "build": {"pairs_file": str(config.pairs), "images_root": str(config.images_root)},
+        "build": {
+            "pairs_file": str(config.pairs),
+            "images_root": str(config.images_root) if config.images_root else None,
+            "input": kind,
+            "shards": report.shards,
+            "failed_shards": report.failed_shards,
+        },
     }
+    dims = {"image": image_encoder.dim, "text": text_encoder.dim}
     t0 = time.perf_counter()
-    vectors = {"image": img_vecs, "text": txt_vecs}
     if client is not None:
-        first: dict[int, int] = {}  # one thumbnail per image: on its first pair
-        for i, (img, _) in enumerate(anchor_meta):
-            first.setdefault(img, i)
-        rows = [(image_refs[img], caps, thumbs[img] if first[img] == i else None)
-                for i, (img, caps) in enumerate(anchor_meta)]  # fmt: skip
+        chunks = (chunk for _, chunk in anchor_chunks(files, config.anchors))
         index = MilvusIndex.parse(config.milvus_index)
-        report.index = load_milvus(client, config.milvus_prefix, index, vectors, rows, manifest, log)
+        report.index = load_milvus(client, config.milvus_prefix, index, dims, chunks, n_pairs, manifest, log)
         report.index_seconds = time.perf_counter() - t0
     else:
-        _write_folder(config, out, vectors, anchor_meta, image_refs, thumbs, manifest, report, t_start, log)
+        _write_folder(config, out, files, dims, n_pairs, distinct, manifest, report, t_start, log)
     shutil.rmtree(work, ignore_errors=True)
     if client is not None:
         with contextlib.suppress(OSError):
-            out.rmdir()  # it only held the work chunks
+            out.rmdir()  # it only held the work files
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def _embed(
+    config: BuildConfig,
+    options: SourceOptions,
+    todo: list[Shard],
+    work: Path,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    identity: list[dict[str, Any]],
+    report: BuildReport,
+    log: TextIO,
+    after_shard: Callable[[str], None] | None,
+) -> None:
+    """Embed the shards not embedded yet, writing one file per shard as each finishes."""
+    by_name = {s.name: s for s in todo}
+    bar = tqdm(total=report.shards, initial=report.shards_resumed, desc="shards", unit="shard", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def finished(name: str, emb: ShardEmbedding | None, data: bytes | None, problem: str) -> None:
+        if problem:
+            print(f"skipping shard {problem}", file=log)
+            report.failed_shards[name] = problem
+        else:
+            if emb is None:
+                assert data is not None
+                write_atomic(shard_file(work, by_name[name]), data)
+                emb = ShardEmbedding.from_file(shard_file(work, by_name[name]))
+            else:
+                write_atomic(shard_file(work, by_name[name]), emb.to_bytes())
+            report.stages.add(emb.times)
+            report.shards_embedded_now += 1
+            report.images_embedded_now += emb.times.images
+            report.captions_embedded_now += emb.times.captions
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{report.images_embedded_now / max(elapsed, 1e-9):.1f} img/s")
+        bar.update(1)
+        if after_shard is not None:
+            after_shard(name)
+
+    try:
+        if config.ray:
+            from index_builder.ray_embed import embed_with_ray
+
+            report.decode_workers = 1
+            embed_with_ray(
+                config.ray, todo, options, config.image_encoder, config.text_encoder, identity, config.device,
+                config.batch_size, config.max_pixels,
+                lambda name, data, problem: finished(name, None, data, problem), log,
+            )  # fmt: skip
+        else:
+            report.decode_workers = config.decode_workers
+            with Decoder(config.decode_workers if todo else 0, config.max_pixels) as decoder:
+                for shard in todo:
+                    try:
+                        emb = embed_shard(shard, options, image_encoder, text_encoder, decoder, config.batch_size)
+                    except ShardError as exc:
+                        finished(shard.name, None, None, str(exc))
+                        continue
+                    finished(shard.name, emb, None, "")
+    finally:
+        bar.close()
+        report.embed_seconds = time.perf_counter() - t0
+
+
+def _count(files: list[Path], mode: str, report: BuildReport, skipped: Counter) -> tuple[int, dict[str, int]]:
+    """Pairs and distinct vectors per role over all shard files; fills the report's counts."""
+    n = 0
+    distinct = {"image": 0, "text": 0}
+    for emb, chunk in anchor_chunks(files, mode):
+        skipped.update(emb.counts)
+        report.rows += len(emb.captions) + sum(emb.counts.values())
+        usable = emb.image_ok[emb.sample_image] if len(emb.sample_image) else np.zeros(0, bool)
+        skipped["unreadable_images"] += int((~emb.image_ok).sum())
+        skipped["captions_of_unreadable_images"] += int((~usable).sum())
+        report.captions += int(usable.sum())
+        report.images += int(emb.image_ok.sum())
+        n += len(chunk.pairs)
+        for role, vecs in chunk.vectors.items():
+            distinct[role] += count_distinct_rows(vecs)  # within a shard: stores group duplicates per add
+    return n, distinct
+
+
+def _training_samples(files: list[Path], mode: str, n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """A seeded sample of ``sizes[role]`` anchors per role (all when the size is n), read from the shard files."""
+    rng = np.random.default_rng(seed)
+    picks = {role: np.sort(rng.choice(n, size, replace=False)) if size < n else None for role, size in sizes.items()}
+    parts: dict[str, list[np.ndarray]] = {role: [] for role in sizes}
+    for _, chunk in anchor_chunks(files, mode):
+        for role in sizes:
+            vecs = chunk.vectors[role]
+            pick = picks[role]
+            if pick is None:
+                parts[role].append(vecs)
+                continue
+            lo, hi = np.searchsorted(pick, [chunk.first_id, chunk.first_id + len(vecs)])
+            parts[role].append(vecs[pick[lo:hi] - chunk.first_id])
+    return {role: np.concatenate(p) for role, p in parts.items()}
+
+
+def _fill(stores: dict[str, FaissStore], metadata: PairMetadata, chunks: Iterator[AnchorChunk]) -> None:
+    for chunk in chunks:
+        for role, store in stores.items():
+            store.add(chunk.ids, chunk.vectors[role])
+        metadata.insert_pairs((int(i), ref, caps) for i, (ref, caps) in zip(chunk.ids, chunk.pairs, strict=True))
+        metadata.insert_thumbnails(chunk.thumbnails.items())
 
 
 def _write_folder(
     config: BuildConfig,
     out: Path,
-    vectors: dict[str, np.ndarray],
-    anchor_meta: Sequence[tuple[int, list[str]]],
-    image_refs: list[str],
-    thumbs: list[bytes],
+    files: list[Path],
+    dims: dict[str, int],
+    n: int,
+    distinct: dict[str, int],
     manifest: dict[str, Any],
     report: BuildReport,
     t_start: float,
     log: TextIO,
 ) -> None:
-    """Train and fill the two FAISS stores and write the index folder (manifest last)."""
+    """Train (on a sample read back from the shard files) and fill the two FAISS stores shard by shard, and write
+    the index folder (manifest last)."""
     t0 = time.perf_counter()
-    ids = np.arange(len(anchor_meta), dtype=np.int64)
     stores = {}
-    for role, vecs in vectors.items():
+    for role, dim in dims.items():
         spec = choose_index_spec(
-            len(vecs),
-            vecs.shape[1],
-            config.index_type,
-            refine=config.rerank,
-            rerank_factor=config.rerank_factor,
-            distinct=count_distinct_rows(vecs),
+            n, dim, config.index_type, refine=config.rerank, rerank_factor=config.rerank_factor, distinct=distinct[role]
         )
-        print(f"building {role} index {spec.factory} over {len(vecs)} anchors", file=log)
-        stores[role] = build_store(vecs, ids, spec, seed=config.seed)
+        print(f"building {role} index {spec.factory} over {n} anchors", file=log)
+        stores[role] = FaissStore(dim, spec)
         report.index[role] = spec.factory
-    report.index_seconds = time.perf_counter() - t0
+    untrained = {role: min(n, max(s.spec.train_size, 1)) for role, s in stores.items() if not s.is_trained}
+    if untrained:
+        for role, sample in _training_samples(files, config.anchors, n, untrained, config.seed).items():
+            stores[role].train(sample)
 
     metadata_name = f"pairs-{secrets.token_hex(4)}.sqlite"
     metadata = PairMetadata(out / metadata_name)
     try:
-        metadata.insert_pairs((int(i), image_refs[img], caps) for i, (img, caps) in zip(ids, anchor_meta, strict=True))
-        used = sorted({img for img, _ in anchor_meta})
-        metadata.insert_thumbnails((image_refs[i], thumbs[i]) for i in used if thumbs[i])
-        metadata.set_meta("next_pair_id", str(len(ids)))
+        _fill(stores, metadata, (chunk for _, chunk in anchor_chunks(files, config.anchors)))
+        metadata.set_meta("next_pair_id", str(n))
     finally:
         metadata.close()
+    report.index_seconds = time.perf_counter() - t0
 
     report.total_seconds = time.perf_counter() - t_start
     build = {**manifest["build"], "seconds": round(report.total_seconds, 1), "report": asdict(report)}

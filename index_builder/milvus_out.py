@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 import numpy as np
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from asif.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
 from asif.stores.milvus_store import MilvusIndex, MilvusStore, load_rows
+from index_builder.anchor_chunks import AnchorChunk
 from index_builder.errors import AlreadyBuiltError, BuildError
 
 BULK = 20_000  # rows per store add (each is flushed into a sealed segment)
@@ -49,26 +50,44 @@ def load_milvus(
     client: Any,
     prefix: str,
     index: MilvusIndex,
-    vectors: dict[str, np.ndarray],
-    pairs: Sequence[tuple[str, Sequence[str], bytes | None]],
+    dims: dict[str, int],
+    chunks: Iterable[AnchorChunk],
+    total: int,
     manifest: dict[str, Any],
     log: TextIO = sys.stderr,
 ) -> dict[str, str]:
-    """Replace the model ``prefix`` with these anchors: ``vectors`` by role (image, text), row i = pair i, and
-    ``pairs`` = (image reference, captions, thumbnail or None) per row. Returns the index spec per role."""
+    """Replace the model ``prefix`` with these anchors, streamed chunk by chunk (pair ids numbered in order, from
+    0; ``total`` of them). Rows are buffered up to BULK per store add. Returns the index spec per role."""
     if shared_collections(client, prefix):
         print(f"dropping the collections of Milvus prefix {prefix!r}", file=log)
         drop_shared(client, prefix)
-    n = len(pairs)
-    metadata = MilvusMetadata(client, prefix, vectors["text"].shape[1])
-    bar = tqdm(total=3 * n, desc="milvus", unit="row", file=sys.stderr)
-    for role in ("image", "text"):
-        store = MilvusStore(client, f"{prefix}_{role}", vectors[role].shape[1], index)
-        load_rows(store, vectors[role], BULK, bar.update)
-    for start in range(0, n, BULK):
-        stop = min(n, start + BULK)
-        metadata.insert_pairs((start + i, *pairs[start + i]) for i in range(stop - start))
-        bar.update(stop - start)
+    metadata = MilvusMetadata(client, prefix, dims["text"])
+    stores = {role: MilvusStore(client, f"{prefix}_{role}", dims[role], index) for role in ("image", "text")}
+    bar = tqdm(total=3 * total, desc="milvus", unit="row", file=sys.stderr)
+    buffered: list[AnchorChunk] = []
+
+    def flush() -> None:
+        if not buffered:
+            return
+        first = buffered[0].first_id
+        for role in ("image", "text"):
+            vectors = np.concatenate([c.vectors[role] for c in buffered])
+            load_rows(stores[role], vectors, BULK, bar.update, first_id=first)
+        for c in buffered:
+            seen: set[str] = set()  # one thumbnail per image
+            rows = []
+            for i, (ref, caps) in enumerate(c.pairs):
+                thumb = c.thumbnails.get(ref) if ref not in seen else None
+                seen.add(ref)
+                rows.append((c.first_id + i, ref, caps, thumb))
+            bar.update(metadata.insert_pairs(rows))
+        buffered.clear()
+
+    for chunk in chunks:
+        buffered.append(chunk)
+        if sum(len(c.pairs) for c in buffered) >= BULK:
+            flush()
+    flush()
     bar.close()
     client.flush(f"{prefix}_pairs")
     metadata.set_meta("manifest", {**manifest, "store": "milvus", "milvus_index": index.to_dict()})

@@ -22,9 +22,14 @@ class PairsFile:
     bad_lines: list[int] = field(default_factory=list)
 
 
+def clean_caption(caption: object) -> str:
+    """A caption with its whitespace collapsed ("" for None)."""
+    return " ".join(str(caption or "").split())
+
+
 def _keep(rows: list[tuple[str, str]], image: object, caption: object, out: PairsFile) -> None:
     image_s = str(image or "").strip()
-    caption_s = " ".join(str(caption or "").split())
+    caption_s = clean_caption(caption)
     if not caption_s:
         out.empty_captions += 1
         return

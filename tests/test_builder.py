@@ -14,7 +14,7 @@ from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder, write_pair_co
 
 def config_for(tmp_path, images, pairs, **kw):
     kw.setdefault("anchors", "image")
-    return BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "index", image_chunk=4, batch_size=2, **kw)
+    return BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "index", shard_rows=8, batch_size=2, **kw)
 
 
 def add_bad_rows(tmp_path, images, pairs):
@@ -83,18 +83,18 @@ def test_caption_anchor_mode(tmp_path, pixel_encoder, hash_encoder):
 def test_interrupted_build_resumes_without_reembedding(tmp_path, hash_encoder):
     images, pairs = write_pair_collection(tmp_path)
     enc = PixelEncoder()
-    enc.fail_after = 5  # chunks of 4 images, batches of 2: chunks 0 and 1 complete, chunk 2 dies
+    enc.fail_after = 5  # shards of 8 rows (4 images), batches of 2: shards 0 and 1 complete, shard 2 dies
     with pytest.raises(KeyboardInterrupt):
         run_build(config_for(tmp_path, images, pairs), enc, hash_encoder)
     work = tmp_path / "index" / ".build"
-    assert sorted(p.name for p in work.glob("images-*.npz")) == ["images-00000.npz", "images-00001.npz"]
+    assert len(list((work / "shards").glob("*.npz"))) == 2
     assert not (tmp_path / "index" / "manifest.json").exists()
     enc2 = PixelEncoder()
     report = run_build(config_for(tmp_path, images, pairs), enc2, hash_encoder)
-    assert report.resumed_chunks == 2 and report.images_embedded_now == 12 and enc2.calls == 6
+    assert report.shards_resumed == 2 and report.images_embedded_now == 12 and enc2.calls == 6
     fresh = run_build(
         BuildConfig(
-            pairs=pairs, images_root=images, out=tmp_path / "fresh", image_chunk=4, batch_size=2, anchors="image"
+            pairs=pairs, images_root=images, out=tmp_path / "fresh", shard_rows=8, batch_size=2, anchors="image"
         ),
         PixelEncoder(),
         hash_encoder,
@@ -114,7 +114,7 @@ def test_changed_inputs_discard_stale_chunks(tmp_path, hash_encoder):
         run_build(config_for(tmp_path, images, pairs), enc, hash_encoder)
     pairs.write_text(pairs.read_text().replace("square", "tile"))
     report = run_build(config_for(tmp_path, images, pairs), PixelEncoder(), hash_encoder)
-    assert report.resumed_chunks == 0
+    assert report.shards_resumed == 0 and report.shards_embedded_now == 5
 
 
 def test_existing_index_needs_force_and_rebuild_is_clean(tmp_path, pixel_encoder, hash_encoder):

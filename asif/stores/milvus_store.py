@@ -121,10 +121,14 @@ def create_collection(
 
 
 def load_rows(
-    store: MilvusStore, vectors: np.ndarray, bulk: int = 20_000, progress: Callable[[int], object] | None = None
+    store: MilvusStore,
+    vectors: np.ndarray,
+    bulk: int = 20_000,
+    progress: Callable[[int], object] | None = None,
+    first_id: int = 0,
 ) -> None:
-    """Bulk-load ``vectors`` under ids 0..n-1, ``bulk`` rows per add (each flushed into a sealed segment)."""
-    ids = np.arange(len(vectors), dtype=np.int64)
+    """Bulk-load ``vectors`` under ids first_id.., ``bulk`` rows per add (each flushed into a sealed segment)."""
+    ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
     for start in range(0, len(vectors), bulk):
         store.add(ids[start : start + bulk], vectors[start : start + bulk])
         if progress is not None:

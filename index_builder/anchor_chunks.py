@@ -1,0 +1,46 @@
+"""Anchors formed shard by shard from the embedding files: what fills the stores, so no step of a build holds
+all embeddings at once. Pair ids are numbered 0..n-1 in shard order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from asif.anchors import form_anchors
+from index_builder.shard_embed import ShardEmbedding
+
+
+@dataclass
+class AnchorChunk:
+    first_id: int
+    vectors: dict[str, np.ndarray]  # role (image, text) -> (anchors, dim)
+    pairs: list[tuple[str, list[str]]]  # (image reference, captions) per anchor
+    thumbnails: dict[str, bytes] = field(default_factory=dict)  # image reference -> JPEG, for the images used
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.arange(self.first_id, self.first_id + len(self.pairs), dtype=np.int64)
+
+
+def shard_anchors(emb: ShardEmbedding, mode: str, first_id: int) -> AnchorChunk:
+    image, text, meta = form_anchors(mode, emb.sample_image, emb.caption_emb, emb.image_emb, emb.image_ok, emb.captions)
+    used = sorted({img for img, _ in meta})
+    return AnchorChunk(
+        first_id=first_id,
+        vectors={"image": np.ascontiguousarray(image), "text": np.ascontiguousarray(text)},
+        pairs=[(emb.refs[img], caps) for img, caps in meta],
+        thumbnails={emb.refs[i]: emb.thumbs[i] for i in used if emb.thumbs[i]},
+    )
+
+
+def anchor_chunks(files: Sequence[Path], mode: str) -> Iterator[tuple[ShardEmbedding, AnchorChunk]]:
+    """(shard embedding, its anchors) per shard file, in order, one file in memory at a time."""
+    next_id = 0
+    for path in files:
+        emb = ShardEmbedding.from_file(path)
+        chunk = shard_anchors(emb, mode, next_id)
+        next_id += len(chunk.pairs)
+        yield emb, chunk

@@ -1,0 +1,216 @@
+"""Embedding one shard of pairs and the per-shard embedding file that makes a build resumable shard by shard.
+
+A shard's file (``<out>/.build/shards/<n>.npz``, written atomically) holds everything later steps need: the
+embeddings of its distinct images (deduplicated within the shard: by path for pairs files, by content for bytes)
+and of every caption, the image references, captions and thumbnails, the counts of skipped samples, the seconds
+per stage, and the shard's fingerprint (a changed input file is embedded again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from asif.encoders import ImageEncoder, TextEncoder
+from index_builder.decode import Decoded, Decoder
+from index_builder.sources import Sample, Shard, SourceOptions
+
+READ_BATCH = 256  # samples read (and images sent to the decoders) at a time
+FORMAT = 1
+
+
+@dataclass
+class StageTimes:
+    """Busy seconds and item counts per build stage (summed over shards)."""
+
+    samples: int = 0
+    read_seconds: float = 0.0
+    images: int = 0
+    decode_seconds: float = 0.0  # summed over decode workers
+    image_seconds: float = 0.0
+    captions: int = 0
+    caption_seconds: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class ShardEmbedding:
+    name: str
+    fingerprint: str
+    image_emb: np.ndarray  # (distinct images, d_image), zero rows where unreadable
+    image_ok: np.ndarray  # (distinct images,) bool
+    refs: list[str]  # per distinct image
+    thumbs: list[bytes]  # per distinct image (b"" where unreadable)
+    caption_emb: np.ndarray  # (samples, d_text)
+    sample_image: np.ndarray  # (samples,) int64: the sample's distinct image
+    captions: list[str]  # per sample
+    counts: dict[str, int] = field(default_factory=dict)  # skipped samples by reason
+    times: StageTimes = field(default_factory=StageTimes)
+
+    def to_bytes(self) -> bytes:
+        offs = np.cumsum([0] + [len(t) for t in self.thumbs]).astype(np.int64)
+        meta = {
+            "format": FORMAT,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "refs": self.refs,
+            "captions": self.captions,
+            "counts": self.counts,
+            "times": asdict(self.times),
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            image_emb=self.image_emb,
+            image_ok=self.image_ok,
+            caption_emb=self.caption_emb,
+            sample_image=self.sample_image,
+            thumb_offs=offs,
+            thumbs=np.frombuffer(b"".join(self.thumbs), dtype=np.uint8),
+            meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), dtype=np.uint8),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_file(cls, path: Path) -> ShardEmbedding:
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes())
+            offs, blob = z["thumb_offs"], z["thumbs"].tobytes()
+            return cls(
+                name=meta["name"],
+                fingerprint=meta["fingerprint"],
+                image_emb=z["image_emb"],
+                image_ok=z["image_ok"],
+                refs=meta["refs"],
+                thumbs=[blob[offs[i] : offs[i + 1]] for i in range(len(offs) - 1)],
+                caption_emb=z["caption_emb"],
+                sample_image=z["sample_image"],
+                captions=meta["captions"],
+                counts=meta["counts"],
+                times=StageTimes(**meta["times"]),
+            )
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    """The fingerprint a finished shard file was written for, or None (missing or unreadable file)."""
+    try:
+        with np.load(path) as z:
+            return json.loads(z["meta"].tobytes())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    tmp.replace(path)
+
+
+def _image_key(sample: Sample) -> str | bytes:
+    """Identity of a sample's image within its shard: the file for pairs files, the content for bytes."""
+    if isinstance(sample.image, Path):
+        return str(sample.image)
+    return hashlib.sha1(sample.image).digest()
+
+
+def embed_shard(
+    shard: Shard,
+    options: SourceOptions,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    decoder: Decoder,
+    batch_size: int = 32,
+    on_images: Callable[[int], None] | None = None,
+) -> ShardEmbedding:
+    """Read, decode and embed one shard. Raises ShardError when the shard cannot be read (nothing is kept then).
+
+    Reading and decoding of the next batch overlap the encoding of this one (the decoders are processes).
+    """
+    counts: Counter = Counter()
+    times = StageTimes()
+    fingerprint = shard.fingerprint()
+    samples: Iterator[Sample] = shard.samples(options, counts)
+    image_of: dict[str | bytes, int] = {}
+    refs: list[str] = []
+    sample_image: list[int] = []
+    captions: list[str] = []
+    image_rows: list[np.ndarray] = []
+    image_ok: list[bool] = []
+    thumbs: list[bytes] = []
+    decoder_busy = decoder.busy_seconds
+
+    def read() -> Callable[[], list[Decoded]] | None:
+        """Read the next batch of samples; start decoding its new images. None at the end of the shard."""
+        t0 = time.perf_counter()
+        batch = list(islice(samples, READ_BATCH))
+        times.read_seconds += time.perf_counter() - t0
+        if not batch:
+            return None
+        sources = []
+        for sample in batch:
+            key = _image_key(sample)
+            if key not in image_of:
+                image_of[key] = len(refs)
+                refs.append(sample.ref)
+                sources.append(sample.image)
+            sample_image.append(image_of[key])
+            captions.append(sample.caption)
+        times.samples += len(batch)
+        return decoder.submit(sources)
+
+    def encode(wait: Callable[[], list[Decoded]]) -> None:
+        decoded = wait()
+        rows = np.zeros((len(decoded), image_encoder.dim), dtype=np.float32)
+        good = [i for i, (img, _) in enumerate(decoded) if img is not None]
+        t0 = time.perf_counter()
+        for b in range(0, len(good), batch_size):
+            part = good[b : b + batch_size]
+            rows[part] = image_encoder.encode([decoded[i][0] for i in part])
+        times.image_seconds += time.perf_counter() - t0
+        times.images += len(decoded)
+        image_rows.append(rows)
+        image_ok.extend(img is not None for img, _ in decoded)
+        thumbs.extend(t for _, t in decoded)
+        if on_images is not None:
+            on_images(len(decoded))
+
+    current = read()
+    while current is not None:
+        upcoming = read()  # read and decode ahead while this batch is encoded
+        encode(current)
+        current = upcoming
+    times.decode_seconds = decoder.busy_seconds - decoder_busy
+
+    caption_emb = np.zeros((len(captions), text_encoder.dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    step = batch_size * 4
+    for b in range(0, len(captions), step):
+        caption_emb[b : b + step] = text_encoder.encode(captions[b : b + step])
+    times.caption_seconds = time.perf_counter() - t0
+    times.captions = len(captions)
+    return ShardEmbedding(
+        name=shard.name,
+        fingerprint=fingerprint,
+        image_emb=np.concatenate(image_rows) if image_rows else np.zeros((0, image_encoder.dim), np.float32),
+        image_ok=np.asarray(image_ok, dtype=bool),
+        refs=refs,
+        thumbs=thumbs,
+        caption_emb=caption_emb,
+        sample_image=np.asarray(sample_image, dtype=np.int64),
+        captions=captions,
+        counts=dict(counts),
+        times=times,
+    )
