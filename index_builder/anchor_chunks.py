@@ -26,13 +26,22 @@ class AnchorChunk:
 
 
 def shard_anchors(emb: ShardEmbedding, mode: str, first_id: int) -> AnchorChunk:
-    image, text, meta = form_anchors(mode, emb.sample_image, emb.caption_emb, emb.image_emb, emb.image_ok, emb.captions)
-    used = sorted({img for img, _ in meta})
+    """One shard's anchors. Per caption, each pair keeps its own sample's reference (samples of a shard may share
+    an image's bytes, embedded once); per image, the image's first sample names it."""
+    image, text, meta = form_anchors(
+        mode, emb.sample_image, emb.caption_emb, emb.image_emb, emb.image_ok, emb.captions
+    )
+    if mode == "caption":  # form_anchors keeps the rows with a readable image, in order
+        rows = np.flatnonzero(emb.image_ok[emb.sample_image]) if len(emb.sample_image) else np.zeros(0, np.int64)
+        refs = [emb.sample_refs[r] for r in rows]
+    else:
+        refs = [emb.refs[img] for img, _ in meta]
+    thumbnails = {ref: emb.thumbs[img] for ref, (img, _) in zip(refs, meta, strict=True) if emb.thumbs[img]}
     return AnchorChunk(
         first_id=first_id,
         vectors={"image": np.ascontiguousarray(image), "text": np.ascontiguousarray(text)},
-        pairs=[(emb.refs[img], caps) for img, caps in meta],
-        thumbnails={emb.refs[i]: emb.thumbs[i] for i in used if emb.thumbs[i]},
+        pairs=[(ref, caps) for ref, (_, caps) in zip(refs, meta, strict=True)],
+        thumbnails=thumbnails,
     )
 
 

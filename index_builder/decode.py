@@ -6,6 +6,8 @@ This module imports only PIL and :mod:`asif.images`, so spawned workers start fa
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -17,6 +19,17 @@ from asif.images import ImageError, open_image, thumbnail_jpeg
 
 Decoded = tuple[Image.Image | None, bytes]  # (RGB image, thumbnail JPEG), or (None, b"") when unreadable
 CHUNK = 16  # images per task sent to a worker
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: exit when the build process is gone (killed with SIGKILL, its pool never says stop)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def decode_many(sources: Sequence[bytes | Path], max_pixels: int) -> tuple[list[Decoded], float]:
@@ -45,7 +58,14 @@ class Decoder:
         self.max_pixels = max_pixels
         self.busy_seconds = 0.0
         self._pool = (
-            ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) if self.workers else None
+            ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
+            if self.workers
+            else None
         )
 
     def submit(self, sources: Sequence[bytes | Path]) -> Callable[[], list[Decoded]]:

@@ -51,11 +51,12 @@ class ShardEmbedding:
     fingerprint: str
     image_emb: np.ndarray  # (distinct images, d_image), zero rows where unreadable
     image_ok: np.ndarray  # (distinct images,) bool
-    refs: list[str]  # per distinct image
+    refs: list[str]  # per distinct image: its first sample's reference
     thumbs: list[bytes]  # per distinct image (b"" where unreadable)
     caption_emb: np.ndarray  # (samples, d_text)
     sample_image: np.ndarray  # (samples,) int64: the sample's distinct image
     captions: list[str]  # per sample
+    sample_refs: list[str]  # per sample: its own image reference (samples may share an image's bytes)
     counts: dict[str, int] = field(default_factory=dict)  # skipped samples by reason
     times: StageTimes = field(default_factory=StageTimes)
 
@@ -67,6 +68,7 @@ class ShardEmbedding:
             "fingerprint": self.fingerprint,
             "refs": self.refs,
             "captions": self.captions,
+            "sample_refs": self.sample_refs,
             "counts": self.counts,
             "times": asdict(self.times),
         }
@@ -98,6 +100,7 @@ class ShardEmbedding:
                 caption_emb=z["caption_emb"],
                 sample_image=z["sample_image"],
                 captions=meta["captions"],
+                sample_refs=meta["sample_refs"],
                 counts=meta["counts"],
                 times=StageTimes(**meta["times"]),
             )
@@ -147,6 +150,7 @@ def embed_shard(
     refs: list[str] = []
     sample_image: list[int] = []
     captions: list[str] = []
+    sample_refs: list[str] = []
     image_rows: list[np.ndarray] = []
     image_ok: list[bool] = []
     thumbs: list[bytes] = []
@@ -168,6 +172,7 @@ def embed_shard(
                 sources.append(sample.image)
             sample_image.append(image_of[key])
             captions.append(sample.caption)
+            sample_refs.append(sample.ref)
         times.samples += len(batch)
         return decoder.submit(sources)
 
@@ -211,6 +216,7 @@ def embed_shard(
         caption_emb=caption_emb,
         sample_image=np.asarray(sample_image, dtype=np.int64),
         captions=captions,
+        sample_refs=sample_refs,
         counts=dict(counts),
         times=times,
     )
