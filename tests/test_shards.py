@@ -323,3 +323,24 @@ def test_ray_local_build_equals_single_process_build(tmp_path, flickr_subset, pa
     assert report.shards_embedded_now == 4 and report.pairs == 200 and not report.failed_shards
     assert report.images_embedded_now == 40
     assert_same_model(tmp_path / "single", tmp_path / "ray", image_encoder, text_encoder)
+
+
+@pytest.mark.slow
+def test_cli_builds_from_shards(tmp_path, capsys):
+    from asif.cli import main
+
+    shards, _, pairs = colour_shards(tmp_path)
+    out = tmp_path / "index"
+    encoders = ["--image-encoder", "effnet-lite0", "--text-encoder", "minilm"]
+    pattern = str(shards[0].parent / "{00000..00003}.tar")
+    assert main(["build", "--pairs", pattern, "--out", str(out), "--decode-workers", "0", *encoders]) == 0
+    printed = capsys.readouterr().out
+    assert "anchors (pairs):   40" in printed and "shards:            4 (4 embedded now" in printed
+    for stage in ("read:", "decode:", "images embedded:", "captions embedded:", "index build:"):
+        assert stage in printed
+    assert open_index(out).model.n_pairs == 40
+    # A pairs file still needs its images root; a pattern that matches nothing is a clear error.
+    assert main(["build", "--pairs", str(pairs), "--out", str(tmp_path / "x"), *encoders]) == 2
+    assert "--images-root" in capsys.readouterr().err
+    assert main(["build", "--pairs", str(tmp_path / "none" / "*.tar"), "--out", str(tmp_path / "y"), *encoders]) == 2
+    assert "no files match" in capsys.readouterr().err
