@@ -135,13 +135,19 @@ def embed_with_ray(
             "options": opts,
         },
     )
-    for batch in results.iter_batches(batch_size=1, batch_format="numpy"):
-        for name, data, problem, identity in zip(
-            batch["name"], batch["file"], batch["problem"], batch["identity"], strict=True
-        ):
-            if json.loads(str(identity)) != expected_identity:
-                raise BuildError(
-                    "the Ray workers' encoders differ from this machine's (another package version or weights?): "
-                    f"{identity}"
-                )
-            on_shard(str(name), bytes(data) if data else None, str(problem))
+    try:
+        for batch in results.iter_batches(batch_size=1, batch_format="numpy"):
+            for name, data, problem, identity in zip(
+                batch["name"], batch["file"], batch["problem"], batch["identity"], strict=True
+            ):
+                if json.loads(str(identity)) != expected_identity:
+                    raise BuildError(
+                        "the Ray workers' encoders differ from this machine's (another package version or weights?): "
+                        f"{identity}"
+                    )
+                on_shard(str(name), bytes(data) if data else None, str(problem))
+    except BuildError:
+        raise
+    except Exception as exc:  # Ray's task and user-code errors (an encoder that fails to load, out of memory):
+        # the shards finished so far are kept, and the next run resumes from them
+        raise BuildError(f"the Ray embedding job failed: {str(exc)[-2000:]}") from exc

@@ -344,3 +344,15 @@ def test_cli_builds_from_shards(tmp_path, capsys):
     assert "--images-root" in capsys.readouterr().err
     assert main(["build", "--pairs", str(tmp_path / "none" / "*.tar"), "--out", str(tmp_path / "y"), *encoders]) == 2
     assert "no files match" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_job_failure_is_a_clear_error(tmp_path):
+    ray = pytest.importorskip("ray")
+    shards, _, _ = colour_shards(tmp_path, n_shards=2)
+    config = shard_config(tmp_path, shards[0].parent / "*.tar", ray="local", image_encoder="no-such-encoder")
+    try:
+        with pytest.raises(BuildError, match="Ray embedding job failed"):
+            run_build(config, PixelEncoder(), HashTextEncoder())
+    finally:
+        ray.shutdown()
