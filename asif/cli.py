@@ -213,9 +213,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", default="1000,2000,5000,10000,20000", help="pair counts of the curve (plus all)")
     p.add_argument("--threshold", type=float, default=None, help="answer 'unknown' below this score")
     p.add_argument("--auto", action="store_true", help="also pick k and p from the pairs alone and report it")
+    p.add_argument(
+        "--candidates",
+        default="",
+        help="training-free variants to compare with the default at --k/--p: all, or a comma list of default, "
+        "centre, centre-image, hubness, softmax, rank",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+
+
+def _candidates(value: str) -> list[str]:
+    from evaluation.candidates import NAMES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    return list(NAMES) if names == ["all"] else names
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -229,6 +242,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         ks=[int(x) for x in args.ks.split(",")],
         ps=[float(x) for x in args.ps.split(",")],
         sizes=[int(x) for x in args.sizes.split(",")],
+        candidates=_candidates(args.candidates),
     )
     try:
         report = run_eval(cfg)

@@ -117,6 +117,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"set (k,p = {a['best_test_setting']})."
         )
         lines.append("")
+    if report.get("candidates"):
+        ridge = report["ridge_baseline"]["metrics"]["top1"]
+        lines += [
+            f"Training-free variants at k={report['k']}, p={report['p']:g} (parameters chosen by held-out pair "
+            f"retrieval, no test labels; ridge baseline {_pct(ridge)}):",
+            "",
+            "| candidate | what | chosen parameter | top-1 | top-1 at each parameter |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in report["candidates"].items():
+            grid = ", ".join(f"{v}: {_pct(t)}" for v, t in (c["top1_per_parameter"] or {}).items())
+            lines.append(f"| {name} | {c['what']} | {c['parameter'] or ''} | {_pct(c['top1'])} | {grid} |")
+        lines.append("")
     curve = report["accuracy_vs_pairs"]
     lines += ["Accuracy vs pairs:", "", "| setting | " + " | ".join(str(s) for s in curve["sizes"]) + " |"]
     lines.append("|---" * (len(curve["sizes"]) + 1) + "|")

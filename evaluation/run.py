@@ -33,6 +33,7 @@ from asif.loading import open_index
 from asif.model import AsifModel
 from asif.relrep import exact_topk
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from evaluation.candidates import run_candidates
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 
@@ -67,6 +68,7 @@ class EvalConfig:
     store: str = "faiss"  # the served path's anchor store (with --pairs): faiss, or milvus (its FLAT default)
     milvus_uri: str | None = None  # default: a milvus-lite database in the output folder
     milvus_index: str = "FLAT"
+    candidates: list[str] = field(default_factory=list)  # training-free variants to compare (evaluation.candidates)
 
 
 def _log(msg: str) -> None:
@@ -327,6 +329,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "best_test_setting": best_key,
             "best_test_top1": sweep_table[best_key],
         }
+    # 6. Training-free variants of the recipe, on the same anchors, at the same k and p.
+    if cfg.candidates:
+        report["candidates"] = run_candidates(
+            cfg.candidates, test_emb, label_emb, truth, main.image, main.text, cfg.k, cfg.p, cfg.seed, _log
+        )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
     from evaluation.report import write_markdown, write_plots
