@@ -36,6 +36,12 @@ CANDIDATES: tuple[Candidate, ...] = (
 NAMES = tuple(c.name for c in CANDIDATES)
 
 
+def check_names(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        raise ValueError(f"unknown candidates {unknown}; choose from {', '.join(NAMES)} (or all)")
+
+
 def _scorer(
     cand: Candidate, image_anchors: np.ndarray, text_anchors: np.ndarray, k: int, p: float
 ) -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
@@ -76,9 +82,7 @@ def run_candidates(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict]:
     """Test top-1 of each named candidate at its label-free choice (and at every grid value)."""
-    unknown = sorted(set(names) - set(NAMES))
-    if unknown:
-        raise ValueError(f"unknown candidates {unknown}; choose from {', '.join(NAMES)}")
+    check_names(names)
     train, held = holdout_split(len(image_anchors), seed=seed)
     out: dict[str, dict] = {}
     for cand in (c for c in CANDIDATES if c.name in names):

@@ -33,7 +33,7 @@ from asif.loading import open_index
 from asif.model import AsifModel
 from asif.relrep import exact_topk
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
-from evaluation.candidates import run_candidates
+from evaluation.candidates import check_names, run_candidates
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 
@@ -176,6 +176,7 @@ def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
+    check_names(cfg.candidates)  # before any embedding work
     cfg.out.mkdir(parents=True, exist_ok=True)
     test: TestSet = load_test_set(cfg.test, cfg.classes)
     templates = read_templates(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES)

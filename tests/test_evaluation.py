@@ -127,10 +127,14 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
         "8,16",
         "--auto",
     ]
-    assert main(args) == 0
+    assert main([*args, "--candidates", "all"]) == 0
     printed = capsys.readouterr().out
-    assert "ridge baseline" in printed and "Accuracy vs pairs" in printed
+    assert "ridge baseline" in printed and "Accuracy vs pairs" in printed and "Training-free variants" in printed
     report = json.loads((out / "report.json").read_text())
+    assert list(report["candidates"]) == ["default", "centre", "centre-image", "hubness", "softmax", "rank"]
+    assert report["candidates"]["default"]["top1"] == report["metrics"]["top1"]  # the same recipe, computed apart
+    assert main([*args, "--candidates", "centre,nope", "--out", str(tmp_path / "out_nope")]) == 2
+    assert "unknown candidates ['nope']" in capsys.readouterr().err
     assert report["n_test"] == 12 and report["n_pairs"] == 48 and report["anchors"] == "caption"  # the default
     assert set(report["anchor_modes"]) == {"image", "caption"} and report["anchor_modes"]["image"]["n_pairs"] == 24
     assert report["accuracy_vs_pairs"]["sizes"] == [8, 16, 48]
