@@ -55,6 +55,15 @@ from index_builder.shard_embed import ShardEmbedding, StageTimes, embed_shard, s
 from index_builder.sources import SHARD_ROWS, Shard, ShardError, SourceOptions, list_shards
 
 WORK_DIR = ".build"
+SKIP_REASONS = (
+    "empty_captions",
+    "bad_lines",
+    "unsafe_paths",
+    "samples_without_image",
+    "samples_without_caption",
+    "unreadable_images",
+    "captions_of_unreadable_images",
+)
 
 
 def default_decode_workers() -> int:
@@ -243,7 +252,7 @@ def _build(
         why = "; ".join(f"{n}: {w}" for n, w in report.failed_shards.items()) or "the input has no shards"
         raise BuildError(f"no usable pairs in {config.pairs} ({why})")
 
-    skipped: Counter = Counter()
+    skipped: Counter = Counter(dict.fromkeys(SKIP_REASONS, 0))  # every reason in the report, zero or not
     n_pairs, distinct = _count(files, config.anchors, report, skipped)
     report.skipped = dict(skipped)
     if n_pairs == 0:
