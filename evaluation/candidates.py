@@ -43,24 +43,19 @@ def check_names(names: list[str]) -> None:
 
 
 def _scorer(
-    cand: Candidate, image_anchors: np.ndarray, text_anchors: np.ndarray, k: int, p: float
-) -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
-    """scores(image queries, text queries, parameter) for one candidate over one anchor set."""
+    cand: Candidate, image_anchors: np.ndarray, text_anchors: np.ndarray, images: np.ndarray, texts: np.ndarray,
+    k: int, p: float,
+) -> Callable[[float], np.ndarray]:  # fmt: skip
+    """scores(parameter) of one candidate for these queries over one anchor set; the neighbours are searched once,
+    only the weights depend on the parameter."""
     mean_i, mean_t = image_anchors.mean(axis=0), text_anchors.mean(axis=0)
     anchors_i = centre(image_anchors, mean_i) if cand.centre_image else image_anchors
     anchors_t = centre(text_anchors, mean_t) if cand.centre_text else text_anchors
-    hub_cache: dict[float, np.ndarray] = {}
+    si, ii = exact_topk(centre(images, mean_i) if cand.centre_image else images, anchors_i, k)
+    st, it = exact_topk(centre(texts, mean_t) if cand.centre_text else texts, anchors_t, k)
 
-    def scores(images: np.ndarray, texts: np.ndarray, param: float) -> np.ndarray:
-        qi = centre(images, mean_i) if cand.centre_image else images
-        qt = centre(texts, mean_t) if cand.centre_text else texts
-        si, ii = exact_topk(qi, anchors_i, k)
-        st, it = exact_topk(qt, anchors_t, k)
-        weights = None
-        if cand.hubness:
-            if param not in hub_cache:
-                hub_cache[param] = hubness_weights(image_anchors, int(param))
-            weights = hub_cache[param]
+    def scores(param: float) -> np.ndarray:
+        weights = hubness_weights(image_anchors, int(param)) if cand.hubness else None
         value = param if cand.weighting != "power" else p
         img = variant_relrep(si, ii, cand.weighting, value, weights)
         txt = variant_relrep(st, it, cand.weighting, value, weights)
@@ -87,16 +82,18 @@ def run_candidates(
     out: dict[str, dict] = {}
     for cand in (c for c in CANDIDATES if c.name in names):
         log(f"candidate {cand.name}: {cand.what}")
-        test_scores = _scorer(cand, image_anchors, text_anchors, k, p)
+        test_scores = _scorer(cand, image_anchors, text_anchors, test_images, labels, k, p)
         grid = cand.grid or (float("nan"),)
         per_value: dict[str, float] = {}
         retrieval: dict[str, float] = {}
         if len(grid) > 1:
-            held_scores = _scorer(cand, image_anchors[train], text_anchors[train], k, p)
+            held_scores = _scorer(
+                cand, image_anchors[train], text_anchors[train], image_anchors[held], text_anchors[held], k, p
+            )
             for value in grid:
-                retrieval[f"{value:g}"] = retrieval_at_1(held_scores(image_anchors[held], text_anchors[held], value))
+                retrieval[f"{value:g}"] = retrieval_at_1(held_scores(value))
         for value in grid:
-            top1 = float((test_scores(test_images, labels, value).argmax(axis=1) == truth).mean())
+            top1 = float((test_scores(value).argmax(axis=1) == truth).mean())
             per_value[f"{value:g}"] = top1
         chosen = max(retrieval, key=lambda v: retrieval[v]) if retrieval else f"{grid[0]:g}"
         out[cand.name] = {
