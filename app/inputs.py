@@ -1,4 +1,4 @@
-"""Turning request payloads into validated images, labels and k/p (4xx on bad input)."""
+"""Turning request payloads into validated images, labels, k and the weighting (4xx on bad input)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import ApiError
+from app.schemas import WeightingOptions
 from asif.images import open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet
+from asif.relrep import PARAM_NAMES, WEIGHTINGS, Weighting
 
 
 def invalid_body(exc: ValidationError) -> ApiError:
@@ -75,6 +77,35 @@ def check_k_p(k: int | None, p: float | None, settings: Settings) -> None:
         raise ApiError(422, f"k must be between 1 and {settings.max_k}, got {k}")
     if p is not None and not 0 < p <= settings.max_p:
         raise ApiError(422, f"p must be in (0, {settings.max_p}], got {p}")
+
+
+def weighting_from(opts: WeightingOptions, default: Weighting, default_p: float) -> Weighting:
+    """The request's weighting: ``weighting`` and its parameter (p, t or r0), a parameter alone (it names its
+    weighting: old clients' ``p`` keeps meaning the power), or the index's default."""
+    given = {kind: getattr(opts, PARAM_NAMES[kind]) for kind in WEIGHTINGS}
+    given = {kind: value for kind, value in given.items() if value is not None}
+    kind = opts.weighting
+    if kind is None:
+        if len(given) > 1:
+            names = " and ".join(PARAM_NAMES[k] for k in given)
+            raise ApiError(422, f"{names} belong to different weightings: give one, or name the weighting")
+        if not given:
+            return default
+        kind = next(iter(given))
+    stray = [PARAM_NAMES[k] for k in given if k != kind]
+    if stray:
+        raise ApiError(422, f"{', '.join(stray)} does not apply to the {kind} weighting (it takes {PARAM_NAMES[kind]})")
+    if kind in given:
+        return Weighting(kind, given[kind])
+    if kind == default.kind:
+        return default
+    return Weighting(kind, default_p) if kind == "power" else Weighting.of(kind)
+
+
+def weighting_fields(k: int, weighting: Weighting) -> dict[str, object]:
+    """The response fields that say which k and weighting answered."""
+    p = weighting.param if weighting.kind == "power" else None
+    return {"k": k, "p": p, "weighting": weighting.kind, "weighting_param": weighting.param}
 
 
 def form_list(values: list[str]) -> list[str]:

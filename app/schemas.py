@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,13 +26,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class ClassifyOptions(BaseModel):
+class WeightingOptions(BaseModel):
+    """How the top-k similarities become weights; each parameter implies its weighting when ``weighting`` is absent,
+    and nothing given means the index's default."""
+
+    weighting: Literal["power", "softmax", "rank"] | None = Field(
+        None, description="power: max(s,0)^p (the paper); softmax: exp((s - s_max)/t); rank: 1/(rank + r0)"
+    )
+    p: float | None = Field(None, gt=0, description="power exponent (default: the index's p)")
+    t: float | None = Field(None, gt=0, le=100, description="softmax temperature (default 0.1)")
+    r0: float | None = Field(None, gt=0, le=1e6, description="rank offset (default 10)")
+
+
+class ClassifyOptions(WeightingOptions):
     labels: list[str] | None = Field(None, description="inline class names (or use label_set)")
     templates: list[str] | None = Field(None, description="prompt templates with one '{}' (default: 7 photo prompts)")
     label_set: str | None = Field(None, description="name of a stored label set")
     top: int = Field(5, ge=1, le=1000, description="how many ranked labels to return per image")
     k: int | None = Field(None, ge=1, description="neighbours kept (default: the index's k; capped at the pairs)")
-    p: float | None = Field(None, gt=0, description="exponent (default: the index's p)")
     explain: int = Field(0, ge=0, le=1000, description="how many contributing anchor pairs to return (0: none)")
     explain_label: str | None = Field(
         None, description="explain this label (one of the labels) instead of the best one; needs explain > 0"
@@ -63,9 +74,14 @@ class ImageResult(BaseModel):
     explanation: list[Contribution] = []
 
 
-class ClassifyResponse(BaseModel):
+class WeightingUsed(BaseModel):
     k: int
-    p: float
+    p: float | None = Field(..., description="the power exponent (null for the other weightings)")
+    weighting: str = Field(..., description="power, softmax or rank")
+    weighting_param: float = Field(..., description="the weighting's parameter: p, t or r0")
+
+
+class ClassifyResponse(WeightingUsed):
     pairs: int
     version: int = Field(
         ..., description="edit sequence number of the model that answered (grows with every added or deleted pair)"
@@ -73,16 +89,13 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
-class SimilarityJSON(BaseModel):
+class SimilarityJSON(WeightingOptions):
     images: list[str] = Field(..., description="base64-encoded image files")
     texts: list[str]
     k: int | None = Field(None, ge=1)
-    p: float | None = Field(None, gt=0)
 
 
-class SimilarityResponse(BaseModel):
-    k: int
-    p: float
+class SimilarityResponse(WeightingUsed):
     matrix: list[list[float]] = Field(..., description="rows: images, columns: texts")
 
 

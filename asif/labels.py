@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.relrep import TIE_GRID, top_sorted
+from asif.relrep import TIE_GRID, Weighting, as_weighting, top_sorted
 from asif.scoring import LabelScorer
 
 MAX_LABELS = 10_000
@@ -287,7 +287,7 @@ def cache_depth(k: int) -> int:
     return int(k + max(16, k // 4))
 
 
-MAX_SCORERS = 4  # (k, p) combinations kept per label set: the model's default plus recent others
+MAX_SCORERS = 4  # (k, weighting) combinations kept per label set: the model's default plus recent others
 
 
 @dataclass(eq=False)
@@ -295,7 +295,7 @@ class CachedLabels:
     """A label set with its class embeddings, maintained caption-anchor neighbours and scorers.
 
     ``synced`` is the model edit version the neighbours reflect. Each scorer holds the classes'
-    representations for one (k, p) and is patched row by row when neighbours change (see
+    representations for one (k, weighting) and is patched row by row when neighbours change (see
     :mod:`asif.scoring`). ``lock`` serialises everything that reads or changes this state.
     """
 
@@ -304,7 +304,7 @@ class CachedLabels:
     neighbours: NeighbourCache
     lock: threading.RLock = field(default_factory=threading.RLock)
     synced: int = 0
-    scorers: OrderedDict[tuple[int, float], LabelScorer] = field(default_factory=OrderedDict)
+    scorers: OrderedDict[tuple[int, Weighting], LabelScorer] = field(default_factory=OrderedDict)
     shared: bool = False  # neighbours are rows of the model's shared table of registered label sets
     pending: np.ndarray | None = None  # (L,) rows whose neighbours changed since the scorers last saw them
 
@@ -319,10 +319,12 @@ class CachedLabels:
     def max_k(self) -> int:
         return max((k for k, _ in self.scorers), default=0)
 
-    def scorer(self, k: int, p: float, pinned: tuple[int, float] | None = None) -> LabelScorer:
-        """The scorer for (k, p), made from the neighbours if new (call with ``k <= neighbours.depth``
+    def scorer(
+        self, k: int, weighting: Weighting | float, pinned: tuple[int, Weighting] | None = None
+    ) -> LabelScorer:
+        """The scorer for (k, weighting), made from the neighbours if new (call with ``k <= neighbours.depth``
         after :meth:`NeighbourCache.ensure`). ``pinned`` (the model's default) is never evicted."""
-        key = (int(k), float(p))
+        key = (int(k), as_weighting(weighting))
         found = self.scorers.get(key)
         if found is not None:
             self.scorers.move_to_end(key)

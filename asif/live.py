@@ -41,6 +41,7 @@ from asif.loading import open_index
 from asif.metadata import Edit, NewPair, StoredLabelSet
 from asif.model import AsifModel, Prediction
 from asif.persist import Delta, compact_index_folder, delta_pairs, write_delta
+from asif.relrep import Weighting, as_weighting
 from asif.rwlock import RWLock
 from asif.stores import StoreError
 
@@ -70,7 +71,7 @@ class Answer:
 
     predictions: list[Prediction]
     k: int
-    p: float
+    weighting: Weighting
     pairs: int
     version: int  # edit-log sequence number of the last edit the model held (durable across restarts)
 
@@ -191,15 +192,18 @@ class LiveModel:
         with self.lock.read():
             yield
 
-    def classify(self, embeddings: np.ndarray, labels: CachedLabels, k: int, p: float, **options: object) -> Answer:
-        """Classify under the read lock; ``k`` is capped at the pairs held (0 pairs: StoreError)."""
+    def classify(
+        self, embeddings: np.ndarray, labels: CachedLabels, k: int, p: Weighting | float, **options: object
+    ) -> Answer:
+        """Classify under the read lock; ``k`` is capped at the pairs held (0 pairs: StoreError). ``p``: the
+        weighting (a number: the power p)."""
         with self.lock.read():
             model = self.model
             k_eff = min(int(k), model.n_pairs)
             if k_eff == 0:
                 raise NoPairsError("the model holds no pairs")
             preds = model.classify(embeddings, labels, k=k_eff, p=p, **options)  # type: ignore[arg-type]
-            return Answer(preds, k_eff, float(p), model.n_pairs, self._seq)
+            return Answer(preds, k_eff, as_weighting(p), model.n_pairs, self._seq)
 
     # -- edits -------------------------------------------------------------------------------------
     def add_pairs(self, pairs: Sequence[NewPair]) -> list[int]:

@@ -9,6 +9,7 @@ from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_te
 from asif.metadata import PairMetadata
 from asif.model import AsifModel
 from asif.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
+from asif.relrep import DEFAULT_K, DEFAULT_P, Weighting
 
 
 @dataclass
@@ -46,8 +47,9 @@ def open_index(
     model = AsifModel(
         folder.image_store,
         folder.text_store,
-        k=int(defaults.get("k", 800)),
-        p=float(defaults.get("p", 8.0)),
+        k=int(defaults.get("k", DEFAULT_K)),
+        p=float(defaults.get("p", DEFAULT_P)),
+        weighting=Weighting.from_defaults(defaults),
         image_encoder=image_obj,
         text_encoder=text_obj,
         captions=metadata.captions,

@@ -27,7 +27,19 @@ from PIL import Image
 
 from asif.encoders.base import ImageEncoder, TextEncoder
 from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
-from asif.relrep import DEFAULT_K, DEFAULT_P, KeyMatrix, SparseRR, check_k_p, effective_k, shared_anchors, sparsify
+from asif.relrep import (
+    DEFAULT_K,
+    DEFAULT_P,
+    KeyMatrix,
+    SparseRR,
+    Weighting,
+    WeightingLike,
+    as_weighting,
+    check_k_p,
+    effective_k,
+    shared_anchors,
+    sparsify,
+)
 from asif.scoring import LabelScorer
 from asif.stores import StoreError, VectorStore, as_matrix
 
@@ -84,6 +96,7 @@ class AsifModel:
         text_encoder: TextEncoder | None = None,
         captions: CaptionLookup | None = None,
         journal_bytes: int = JOURNAL_BYTES,
+        weighting: Weighting | None = None,
     ) -> None:
         check_k_p(k, p)
         if image_store.ntotal != text_store.ntotal:
@@ -91,7 +104,8 @@ class AsifModel:
         self.image_store = image_store
         self.text_store = text_store
         self.k = int(k)
-        self.p = float(p)
+        self.p = float(p)  # the power weighting's exponent when a request asks for it without one
+        self.weighting = weighting or Weighting("power", self.p)  # the default weighting
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.captions = captions
@@ -117,25 +131,32 @@ class AsifModel:
     def n_pairs(self) -> int:
         return self.image_store.ntotal
 
-    def _kp(self, k: int | None, p: float | None) -> tuple[int, float]:
+    def _kp(self, k: int | None, p: WeightingLike | None) -> tuple[int, Weighting]:
+        """(k capped at the pairs held, the weighting): the model's defaults where None; a bare number is the power
+        weighting's p."""
         k = self.k if k is None else k
-        p = self.p if p is None else p
-        check_k_p(k, p)
-        return effective_k(k, self.n_pairs), float(p)
+        check_k_p(k, 1.0)
+        weighting = self.weighting if p is None else as_weighting(p)
+        return effective_k(k, self.n_pairs), weighting
 
     # -- relative representations ---------------------------------------------------------------
-    def image_relrep(self, embeddings: np.ndarray, k: int | None = None, p: float | None = None) -> SparseRR:
-        k, p = self._kp(k, p)
+    # ``p`` everywhere below: a Weighting, or a number (the paper's power p), or None (the model's default weighting).
+    def image_relrep(self, embeddings: np.ndarray, k: int | None = None, p: WeightingLike | None = None) -> SparseRR:
+        k, w = self._kp(k, p)
         sims, ids = self.image_store.search(embeddings, k)
-        return sparsify(sims, ids, p)
+        return sparsify(sims, ids, w)
 
-    def text_relrep(self, embeddings: np.ndarray, k: int | None = None, p: float | None = None) -> SparseRR:
-        k, p = self._kp(k, p)
+    def text_relrep(self, embeddings: np.ndarray, k: int | None = None, p: WeightingLike | None = None) -> SparseRR:
+        k, w = self._kp(k, p)
         sims, ids = self.text_store.search(embeddings, k)
-        return sparsify(sims, ids, p)
+        return sparsify(sims, ids, w)
 
     def similarity(
-        self, image_embeddings: np.ndarray, text_embeddings: np.ndarray, k: int | None = None, p: float | None = None
+        self,
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        k: int | None = None,
+        p: WeightingLike | None = None,
     ) -> np.ndarray:
         """(n_images, n_texts) ASIF similarity matrix."""
         keys = KeyMatrix.from_rr(self.text_relrep(text_embeddings, k, p))
@@ -336,8 +357,8 @@ class AsifModel:
         self.schedule(rebuild)
 
     @contextmanager
-    def label_scorer(self, labels: CachedLabels, k: int, p: float) -> Iterator[LabelScorer]:
-        """The label set's scorer for (k, p), current with the model, used under the label set's lock."""
+    def label_scorer(self, labels: CachedLabels, k: int, p: WeightingLike) -> Iterator[LabelScorer]:
+        """The label set's scorer for (k, weighting), current with the model, used under the label set's lock."""
         if labels.shared:
             with self._shared_lock:
                 self._sync_shared_locked()
@@ -357,7 +378,7 @@ class AsifModel:
         image_embeddings: np.ndarray,
         labels: CachedLabels,
         k: int | None = None,
-        p: float | None = None,
+        p: WeightingLike | None = None,
         top: int = 5,
         threshold: float = 0.0,
         explain: int = 0,

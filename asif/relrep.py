@@ -62,15 +62,94 @@ def effective_k(k: int, n_anchors: int) -> int:
     return max(0, min(int(k), int(n_anchors)))
 
 
-def sparsify(sims: np.ndarray, ids: np.ndarray, p: float) -> SparseRR:
-    """Top-k similarities (already selected) -> ASIF weights: clamp at 0, raise to p, L2-normalise."""
-    sims = np.asarray(sims, dtype=np.float32)
-    w = np.maximum(sims, 0.0, dtype=np.float32)
+WEIGHTINGS = ("power", "softmax", "rank")
+DEFAULT_PARAMS = {"power": DEFAULT_P, "softmax": 0.1, "rank": 10.0}
+PARAM_NAMES = {"power": "p", "softmax": "t", "rank": "r0"}
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How the top-k similarities ``s`` (sorted, decreasing) become weights before the L2 normalisation.
+
+    - ``power`` (the paper): ``max(s, 0) ** p``.
+    - ``softmax``: ``exp((s - s_max) / t)``, a softmax over the top k at temperature ``t``.
+    - ``rank``: ``1 / (rank + r0)``, rank 0 being the nearest anchor.
+
+    In every case entries with ``s <= 0`` weigh 0 (the paper's clamp).
+    """
+
+    kind: str = "power"
+    param: float = DEFAULT_P
+
+    def __post_init__(self) -> None:
+        if self.kind not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.kind!r}; choose one of {', '.join(WEIGHTINGS)}")
+        name = PARAM_NAMES[self.kind]
+        if isinstance(self.param, bool) or not np.isfinite(self.param) or self.param <= 0:
+            raise ValueError(f"{name} must be a positive finite number ({self.kind} weighting), got {self.param!r}")
+        object.__setattr__(self, "param", float(self.param))
+
+    @classmethod
+    def of(cls, kind: str, param: float | None = None) -> Weighting:
+        """A weighting of this kind; its parameter defaults to DEFAULT_PARAMS."""
+        return cls(kind, DEFAULT_PARAMS.get(kind, DEFAULT_P) if param is None else param)
+
+    @property
+    def param_name(self) -> str:
+        return PARAM_NAMES[self.kind]
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.param_name}={self.param:g}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "param": self.param}
+
+    @classmethod
+    def from_defaults(cls, defaults: dict, p: float = DEFAULT_P) -> Weighting:
+        """The default weighting of a manifest's ``defaults`` (``{"k", "p", "weighting": {"kind", "param"}}``);
+        a manifest without ``weighting`` (older builds) means the power weighting with its ``p``."""
+        spec = defaults.get("weighting")
+        if spec is None:
+            return cls("power", float(defaults.get("p", p)))
+        return cls(str(spec["kind"]), float(spec["param"]))
+
+    def weights(self, sims: np.ndarray) -> np.ndarray:
+        """Unnormalised float64 weights of rows of top-k similarities (each row sorted, decreasing)."""
+        s = np.asarray(sims)
+        if self.kind == "power":  # from float32, as the paper's recipe always was computed here
+            return np.power(np.maximum(s.astype(np.float32), 0.0).astype(np.float64), self.param)
+        s = s.astype(np.float64)
+        if self.kind == "softmax":
+            w = np.exp((s - s.max(axis=1, initial=0.0, keepdims=True)) / self.param)
+        else:
+            w = np.broadcast_to(1.0 / (np.arange(s.shape[1], dtype=np.float64) + self.param), s.shape).copy()
+        return np.where(s > 0, w, 0.0)
+
+
+WeightingLike = Weighting | float  # a Weighting, or a bare number: the power weighting's p
+
+
+def as_weighting(weighting: WeightingLike) -> Weighting:
+    """A Weighting, or a bare number taken as the paper's power p."""
+    return weighting if isinstance(weighting, Weighting) else Weighting("power", float(weighting))
+
+
+def sparsify(
+    sims: np.ndarray, ids: np.ndarray, weighting: Weighting | float, anchor_weights: np.ndarray | None = None
+) -> SparseRR:
+    """Top-k similarities (already selected, sorted) -> ASIF weights, L2-normalised.
+
+    ``weighting``: a :class:`Weighting`, or the power ``p`` of the paper's ``max(s, 0) ** p``.
+    ``anchor_weights``: optional per-anchor factors (indexed by id), applied before the normalisation.
+    """
+    w64 = as_weighting(weighting).weights(sims)
+    ids = np.asarray(ids, dtype=np.int64)
+    if anchor_weights is not None:
+        w64 = w64 * np.asarray(anchor_weights, dtype=np.float64)[ids]
     # Powers of values in [0, 1] underflow gracefully; normalise in float64 for stability.
-    w64 = np.power(w.astype(np.float64), float(p))
     norms = np.linalg.norm(w64, axis=1, keepdims=True)
     w64 = np.divide(w64, norms, out=np.zeros_like(w64), where=norms > 0)
-    return SparseRR(ids=np.asarray(ids, dtype=np.int64), weights=w64.astype(np.float32))
+    return SparseRR(ids=ids, weights=w64.astype(np.float32))
 
 
 TIE_MARGIN = 64  # extra neighbours kept so that ties at the k-th place are settled by id, not by chance

@@ -1,7 +1,7 @@
 """Label-side scoring state that follows edits row by row.
 
 A :class:`LabelScorer` holds the sparse relative representations of a label set's classes for one
-``(k, p)`` and scores image representations against them. Scoring goes through a
+``(k, weighting)`` and scores image representations against them. Scoring goes through a
 :class:`asif.relrep.KeyMatrix` (an inverted layout: anchor -> (label, weight)) built at some point in
 time, the *base*. An edit that changes some classes' neighbours rewrites only those rows and marks them
 stale; stale rows are scored directly from their current entries (:func:`score_rows`) and their columns
@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from asif.relrep import KeyMatrix, SparseRR, sparsify
+from asif.relrep import KeyMatrix, SparseRR, Weighting, as_weighting, sparsify
 
 STALE_MIN = 32  # stale rows tolerated before a rebuild, at least
 STALE_FRACTION = 8  # ... or 1/8 of the rows, whichever is larger
 
 
-def label_relrep(sims: np.ndarray, ids: np.ndarray, p: float) -> SparseRR:
+def label_relrep(sims: np.ndarray, ids: np.ndarray, weighting: Weighting | float) -> SparseRR:
     """Neighbour rows (``-1`` / ``-inf`` padding allowed) -> sparse ASIF representations."""
-    return sparsify(np.maximum(sims, 0.0), np.maximum(ids, 0), p)
+    return sparsify(np.maximum(sims, 0.0), np.maximum(ids, 0), weighting)
 
 
 def score_rows(query: SparseRR, key_ids: np.ndarray, key_weights: np.ndarray) -> np.ndarray:
@@ -51,12 +51,13 @@ def score_rows(query: SparseRR, key_ids: np.ndarray, key_weights: np.ndarray) ->
 
 
 class LabelScorer:
-    """Sparse representations of L labels for one (k, p), with an inverted base and stale-row patches."""
+    """Sparse representations of L labels for one k and weighting (a bare number: the power p), with an inverted
+    base and stale-row patches."""
 
-    def __init__(self, k: int, p: float, sims: np.ndarray, ids: np.ndarray) -> None:
+    def __init__(self, k: int, weighting: Weighting | float, sims: np.ndarray, ids: np.ndarray) -> None:
         self.k = int(k)
-        self.p = float(p)
-        rr = label_relrep(sims, ids, self.p)
+        self.weighting = as_weighting(weighting)
+        rr = label_relrep(sims, ids, self.weighting)
         self.ids = rr.ids.copy()
         self.weights = rr.weights.copy()
         self.base = KeyMatrix.from_rr(rr)
@@ -88,7 +89,7 @@ class LabelScorer:
         """Rows ``rows`` now have these top-k neighbours (``(len(rows), k)`` arrays)."""
         if len(rows) == 0:
             return
-        rr = label_relrep(sims, ids, self.p)
+        rr = label_relrep(sims, ids, self.weighting)
         self.ids[rows] = rr.ids
         self.weights[rows] = rr.weights
         self.clock += 1

@@ -35,7 +35,7 @@ from asif.live import (
 from asif.metadata import NewPair, StoredLabelSet
 from asif.milvus_meta import IdClock, MilvusMetadata
 from asif.model import AsifModel
-from asif.relrep import DEFAULT_K, DEFAULT_P
+from asif.relrep import DEFAULT_K, DEFAULT_P, Weighting
 from asif.stores.base import StoreError
 from asif.stores.milvus_store import MilvusIndex, MilvusStore
 
@@ -71,6 +71,7 @@ def open_shared(
         *stores,
         k=int(defaults.get("k", k)),
         p=float(defaults.get("p", p)),
+        weighting=Weighting.from_defaults(defaults, p),
         image_encoder=image_encoder,
         text_encoder=text_encoder,
         captions=metadata.captions,
@@ -136,7 +137,9 @@ class SharedLiveModel(LiveModel):
         for name, s in stored.items():
             self.model.register_labels(name, LabelSet(tuple(s.classes), tuple(s.templates)), s.embeddings)
 
-    def classify(self, embeddings: np.ndarray, labels: CachedLabels, k: int, p: float, **options: object) -> Answer:
+    def classify(
+        self, embeddings: np.ndarray, labels: CachedLabels, k: int, p: Weighting | float, **options: object
+    ) -> Answer:
         self.follow()
         return super().classify(embeddings, labels, k, p, **options)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from asif.evaluation import holdout_split, retrieval_at_1
-from asif.relrep import KeyMatrix, exact_topk
-from asif.variants import centre, hubness_weights, variant_relrep
+from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
+from asif.variants import centre, hubness_weights
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ def _scorer(
 
     def scores(param: float) -> np.ndarray:
         weights = hubness_weights(image_anchors, int(param)) if cand.hubness else None
-        value = param if cand.weighting != "power" else p
-        img = variant_relrep(si, ii, cand.weighting, value, weights)
-        txt = variant_relrep(st, it, cand.weighting, value, weights)
+        weighting = Weighting(cand.weighting, param if cand.weighting != "power" else p)
+        img = sparsify(si, ii, weighting, weights)
+        txt = sparsify(st, it, weighting, weights)
         return KeyMatrix.from_rr(txt).score(img)
 
     return scores

@@ -3,8 +3,9 @@
 Relative representation of a query q against anchors A (rows L2-normalised, as the stores hold
 them): cosine similarities A @ q in float64, the top k kept (ties at the k-th place broken by the
 smaller anchor id, similarities compared on a grid of 2**-17), negatives clamped to 0, raised to
-the power p, L2-normalised. The score of an image against a text is the dot product of their two
-representations (images against image anchors, texts against caption anchors, anchor i = pair i).
+the power p (or another weighting: see :func:`kept_weights`), L2-normalised. The score of an image
+against a text is the dot product of their two representations (images against image anchors, texts
+against caption anchors, anchor i = pair i).
 """
 
 from __future__ import annotations
@@ -30,11 +31,33 @@ def topk(
     return np.take_along_axis(sims, idx, axis=1), idx
 
 
-def relrep(queries: np.ndarray, anchors: np.ndarray, k: int, p: float) -> np.ndarray:
-    """(b, n) dense relative representations."""
+def kept_weights(sims: np.ndarray, weighting: str, param: float) -> np.ndarray:
+    """Weights of the k kept similarities of each row (best first), before normalisation.
+
+    power: s ** p; softmax: exp(s / t) (any common factor cancels in the normalisation); rank: 1 / (position + r0),
+    the best at position 0. Similarities <= 0 weigh 0 whatever the weighting.
+    """
+    out = np.zeros_like(sims)
+    for r, row in enumerate(sims):
+        for j, s in enumerate(row):
+            if s <= 0:
+                continue
+            if weighting == "power":
+                out[r, j] = s**param
+            elif weighting == "softmax":
+                out[r, j] = np.exp((s - row.max()) / param)  # shifted by the row's best: no overflow
+            elif weighting == "rank":
+                out[r, j] = 1.0 / (j + param)
+            else:
+                raise ValueError(weighting)
+    return out
+
+
+def relrep(queries: np.ndarray, anchors: np.ndarray, k: int, p: float, weighting: str = "power") -> np.ndarray:
+    """(b, n) dense relative representations (``p``: the weighting's parameter, p / t / r0)."""
     sims, idx = topk(queries, anchors, k)
     out = np.zeros((len(sims), np.shape(anchors)[0]))
-    np.put_along_axis(out, idx, np.maximum(sims, 0.0) ** p, axis=1)
+    np.put_along_axis(out, idx, kept_weights(sims, weighting, p), axis=1)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 
@@ -46,6 +69,7 @@ def scores(
     text_anchors: np.ndarray,
     k: int,
     p: float,
+    weighting: str = "power",
 ) -> np.ndarray:
     """(n_images, n_texts) ASIF similarities."""
-    return relrep(image_queries, image_anchors, k, p) @ relrep(text_queries, text_anchors, k, p).T
+    return relrep(image_queries, image_anchors, k, p, weighting) @ relrep(text_queries, text_anchors, k, p, weighting).T

@@ -27,7 +27,8 @@ def test_health_ready_info_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["pairs"] == 20
     info = client.get("/v1/info").json()
-    assert info["pairs"] == 20 and info["defaults"] == {"k": 10, "p": 8.0} and info["anchors"] == "image"
+    assert info["pairs"] == 20 and info["anchors"] == "image"
+    assert info["defaults"] == {"k": 10, "p": 8.0, "weighting": {"kind": "power", "param": 8.0}}
     assert info["encoders"]["image"]["name"] == "pixels-4x4" and info["index"]["image"]["exact"] is True
     assert info["index"]["text"]["ntotal"] == 20 and info["index"]["image"]["spec"]["backend"] in ("faiss", "milvus")
     client.post("/v1/classify", json={"images": [b64(jpeg())], **COLOUR_LABELS})
@@ -75,6 +76,35 @@ def test_similarity(client):
     files = [("images", ("a.jpg", jpeg(), "image/jpeg"))]
     r = client.post("/v1/similarity", files=files, data={"texts": texts})
     assert r.status_code == 200 and len(r.json()["matrix"][0]) == 2
+
+
+def test_classify_and_similarity_take_a_weighting(client):
+    body = {"images": [b64(jpeg(rgb)) for rgb in COLOURS.values()], **COLOUR_LABELS, "top": len(COLOURS)}
+
+    def ask(**extra):
+        r = client.post("/v1/classify", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        by_label = [sorted(res["scores"], key=lambda x: x["label"]) for res in out["results"]]
+        return out, np.array([[s["score"] for s in row] for row in by_label])
+
+    default, power = ask()
+    assert (default["weighting"], default["weighting_param"], default["p"]) == ("power", 8.0, 8.0)
+    soft, soft_scores = ask(weighting="softmax")
+    assert (soft["weighting"], soft["weighting_param"], soft["p"]) == ("softmax", 0.1, None)
+    assert not np.allclose(soft_scores, power, atol=1e-3)  # the weighting reached the scores
+    assert [r["label"] for r in soft["results"]] == list(COLOURS)
+    np.testing.assert_allclose(ask(t=0.1)[1], soft_scores, atol=1e-6)  # t alone names the softmax
+    rank, _ = ask(r0=5)
+    assert (rank["weighting"], rank["weighting_param"]) == ("rank", 5.0)
+    assert ask(weighting="power", p=2)[0]["weighting_param"] == 2.0
+    np.testing.assert_allclose(ask(p=8)[1], power, atol=1e-6)
+    files = [("images", ("a.jpg", jpeg(), "image/jpeg"))]
+    r = client.post("/v1/classify", files=files, data={"labels": list(COLOURS), "weighting": "rank", "r0": "3"})
+    assert r.status_code == 200 and r.json()["weighting_param"] == 3.0, r.text
+    sim = {"images": [b64(jpeg())], "texts": ["a red square", "a blue square"]}
+    r = client.post("/v1/similarity", json={**sim, "weighting": "softmax", "t": 0.2})
+    assert r.status_code == 200 and (r.json()["weighting"], r.json()["weighting_param"]) == ("softmax", 0.2)
 
 
 def test_label_sets_crud_and_persistence(served_index):
@@ -196,6 +226,10 @@ def bomb_png() -> bytes:
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "k": 0}, 422, "k"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "p": 0}, 422, "p"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "p": 1000}, 422, "p must be"),
+        ({"images": [b64(jpeg())], **COLOUR_LABELS, "weighting": "cosine"}, 422, "weighting"),
+        ({"images": [b64(jpeg())], **COLOUR_LABELS, "t": 0}, 422, "t"),
+        ({"images": [b64(jpeg())], **COLOUR_LABELS, "p": 2, "t": 0.1}, 422, "p and t belong to different"),
+        ({"images": [b64(jpeg())], **COLOUR_LABELS, "weighting": "rank", "t": 0.1}, 422, "t does not apply"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "label_set": "x"}, 422, "not both"),
         ({"images": [b64(jpeg())], "label_set": "nope"}, 404, "unknown label set"),
     ],

@@ -11,7 +11,7 @@ import pytest
 import asif.scoring
 from asif.labels import LabelSet
 from asif.model import AsifModel
-from asif.relrep import KeyMatrix, SparseRR
+from asif.relrep import KeyMatrix, SparseRR, Weighting
 from asif.scoring import LabelScorer, score_rows
 from asif.stores import build_store, choose_index_spec
 from tests import reference
@@ -123,10 +123,10 @@ def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, mon
         np.testing.assert_allclose(
             scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
         )
-    assert cached.scorers[(K, P)].n_stale > 0 and deferred
+    assert cached.scorers[(K, Weighting("power", P))].n_stale > 0 and deferred
     for job in deferred:  # the background rebuilds, run late: same answers, nothing stale left
         job()
-    assert cached.scorers[(K, P)].n_stale == 0
+    assert cached.scorers[(K, Weighting("power", P))].n_stale == 0
     preds = model.classify(data.image_queries, cached, top=len(cached.classes))
     np.testing.assert_allclose(
         scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5

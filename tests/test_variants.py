@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.relrep import KeyMatrix, exact_topk
-from asif.variants import centre, hubness_weights, variant_relrep
+from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
+from asif.variants import centre, hubness_weights
 from evaluation.candidates import run_candidates
 
 
@@ -47,9 +47,8 @@ def test_variant_scores_equal_the_dense_formula(weighting, param, with_weights):
     k = 40
     si, ii = exact_topk(images, img_anchors, k)
     st, it = exact_topk(texts, txt_anchors, k)
-    got = KeyMatrix.from_rr(variant_relrep(st, it, weighting, param, aw)).score(
-        variant_relrep(si, ii, weighting, param, aw)
-    )
+    w = Weighting(weighting, param)
+    got = KeyMatrix.from_rr(sparsify(st, it, w, aw)).score(sparsify(si, ii, w, aw))
     want_images = dense_rep(images, img_anchors, k, weighting, param, aw)
     want = want_images @ dense_rep(texts, txt_anchors, k, weighting, param, aw).T
     np.testing.assert_allclose(got, want, atol=2e-5)

@@ -160,11 +160,27 @@ async function loadInfo() {
     ];
     $("#info").replaceChildren(...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
     $("#k").placeholder = `${info.defaults.k} (default)`;
-    $("#p").placeholder = `${info.defaults.p} (default)`;
+    showWeightingDefault();
     fillLabelSetSelect(info.label_sets);
   } catch (err) {
     showError(err);
   }
+}
+
+const PARAM_NAMES = { power: "p", softmax: "t", rank: "r0" };
+const PARAM_DEFAULTS = { power: 8, softmax: 0.1, rank: 10 };
+
+function showWeightingDefault() {
+  const chosen = $("#weighting").value;
+  const dflt = state.info ? state.info.defaults.weighting : { kind: "power", param: 8 };
+  const kind = chosen || dflt.kind;
+  $("#param-name").textContent = PARAM_NAMES[kind];
+  const param = kind === dflt.kind ? dflt.param : kind === "power" ? state.info?.defaults.p : PARAM_DEFAULTS[kind];
+  $("#p").placeholder = `${param} (default)`;
+}
+
+function weightingLabel(answer) {
+  return `${answer.weighting} ${PARAM_NAMES[answer.weighting] || "param"}=${answer.weighting_param}`;
 }
 
 function fillLabelSetSelect(names) {
@@ -255,7 +271,10 @@ function classifyBody(images, extra = {}) {
   const p = parseFloat($("#p").value);
   const threshold = parseFloat($("#threshold").value);
   if (k > 0) body.k = k;
-  if (p > 0) body.p = p;
+  const weighting = $("#weighting").value;
+  const kind = weighting || (state.info ? state.info.defaults.weighting.kind : "power");
+  if (weighting) body.weighting = weighting;
+  if (p > 0) body[PARAM_NAMES[kind]] = p;
   if (threshold > 0) body.threshold = threshold;
   body.top = set ? 10 : Math.max(1, Math.min(body.labels.length, 50));
   return body;
@@ -299,7 +318,7 @@ function renderResults() {
   const { answer, files, explained } = state.last;
   const box = $("#results");
   box.replaceChildren(
-    el("p", { class: "meta", text: `k=${answer.k}, p=${answer.p}, ${answer.pairs.toLocaleString()} pairs, version ${answer.version}` }),
+    el("p", { class: "meta", text: `k=${answer.k}, ${weightingLabel(answer)}, ${answer.pairs.toLocaleString()} pairs, version ${answer.version}` }),
     ...answer.results.map((result, i) => renderResult(result, i, files[i], explained[i])),
   );
 }
@@ -499,6 +518,7 @@ async function saveLabelSet() {
 function setup() {
   setupTabs();
   setupDrop();
+  $("#weighting").onchange = showWeightingDefault;
   $("#classify-form").onsubmit = (e) => {
     e.preventDefault();
     busy($("#classify-spin"), $("#classify-btn"), classify);

@@ -8,7 +8,17 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
 from app.core.errors import ApiError
-from app.inputs import check_k_p, decode_base64, decode_images, form_list, invalid_body, label_set_from, read_upload
+from app.inputs import (
+    check_k_p,
+    decode_base64,
+    decode_images,
+    form_list,
+    invalid_body,
+    label_set_from,
+    read_upload,
+    weighting_fields,
+    weighting_from,
+)
 from app.schemas import (
     ClassifyJSON,
     ClassifyOptions,
@@ -35,7 +45,10 @@ _MULTIPART_SCHEMA = {
         "label_set": {"type": "string"},
         "top": {"type": "integer"},
         "k": {"type": "integer"},
+        "weighting": {"type": "string", "enum": ["power", "softmax", "rank"]},
         "p": {"type": "number"},
+        "t": {"type": "number"},
+        "r0": {"type": "number"},
         "explain": {"type": "integer"},
         "explain_label": {"type": "string"},
         "threshold": {"type": "number"},
@@ -86,12 +99,12 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
     raise ApiError(415, "send application/json (base64 images) or multipart/form-data (image files)")
 
 
-def _effective_kp(model: AsifModel, k: int | None, p: float | None) -> tuple[int, float]:
-    """The request's k/p or the index defaults; k capped at the pairs (call under the read lock)."""
+def _effective_k(model: AsifModel, k: int | None) -> int:
+    """The request's k or the index default, capped at the pairs (call under the read lock)."""
     k_eff = effective_k(k or model.k, model.n_pairs)
     if k_eff == 0:
         raise ApiError(409, "the model holds no pairs")
-    return k_eff, float(p or model.p)
+    return k_eff
 
 
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=_body_doc(ClassifyJSON))
@@ -100,6 +113,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     opts, blobs = await _parse(request, state, ClassifyJSON)
     assert isinstance(opts, ClassifyOptions)
     check_k_p(opts.k, opts.p, state.settings)
+    weighting = weighting_from(opts, state.live.model.weighting, state.live.model.p)
     if opts.label_set is not None and opts.labels:
         raise ApiError(422, "give either labels or label_set, not both")
     if opts.label_set is not None:
@@ -122,7 +136,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             embeddings,
             labels,
             k=opts.k or live.model.k,
-            p=float(opts.p or live.model.p),
+            p=weighting,
             top=opts.top,
             threshold=opts.threshold,
             explain=opts.explain,
@@ -147,7 +161,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
         )
         for pred in answer.predictions
     ]
-    return ClassifyResponse(k=answer.k, p=answer.p, pairs=answer.pairs, version=answer.version, results=results)
+    return ClassifyResponse(
+        **weighting_fields(answer.k, answer.weighting), pairs=answer.pairs, version=answer.version, results=results
+    )
 
 
 @router.post("/similarity", response_model=SimilarityResponse, openapi_extra=_body_doc(SimilarityJSON))
@@ -156,6 +172,7 @@ async def similarity(request: Request, state: State) -> SimilarityResponse:
     body, blobs = await _parse(request, state, SimilarityJSON)
     assert isinstance(body, SimilarityJSON)
     check_k_p(body.k, body.p, state.settings)
+    weighting = weighting_from(body, state.live.model.weighting, state.live.model.p)
     texts = [t.strip() for t in body.texts]
     if not texts or any(not t for t in texts):
         raise ApiError(422, "texts must be a non-empty list of non-empty strings")
@@ -168,8 +185,8 @@ async def similarity(request: Request, state: State) -> SimilarityResponse:
 
     def run():
         with state.live.reading():
-            k, p = _effective_kp(model, body.k, body.p)
-            return k, p, model.similarity(image_emb, text_emb, k=k, p=p)
+            k = _effective_k(model, body.k)
+            return k, model.similarity(image_emb, text_emb, k=k, p=weighting)
 
-    k, p, matrix = await run_in_threadpool(run)
-    return SimilarityResponse(k=k, p=p, matrix=matrix.tolist())
+    k, matrix = await run_in_threadpool(run)
+    return SimilarityResponse(**weighting_fields(k, weighting), matrix=matrix.tolist())

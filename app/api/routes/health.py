@@ -46,7 +46,7 @@ async def info(state: State) -> Info:
             role: {"spec": store.describe(), "ntotal": store.ntotal, "exact": store.is_exact}
             for role, store in (("image", model.image_store), ("text", model.text_store))
         },
-        defaults={"k": model.k, "p": model.p},
+        defaults={"k": model.k, "p": model.p, "weighting": model.weighting.to_dict()},
         generation=int(live.manifest.get("generation", 0)),
         delta_files=len(live.manifest.get("deltas", [])),
         version=live.version,
