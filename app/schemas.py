@@ -49,6 +49,10 @@ class ClassifyOptions(WeightingOptions):
         None, description="explain this label (one of the labels) instead of the best one; needs explain > 0"
     )
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="answer 'unknown' when the best score is below this")
+    augment: list[Literal["flip", "crop"]] = Field(
+        [], max_length=2, description="test-time augmentation: extra views (flip, crop) whose representations are "
+        "averaged with the image's; each view costs one more image encoding"
+    )
 
 
 class ClassifyJSON(ClassifyOptions):
@@ -82,6 +86,7 @@ class WeightingUsed(BaseModel):
 
 
 class ClassifyResponse(WeightingUsed):
+    augment: list[str] = Field([], description="the extra views averaged in")
     pairs: int
     version: int = Field(
         ..., description="edit sequence number of the model that answered (grows with every added or deleted pair)"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
-from asif.relrep import DEFAULT_K, DEFAULT_P
+from asif.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
 from asif.stores import RERANK_FACTOR
 from index_builder.sources import SHARD_ROWS
 
@@ -103,7 +103,30 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         help=f"IVF-PQ candidates re-ranked per neighbour kept (default {RERANK_FACTOR:g}; see README)",
     )
     p.add_argument("--k", type=int, default=DEFAULT_K, help="default k recorded in the manifest")
-    p.add_argument("--p", type=float, default=DEFAULT_P, help="default p recorded in the manifest")
+    p.add_argument(
+        "--weighting",
+        choices=WEIGHTINGS,
+        default="power",
+        help="default weighting recorded in the manifest: power (max(s,0)^p, the paper's; default), softmax "
+        "(temperature --t) or rank (1/(rank + --r0))",
+    )
+    p.add_argument("--p", type=float, default=None, help=f"power weighting: default p (default {DEFAULT_P:g})")
+    p.add_argument(
+        "--t", type=float, default=None, help=f"softmax weighting: temperature (default {DEFAULT_PARAMS['softmax']:g})"
+    )
+    p.add_argument(
+        "--r0", type=float, default=None, help=f"rank weighting: rank offset (default {DEFAULT_PARAMS['rank']:g})"
+    )
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="choose the default k and weighting from the pairs being built (best held-out image->caption "
+        "retrieval@1 over k 25..800 and power/softmax weightings, no labels; reads the embedded shards twice more) "
+        "and record them in the manifest; overrides --k, --p and --weighting",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of --auto's held-out pairs and of the index training sample"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="rebuild over an existing index folder or Milvus prefix")
@@ -115,18 +138,24 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from index_builder.build import BuildConfig, run_build
+    from index_builder.build import BuildConfig, run_build, weighting_of
     from index_builder.errors import AlreadyBuiltError, BuildError
     from index_builder.pairs_io import PairsFileError
 
+    try:
+        weighting_of(args.weighting, args.p, args.t, args.r0)  # --p/--t/--r0 belong to --weighting's kind
+    except (BuildError, ValueError) as exc:
+        print(f"asif build: error: {exc}", file=sys.stderr)
+        return 2
     if args.out is None:
         if args.store == "faiss":
             print("asif build: error: --out is required (the index folder to write)", file=sys.stderr)
             return 2
         args.out = Path(f"asif-build-{args.milvus_prefix}")
     overrides: dict[str, Any] = {"rerank": _rerank_kind(args.rerank)}
-    if args.decode_workers is None:
-        del args.decode_workers  # the config's default
+    for name in ("decode_workers", "p"):
+        if getattr(args, name) is None:
+            delattr(args, name)  # the config's default
     config = _config(BuildConfig, args, **overrides)
     try:
         report = run_build(config)

@@ -1,4 +1,5 @@
-"""Evaluation math: metrics, a fast exact sweep over (k, p), the ridge baseline, automatic k/p choice.
+"""Evaluation math: metrics, a fast exact sweep over (k, weighting), the ridge baseline, automatic choice of k and
+the weighting from the pairs alone.
 
 Everything here is pure numpy on embeddings. The sweep is exact: for every query it sorts the
 top ``max(k)`` similarities once, and the representation for a smaller k is a prefix of that
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from asif.encoders.base import l2_normalise
-from asif.relrep import KeyMatrix, effective_k, exact_topk, sparsify
+from asif.relrep import KeyMatrix, Weighting, WeightingLike, as_weighting, effective_k, exact_topk, sparsify
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def nested_subsets(n: int, sizes: Iterable[int], seed: int = 0) -> list[np.ndarr
 
 # -- exact ASIF scores for many (k, p) at once ----------------------------------------------------
 class DenseSweep:
-    """Exact ASIF scores of queries vs keys for any k <= k_max and any p, from one top-k_max pass."""
+    """Exact ASIF scores of queries vs keys for any k <= k_max and any weighting, from one top-k_max pass."""
 
     def __init__(
         self,
@@ -102,7 +103,17 @@ class DenseSweep:
         self.img_s, self.img_i = exact_topk(image_queries, image_anchors, self.k_max)
         self.txt_s, self.txt_i = exact_topk(text_queries, text_anchors, self.k_max)
 
-    def scores(self, k: int, p: float) -> np.ndarray:
+    @classmethod
+    def from_neighbours(
+        cls, image: tuple[np.ndarray, np.ndarray], text: tuple[np.ndarray, np.ndarray]
+    ) -> DenseSweep:
+        """A sweep over neighbours found elsewhere: (sims, ids) per side, rows sorted by decreasing similarity."""
+        sweep = cls.__new__(cls)
+        (sweep.img_s, sweep.img_i), (sweep.txt_s, sweep.txt_i) = image, text
+        sweep.k_max = min(sweep.img_s.shape[1], sweep.txt_s.shape[1])
+        return sweep
+
+    def scores(self, k: int, p: WeightingLike) -> np.ndarray:
         k = min(k, self.k_max)
         img = sparsify(self.img_s[:, :k], self.img_i[:, :k], p)
         keys = KeyMatrix.from_rr(sparsify(self.txt_s[:, :k], self.txt_i[:, :k], p))
@@ -137,19 +148,36 @@ def retrieval_at_1(scores: np.ndarray) -> float:
     return float((np.argmax(scores, axis=1) == np.arange(len(scores))).mean())
 
 
+AUTO_KS = (25, 50, 100, 200, 400, 800)
+AUTO_WEIGHTINGS = (
+    *(Weighting("power", p) for p in (1.0, 2.0, 4.0, 8.0)),
+    *(Weighting("softmax", t) for t in (0.01, 0.02, 0.05, 0.1)),
+)
+
+
+def choose_settings(
+    sweep: DenseSweep, ks: Sequence[int], weightings: Sequence[WeightingLike]
+) -> tuple[tuple[int, Weighting], dict[tuple[int, Weighting], float]]:
+    """The (k, weighting) with the best retrieval@1 of held-out pairs (``sweep``: the held-out images and captions
+    against the other pairs), and the whole table. Ties go to the smaller k, then to the earlier weighting."""
+    grid = [(int(k), as_weighting(w)) for k in sorted(set(ks)) for w in weightings]
+    table = {kw: retrieval_at_1(sweep.scores(*kw)) for kw in grid}
+    best = max(grid, key=lambda kw: (table[kw], -grid.index(kw)))
+    return best, table
+
+
 def auto_kp(
     image_anchors: np.ndarray,
     text_anchors: np.ndarray,
-    ks: Sequence[int],
-    ps: Sequence[float],
+    ks: Sequence[int] = AUTO_KS,
+    weightings: Sequence[WeightingLike] = AUTO_WEIGHTINGS,
     seed: int = 0,
-) -> tuple[tuple[int, float], dict[tuple[int, float], float]]:
-    """Pick (k, p) maximising held-out image->caption retrieval@1, using pairs only (no test labels)."""
+) -> tuple[tuple[int, Weighting], dict[tuple[int, Weighting], float]]:
+    """Pick (k, weighting) maximising held-out image->caption retrieval@1, using pairs only (no test labels).
+    A bare number among ``weightings`` is the power p."""
     train, held = holdout_split(len(image_anchors), seed=seed)
     sweep = DenseSweep(image_anchors[held], text_anchors[held], image_anchors[train], text_anchors[train], max(ks))
-    table = {(k, p): retrieval_at_1(sweep.scores(k, p)) for k in ks for p in ps}
-    best = max(table, key=lambda kp: (table[kp], -kp[0], -kp[1]))
-    return best, table
+    return choose_settings(sweep, ks, weightings)
 
 
 def auto_ridge_lambda(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from asif.augment import check_views, image_view
 from asif.encoders.base import ImageEncoder, TextEncoder
 from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
 from asif.relrep import (
@@ -35,6 +36,7 @@ from asif.relrep import (
     Weighting,
     WeightingLike,
     as_weighting,
+    average_relreps,
     check_k_p,
     effective_k,
     shared_anchors,
@@ -383,13 +385,18 @@ class AsifModel:
         threshold: float = 0.0,
         explain: int = 0,
         explain_label: int | None = None,
+        views: Sequence[np.ndarray] = (),
     ) -> list[Prediction]:
         """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return, for the
-        best label or, with ``explain_label``, for the label of that index."""
+        best label or, with ``explain_label``, for the label of that index. ``views``: embeddings of other views of
+        the same images (test-time augmentation, :mod:`asif.augment`), each like ``image_embeddings``; an image's
+        representation is then the normalised mean of its views' representations."""
         k, p = self._kp(k, p)
         if explain_label is not None and not 0 <= explain_label < len(labels.classes):
             raise IndexError(f"explain_label {explain_label} out of range for {len(labels.classes)} labels")
-        image_rr = self.image_relrep(image_embeddings, k, p)
+        if any(np.shape(v) != np.shape(image_embeddings) for v in views):
+            raise ValueError("every view's embeddings must have the shape of the image embeddings")
+        image_rr = average_relreps([self.image_relrep(e, k, p) for e in (image_embeddings, *views)])
         with self.label_scorer(labels, k, p) as scorer:
             scores = scorer.score(image_rr)
             best_rows = np.argmax(scores, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
@@ -425,11 +432,14 @@ class AsifModel:
         ]
 
     def classify_images(
-        self, images: Sequence[Image.Image], labels: CachedLabels, **options: object
+        self, images: Sequence[Image.Image], labels: CachedLabels, augment: Sequence[str] = (), **options: object
     ) -> list[Prediction]:
+        """Encode and classify images; ``augment`` names extra views (:data:`asif.augment.VIEWS`) averaged in."""
         if self.image_encoder is None:
             raise RuntimeError("no image encoder attached")
-        return self.classify(self.image_encoder.encode(images), labels, **options)  # type: ignore[arg-type]
+        encode = self.image_encoder.encode
+        views = [encode([image_view(im, name) for im in images]) for name in check_views(augment)]
+        return self.classify(encode(images), labels, views=views, **options)  # type: ignore[arg-type]
 
     # -- edits ----------------------------------------------------------------------------------
     def check_new_pairs(self, ids: np.ndarray, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> None:

@@ -15,6 +15,7 @@ Two implementations live here and nowhere else:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +151,36 @@ def sparsify(
     norms = np.linalg.norm(w64, axis=1, keepdims=True)
     w64 = np.divide(w64, norms, out=np.zeros_like(w64), where=norms > 0)
     return SparseRR(ids=ids, weights=w64.astype(np.float32))
+
+
+def average_relreps(reps: Sequence[SparseRR]) -> SparseRR:
+    """The L2-normalised mean of several representations of the same queries (e.g. views of one image).
+
+    Row b of the result holds the union of the rows' anchors (up to ``sum(k)`` entries, by decreasing weight,
+    padded with weight 0).
+    """
+    if len(reps) == 1:
+        return reps[0]
+    b = len(reps[0])
+    ids = np.concatenate([r.ids for r in reps], axis=1)
+    weights = np.concatenate([r.weights for r in reps], axis=1).astype(np.float64) / len(reps)
+    ids = np.where(weights > 0, ids, -1)
+    order = np.lexsort((ids,), axis=-1)  # equal ids side by side
+    ids, weights = np.take_along_axis(ids, order, axis=1), np.take_along_axis(weights, order, axis=1)
+    first = np.ones_like(ids, dtype=bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = np.cumsum(first, axis=1) - 1  # each entry's place among its row's distinct ids
+    merged = np.zeros_like(weights)
+    np.add.at(merged, (np.broadcast_to(np.arange(b)[:, None], ids.shape), group), weights)
+    merged_ids = np.full_like(ids, -1)
+    merged_ids[first.nonzero()[0], group[first]] = ids[first]
+    merged = np.where(merged_ids >= 0, merged, 0.0)
+    norms = np.linalg.norm(merged, axis=1, keepdims=True)
+    merged = np.divide(merged, norms, out=np.zeros_like(merged), where=norms > 0)
+    best = np.argsort(-merged, axis=1, kind="stable")
+    out_ids = np.take_along_axis(merged_ids, best, axis=1)
+    out_w = np.take_along_axis(merged, best, axis=1)
+    return SparseRR(ids=np.where(out_w > 0, out_ids, 0), weights=out_w.astype(np.float32))
 
 
 TIE_MARGIN = 64  # extra neighbours kept so that ties at the k-th place are settled by id, not by chance

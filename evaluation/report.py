@@ -65,6 +65,13 @@ def write_plots(report: dict[str, Any], out: Path) -> bool:
     return True
 
 
+def _weighting(auto: dict) -> str:
+    """An --auto choice as 'p=8' or 'softmax t=0.1' (reports written before the weighting was chosen: p)."""
+    w = auto.get("weighting") or {"kind": "power", "param": auto["p"]}
+    name = {"power": "p", "softmax": "t", "rank": "r0"}[w["kind"]]
+    return f"{name}={w['param']:g}" if w["kind"] == "power" else f"{w['kind']} {name}={w['param']:g}"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -112,9 +119,9 @@ def markdown(report: dict[str, Any]) -> str:
     if "auto" in report:
         a = report["auto"]
         lines.append(
-            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, p={a['p']:g}: top-1 "
-            f"{_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the best setting on the test "
-            f"set (k,p = {a['best_test_setting']})."
+            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, {_weighting(a)}: top-1 "
+            f"{_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the best power setting on the "
+            f"test set (k,p = {a['best_test_setting']})."
         )
         lines.append("")
     if report.get("candidates"):

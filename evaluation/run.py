@@ -31,7 +31,7 @@ from asif.images import ImageError, open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
 from asif.loading import open_index
 from asif.model import AsifModel
-from asif.relrep import exact_topk
+from asif.relrep import Weighting, exact_topk
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from evaluation.candidates import check_names, run_candidates
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
@@ -57,6 +57,7 @@ class EvalConfig:
     p: float = 8.0
     ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
     ps: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    ts: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])  # softmax temperatures of --auto
     sizes: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000])
     curve: list[tuple[int, float]] = field(default_factory=lambda: [(800, 8.0), (200, 8.0), (50, 4.0), (800, 1.0)])
     threshold: float | None = None
@@ -319,14 +320,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     # 5. k and p chosen without test labels.
     if cfg.auto:
-        (ak, ap), table = auto_kp(main.image, main.text, cfg.ks, cfg.ps, cfg.seed)
+        grid = [Weighting("power", p) for p in cfg.ps] + [Weighting("softmax", t) for t in cfg.ts]
+        (ak, aw), table = auto_kp(main.image, main.text, cfg.ks, grid, cfg.seed)
         sweep_table = report["anchor_modes"][primary]["sweep_top1"]
         best_key = max(sweep_table, key=sweep_table.get)
         report["auto"] = {
             "k": ak,
-            "p": ap,
-            "holdout_retrieval": {f"{k},{p:g}": v for (k, p), v in table.items()},
-            "test_top1_at_auto": float(evaluate(sweep_main.scores(ak, ap), truth, test.names).top1),
+            "weighting": aw.to_dict(),
+            "p": aw.param if aw.kind == "power" else None,
+            "holdout_retrieval": {f"{k},{w.describe()}": v for (k, w), v in table.items()},
+            "test_top1_at_auto": float(evaluate(sweep_main.scores(ak, aw), truth, test.names).top1),
             "best_test_setting": best_key,
             "best_test_top1": sweep_table[best_key],
         }

@@ -7,9 +7,11 @@ Steps:
 2. embed each shard not embedded yet into ``<out>/.build/shards/`` (:mod:`index_builder.shard_embed`; decoding in
    worker processes, or on a Ray cluster with ``--ray``), so a killed build resumes shard by shard and a shard that
    cannot be read is reported and skipped;
-3. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
+3. with ``--auto``, choose the served k and weighting from the pairs (:mod:`index_builder.auto_select`: held-out
+   retrieval@1, two more passes over the shard files);
+4. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
    fill them shard by shard (memory holds the index, never all embeddings);
-4. write metadata, indices and manifest through :mod:`asif.persist` (manifest last: never half-written).
+5. write metadata, indices and manifest through :mod:`asif.persist` (manifest last: never half-written).
 
 Anchors (``--anchors``):
 
@@ -44,10 +46,11 @@ from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_te
 from asif.images import DEFAULT_MAX_PIXELS
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
-from asif.relrep import DEFAULT_K, DEFAULT_P, check_k_p
+from asif.relrep import DEFAULT_K, DEFAULT_P, PARAM_NAMES, Weighting, check_k_p
 from asif.stores import RERANK_FACTOR, FaissStore, choose_index_spec, count_distinct_rows
 from asif.stores.milvus_store import MilvusIndex
 from index_builder.anchor_chunks import AnchorChunk, anchor_chunks
+from index_builder.auto_select import auto_select
 from index_builder.decode import Decoder
 from index_builder.errors import AlreadyBuiltError, BuildError
 from index_builder.milvus_out import check_target, load_milvus, open_client
@@ -70,6 +73,20 @@ def default_decode_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def weighting_of(kind: str, p: float | None = None, t: float | None = None, r0: float | None = None) -> Weighting:
+    """The weighting ``kind`` with its own parameter (power: p, softmax: t, rank: r0; None: its default). A parameter
+    given for another weighting is an error."""
+    own = PARAM_NAMES.get(kind)
+    if own is None:
+        raise BuildError(f"unknown weighting {kind!r}; choose one of {', '.join(PARAM_NAMES)}")
+    given = {"p": p, "t": t, "r0": r0}
+    for name, value in given.items():
+        if value is not None and name != own:
+            owner = next(w for w, n in PARAM_NAMES.items() if n == name)
+            raise BuildError(f"--{name} is the {owner} weighting's parameter; it does not apply to --weighting {kind}")
+    return Weighting.of(kind, given[own])
+
+
 @dataclass
 class BuildConfig:
     pairs: str | Path  # a pairs file, or webdataset/parquet shards (brace pattern or glob)
@@ -82,7 +99,11 @@ class BuildConfig:
     rerank: str | None = "Flat"
     rerank_factor: float = RERANK_FACTOR
     k: int = DEFAULT_K
-    p: float = DEFAULT_P
+    p: float = DEFAULT_P  # the power weighting's p (also the served p of requests asking for power without one)
+    weighting: str = "power"  # the served default weighting: power (p), softmax (t) or rank (r0)
+    t: float | None = None  # softmax temperature (None: its default)
+    r0: float | None = None  # rank offset (None: its default)
+    auto: bool = False  # choose k and the weighting from the pairs (held-out retrieval@1), over k/p/weighting
     batch_size: int = 32
     shard_rows: int = SHARD_ROWS  # rows per shard of a pairs file
     image_column: str | None = None  # parquet: default "jpg"; pairs files: default "image"
@@ -98,6 +119,9 @@ class BuildConfig:
     milvus_uri: str = "milvus.db"
     milvus_prefix: str = "asif"
     milvus_index: str = "FLAT"
+
+    def default_weighting(self) -> Weighting:
+        return weighting_of(self.weighting, self.p if self.weighting == "power" else None, self.t, self.r0)
 
 
 @dataclass
@@ -119,6 +143,7 @@ class BuildReport:
     index_seconds: float = 0.0
     total_seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)
+    auto: dict[str, Any] = field(default_factory=dict)  # with --auto: the choice (k, weighting, retrieval@1, ...)
 
     def lines(self) -> list[str]:
         st = self.stages
@@ -148,6 +173,11 @@ class BuildReport:
             f"text {self.index.get('text')})",
             f"total:             {self.total_seconds:.1f} s",
         ]
+        if self.auto:
+            chosen = Weighting(**self.auto["weighting"]).describe()
+            out.insert(-1, f"auto:              k={self.auto['k']}, {chosen} (held-out retrieval@1 "
+                       f"{self.auto['retrieval_at_1']:.3f} over {self.auto['held_out']} pairs, "
+                       f"{self.auto['seconds']:.1f} s)")  # fmt: skip
         return out
 
 
@@ -195,6 +225,7 @@ def run_build(
     """Build (or resume building) an index folder, or load a shared model into Milvus (``config.store``).
     ``after_shard(name)`` runs after each shard's embedding file is written (a test hook)."""
     check_k_p(config.k, config.p)
+    config.default_weighting()  # a bad weighting fails before any work
     if config.store == "faiss":
         if (Path(config.out) / MANIFEST).exists() and not config.force:
             raise AlreadyBuiltError(f"{config.out} already holds an index; pass --force to rebuild it")
@@ -258,12 +289,25 @@ def _build(
     if n_pairs == 0:
         raise BuildError("no anchors: every image was unreadable or every sample was skipped")
     report.pairs = n_pairs
+    choice = auto_select(files, config.anchors, n_pairs, config.seed, log=log) if config.auto else None
+    if choice is None:
+        defaults = _served_defaults(config.k, config.default_weighting(), config.p)
+    else:
+        defaults = _served_defaults(choice.k, choice.weighting, config.p)
+        report.auto = {
+            "k": choice.k,
+            "weighting": choice.weighting.to_dict(),
+            "retrieval_at_1": choice.score,
+            "held_out": choice.held_out,
+            "seconds": round(choice.seconds, 1),
+        }
 
     manifest = {
         "image_encoder": image_id,
         "text_encoder": text_id,
         "anchors": config.anchors,
-        "defaults": {"k": config.k, "p": config.p},
+        "defaults": defaults,
+        **({"auto": choice.manifest_entry()} if choice else {}),
         "next_pair_id": n_pairs,
         "counts": {
             "pairs": report.pairs,
@@ -295,6 +339,13 @@ def _build(
             out.rmdir()  # it only held the work files
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def _served_defaults(k: int, weighting: Weighting, p: float) -> dict[str, Any]:
+    """The manifest's defaults: k, the weighting, and p (the weighting's when it is power, else ``p``: what a request
+    asking for the power weighting without its p gets)."""
+    served_p = weighting.param if weighting.kind == "power" else float(p)
+    return {"k": int(k), "p": served_p, "weighting": weighting.to_dict()}
 
 
 def _embed(

@@ -102,6 +102,11 @@ def test_classify_and_similarity_take_a_weighting(client):
     files = [("images", ("a.jpg", jpeg(), "image/jpeg"))]
     r = client.post("/v1/classify", files=files, data={"labels": list(COLOURS), "weighting": "rank", "r0": "3"})
     assert r.status_code == 200 and r.json()["weighting_param"] == 3.0, r.text
+    aug, aug_scores = ask(augment=["flip", "crop"])
+    assert aug["augment"] == ["flip", "crop"] and [r["label"] for r in aug["results"]] == list(COLOURS)
+    np.testing.assert_allclose(aug_scores, power, atol=1e-5)  # plain squares: every view is the same image
+    r = client.post("/v1/classify", files=files, data={"labels": list(COLOURS), "augment": ["crop", "flip"]})
+    assert r.status_code == 200 and r.json()["augment"] == ["crop", "flip"], r.text
     sim = {"images": [b64(jpeg())], "texts": ["a red square", "a blue square"]}
     r = client.post("/v1/similarity", json={**sim, "weighting": "softmax", "t": 0.2})
     assert r.status_code == 200 and (r.json()["weighting"], r.json()["weighting_param"]) == ("softmax", 0.2)
@@ -230,6 +235,7 @@ def bomb_png() -> bytes:
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "t": 0}, 422, "t"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "p": 2, "t": 0.1}, 422, "p and t belong to different"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "weighting": "rank", "t": 0.1}, 422, "t does not apply"),
+        ({"images": [b64(jpeg())], **COLOUR_LABELS, "augment": ["rotate"]}, 422, "augment"),
         ({"images": [b64(jpeg())], **COLOUR_LABELS, "label_set": "x"}, 422, "not both"),
         ({"images": [b64(jpeg())], "label_set": "nope"}, 404, "unknown label set"),
     ],

@@ -40,7 +40,8 @@ def test_build_counts_skips_and_writes_a_loadable_folder(tmp_path, pixel_encoder
     manifest = read_manifest(tmp_path / "index")
     assert manifest["counts"]["pairs"] == 20 and manifest["anchors"] == "image"
     assert manifest["image_encoder"]["name"] == "pixels-4x4" and manifest["text_encoder"]["dim"] == 64
-    assert manifest["defaults"] == {"k": 800, "p": 8.0}
+    assert manifest["defaults"] == {"k": 800, "p": 8.0, "weighting": {"kind": "power", "param": 8.0}}
+    assert "auto" not in manifest and "auto:" not in "\n".join(report.lines())
     assert not (tmp_path / "index" / ".build").exists()
 
     loaded = open_index(tmp_path / "index", pixel_encoder, hash_encoder)

@@ -20,6 +20,7 @@ from asif.evaluation import (
     ridge_scores,
     topk_accuracy,
 )
+from asif.relrep import Weighting
 from tests import reference
 from tests.conftest import random_unit
 
@@ -83,7 +84,7 @@ def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
     assert retrieval_at_1(np.ones((4, 4)) - np.eye(4)) == 0.0
     data = small_world.pairs(2000)
     (k, _), table = auto_kp(data.image_anchors, data.text_anchors, [1, 100], [8.0])
-    assert k == 100 and table[(100, 8.0)] > table[(1, 8.0)]
+    assert k == 100 and table[(100, Weighting("power", 8.0))] > table[(1, Weighting("power", 8.0))]
 
 
 @pytest.mark.slow

@@ -276,6 +276,7 @@ function classifyBody(images, extra = {}) {
   if (weighting) body.weighting = weighting;
   if (p > 0) body[PARAM_NAMES[kind]] = p;
   if (threshold > 0) body.threshold = threshold;
+  if ($("#augment").checked) body.augment = ["flip", "crop"];
   body.top = set ? 10 : Math.max(1, Math.min(body.labels.length, 50));
   return body;
 }

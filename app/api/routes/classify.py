@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +30,7 @@ from app.schemas import (
     SimilarityJSON,
     SimilarityResponse,
 )
+from asif.augment import check_views, image_view
 from asif.live import NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
@@ -52,8 +54,12 @@ _MULTIPART_SCHEMA = {
         "explain": {"type": "integer"},
         "explain_label": {"type": "string"},
         "threshold": {"type": "number"},
+        "augment": {"type": "array", "items": {"type": "string", "enum": ["flip", "crop"]}},
     },
 }
+
+
+LIST_FIELDS = ("labels", "templates", "texts", "augment")  # multipart: repeated fields or one JSON array
 
 
 def _body_doc(json_model: type) -> dict:
@@ -78,9 +84,9 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
             uploads = [f for f in form.getlist("images") if not isinstance(f, str)]
             blobs = [await read_upload(f, settings) for f in uploads]
             fields: dict[str, object] = {
-                key: form.get(key) for key in form if key not in ("images", "labels", "templates", "texts")
+                key: form.get(key) for key in form if key not in ("images", *LIST_FIELDS)
             }
-            for key in ("labels", "templates", "texts"):
+            for key in LIST_FIELDS:
                 values = [v for v in form.getlist(key) if isinstance(v, str)]
                 if values:
                     fields[key] = form_list(values)
@@ -128,7 +134,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
         explain_label = labels.classes.index(opts.explain_label)
     images = await decode_images(blobs, state.settings)
-    embeddings = await state.images.encode(images)
+    augment = check_views(opts.augment)
+    encoded = await state.images.encode(images + [image_view(im, v) for v in augment for im in images])
+    embeddings, *views = np.split(encoded, 1 + len(augment))
     live = state.live
     try:
         answer = await run_in_threadpool(
@@ -141,6 +149,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             threshold=opts.threshold,
             explain=opts.explain,
             explain_label=explain_label,
+            views=views,
         )
     except NoPairsError as exc:
         raise ApiError(409, "the model holds no pairs") from exc
@@ -162,7 +171,11 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
         for pred in answer.predictions
     ]
     return ClassifyResponse(
-        **weighting_fields(answer.k, answer.weighting), pairs=answer.pairs, version=answer.version, results=results
+        **weighting_fields(answer.k, answer.weighting),
+        augment=list(augment),
+        pairs=answer.pairs,
+        version=answer.version,
+        results=results,
     )
 
 

@@ -1,11 +1,14 @@
-"""Served weightings (power, softmax, rank; issue 17): each equals the dense reference of its formula, per request
-and as a model's default, and an edited model equals one rebuilt from the pairs it holds."""
+"""Served variants of the recipe (issue 17): weightings (power, softmax, rank) and test-time augmentation. Each
+equals the dense reference of its formula, per request and as a model's default, and an edited model equals one
+rebuilt from the pairs it holds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from asif.augment import image_view
 from asif.labels import LabelSet
 from asif.model import AsifModel
 from asif.relrep import Weighting
@@ -104,3 +107,60 @@ def test_weightings_refuse_bad_parameters():
     assert Weighting.of("softmax") == Weighting("softmax", 0.1) and Weighting.of("rank").param == 10.0
     assert Weighting.from_defaults({"k": 5, "p": 4}) == Weighting("power", 4.0)
     assert Weighting.from_defaults({"weighting": {"kind": "rank", "param": 2}}) == Weighting("rank", 2.0)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("kind", "param"), [("power", 8.0), ("softmax", 0.1)])
+def test_augmented_views_score_the_mean_of_the_dense_representations(small_world, rng, kind, param):
+    data = small_world.pairs(300, n_queries=12)
+    img, txt, queries, label_emb = data.image_anchors, data.text_anchors, data.image_queries, data.label_queries
+    views = [unit_rows(queries + 0.4 * rng.standard_normal(queries.shape)) for _ in range(2)]
+    model = flat_model(img[:250], txt[:250], np.arange(250))
+    labels = model.register_labels("set", label_set(len(label_emb)), label_emb)
+
+    def want(keep: np.ndarray) -> np.ndarray:
+        reps = [reference.relrep(q, img[keep], K, param, kind) for q in (queries, *views)]
+        mean = sum(reps) / len(reps)
+        mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+        return mean @ reference.relrep(label_emb, txt[keep], K, param, kind).T
+
+    w = Weighting(kind, param)
+    got = model.classify(queries, labels, p=w, views=views, top=99, explain=3 * K)
+    np.testing.assert_allclose(scores_of(got, labels.classes), want(np.arange(250)), atol=2e-5)
+    for pred in got:  # every shared anchor listed: the contributions add up to the best score
+        assert sum(x.contribution for x in pred.explanation) == pytest.approx(pred.scores[0][1], abs=1e-5)
+    model.add_pairs(np.arange(250, 300), img[250:], txt[250:])
+    model.remove_pairs(np.arange(0, 40))
+    got = model.classify(queries, labels, p=w, views=views, top=99)
+    np.testing.assert_allclose(scores_of(got, labels.classes), want(np.arange(40, 300)), atol=2e-5)
+    with pytest.raises(ValueError, match="shape"):
+        model.classify(queries, labels, views=[views[0][:3]])
+
+
+def test_image_views_and_classify_images_with_augment(small_world):
+    pixels = np.arange(5 * 10 * 3, dtype=np.uint8).reshape(5, 10, 3)
+    image = Image.fromarray(pixels)
+    np.testing.assert_array_equal(np.asarray(image_view(image, "flip")), pixels[:, ::-1])
+    crop = image_view(Image.fromarray(np.zeros((100, 50, 3), np.uint8)), "crop")
+    assert crop.size == (40, 80)
+    with pytest.raises(ValueError, match="unknown view"):
+        image_view(image, "rotate")
+
+    from tests.conftest import PixelEncoder
+
+    enc = PixelEncoder()
+    rng = np.random.default_rng(3)
+    photos = [Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)) for _ in range(4)]
+    anchors = enc.encode([Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)) for _ in range(60)])
+    txt = unit_rows(rng.standard_normal((60, 8)))
+    model = flat_model(anchors, txt, np.arange(60), image_encoder=enc)
+    labels = model.make_labels(label_set(3), unit_rows(rng.standard_normal((3, 8))))
+    got = model.classify_images(photos, labels, augment=["flip", "crop"], top=3)
+    views = [enc.encode([image_view(p, v) for p in photos]) for v in ("flip", "crop")]
+    want = model.classify(enc.encode(photos), labels, views=views, top=3)
+    assert [g.scores for g in got] == [w.scores for w in want]
+    plain = model.classify(enc.encode(photos), labels, top=3)
+    assert [g.scores for g in got] != [p.scores for p in plain]  # the views changed the answer

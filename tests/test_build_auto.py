@@ -1,0 +1,211 @@
+"""`asif build --auto` and `--weighting`: the label-free choice of k and the weighting, streamed over the shard files,
+is auto_kp's over the same anchors in memory; the manifest records the served defaults and the served model uses
+them; a parameter of another weighting is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from asif.cli import main
+from asif.encoders.base import l2_normalise
+from asif.evaluation import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, holdout_split
+from asif.loading import open_index
+from asif.persist import load_index_folder, read_manifest
+from asif.relrep import Weighting, exact_topk
+from asif.synthetic import SyntheticWorld
+from index_builder.anchor_chunks import anchor_chunks
+from index_builder.auto_select import CRITERION, auto_select, held_out_neighbours
+from index_builder.build import BuildConfig, run_build
+from index_builder.shard_embed import ShardEmbedding
+from tests.conftest import COLOURS, HashTextEncoder, MilvusTarget, PixelEncoder, open_live
+
+ENCODERS = ["--image-encoder", "py:tests.conftest:PixelEncoder", "--text-encoder", "py:tests.conftest:HashTextEncoder"]
+
+
+def write_shards(folder, images_per_shard, seed=0):
+    """Shard embedding files of synthetic pairs: two captions per image (so caption anchors repeat each image
+    vector), one unreadable image in the first shard (its captions are no anchors)."""
+    world = SyntheticWorld(d_image=48, d_text=32, n_classes=12, latent_dim=12, seed=seed)
+    rng = np.random.default_rng(seed)
+    files = []
+    for s, n in enumerate(images_per_shard):
+        image, text = world.anchors(n)
+        ok = np.ones(n, bool)
+        ok[: 1 if s == 0 else 0] = False
+        captions = np.stack([text, l2_normalise(text + 0.3 * rng.standard_normal(text.shape).astype(np.float32))], 1)
+        emb = ShardEmbedding(
+            name=f"shard{s}",
+            fingerprint=f"f{s}",
+            image_emb=np.where(ok[:, None], image, 0).astype(np.float32),
+            image_ok=ok,
+            refs=[f"{s}/{i}.jpg" for i in range(n)],
+            thumbs=[b""] * n,
+            caption_emb=captions.reshape(2 * n, -1),
+            sample_image=np.repeat(np.arange(n), 2),
+            captions=[f"caption {j} of {s}/{i}" for i in range(n) for j in range(2)],
+            sample_refs=[f"{s}/{i}.jpg" for i in range(n) for _ in range(2)],
+        )
+        path = folder / f"{s}.npz"
+        path.write_bytes(emb.to_bytes())
+        files.append(path)
+    return files
+
+
+def all_anchors(files, mode):
+    chunks = [chunk for _, chunk in anchor_chunks(files, mode)]
+    return tuple(np.concatenate([c.vectors[role] for c in chunks]) for role in ("image", "text"))
+
+
+def assert_same_choice(choice, expected):
+    (k, weighting), table = expected
+    assert (choice.k, choice.weighting) == (k, weighting)
+    assert choice.table.keys() == table.keys()
+    np.testing.assert_allclose([choice.table[kw] for kw in table], list(table.values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["caption", "image"])
+def test_streamed_selection_is_auto_kp_over_the_same_anchors(tmp_path, mode):
+    # Shards smaller and larger than the largest k, one of a single image: neighbours are merged across them.
+    files = write_shards(tmp_path, [37, 5, 120, 1, 60, 117])
+    image, text = all_anchors(files, mode)
+    n = len(image)
+    assert n == (2 * 339 if mode == "caption" else 339)
+    for seed in (0, 3):
+        choice = auto_select(files, mode, n, seed=seed)
+        assert_same_choice(choice, auto_kp(image, text, AUTO_KS, AUTO_WEIGHTINGS, seed))
+        assert choice.held_out == len(holdout_split(n, seed=seed)[1]) and choice.seed == seed
+        assert len(set(choice.table.values())) > 5  # the grid really discriminates: the check is not vacuous
+
+    # The neighbours themselves are the exact ones among the anchors not held out, under pair ids.
+    train, held = holdout_split(n, seed=0)
+    queries, found = held_out_neighbours(files, mode, held, 800)
+    for role, anchors in (("image", image), ("text", text)):
+        np.testing.assert_array_equal(queries[role], anchors[held])
+        sims, rows = exact_topk(anchors[held], anchors[train], 800)
+        assert found[role][0].shape == (len(held), len(train))  # k capped at the anchors searched
+        np.testing.assert_array_equal(found[role][1], train[rows])
+        np.testing.assert_allclose(found[role][0], sims, atol=1e-6)
+
+
+def write_pairs(root, n_per_colour=12):
+    """Coloured JPEGs of several shades per colour, captions naming colour and shade (HashTextEncoder tells them
+    apart); returns (images root, pairs CSV)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = root / "images"
+    images.mkdir(parents=True)
+    lines = ["image,caption"]
+    for colour, rgb in COLOURS.items():
+        for j in range(n_per_colour):
+            shade = j % 3
+            arr = np.clip(np.array(rgb) * (0.5 + 0.25 * shade) + rng.normal(0, 20, (16, 16, 3)), 0, 255)
+            name = f"{colour}_{j}.jpg"
+            Image.fromarray(arr.astype(np.uint8)).save(images / name)
+            lines += [f"{name},a {colour} square shade{shade}", f"{name},{['dark', 'mid', 'light'][shade]} {colour}"]
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return images, root / "pairs.csv"
+
+
+def auto_config(tmp_path, images, pairs, **kw):
+    kw.setdefault("out", tmp_path / "index")
+    return BuildConfig(pairs=pairs, images_root=images, shard_rows=10, decode_workers=0, auto=True, **kw)
+
+
+def test_auto_build_records_the_choice_and_the_served_model_uses_it(tmp_path):
+    images, pairs = write_pairs(tmp_path / "data")
+    config = auto_config(tmp_path, images, pairs, k=7, p=3.0, weighting="rank", seed=5)
+    report = run_build(config, PixelEncoder(), HashTextEncoder())
+    assert report.shards == 10 and report.pairs == 96
+
+    folder = load_index_folder(tmp_path / "index")
+    ids = np.arange(report.pairs)
+    image, text = folder.image_store.reconstruct(ids), folder.text_store.reconstruct(ids)
+    (k, weighting), table = auto_kp(image, text, AUTO_KS, AUTO_WEIGHTINGS, seed=5)
+    manifest = read_manifest(tmp_path / "index")
+    p = weighting.param if weighting.kind == "power" else 3.0
+    assert manifest["defaults"] == {"k": k, "p": p, "weighting": weighting.to_dict()}
+    auto = manifest["auto"]
+    assert auto["criterion"] == CRITERION == "held-out image->caption retrieval@1"
+    assert auto["held_out"] == 9 and auto["seed"] == 5
+    assert auto["table"] == pytest.approx({f"{k},{w.describe()}": v for (k, w), v in table.items()}, abs=1e-6)
+    assert auto["table"]["25,power p=1"] == pytest.approx(table[(25, Weighting("power", 1.0))], abs=1e-6)
+    assert report.auto["k"] == k and report.auto["retrieval_at_1"] == pytest.approx(table[(k, weighting)])
+    line = f"auto:              k={k}, {weighting.describe()} (held-out retrieval@1 {table[(k, weighting)]:.3f} over 9"
+    assert any(ln.startswith(line) for ln in report.lines())
+    assert json.loads(json.dumps(manifest["build"]["report"]))["auto"]["held_out"] == 9
+
+    model = open_index(tmp_path / "index", load_encoders=False).model
+    assert (model.k, model.weighting, model.p) == (k, weighting, p)
+
+
+def test_auto_build_into_milvus_records_the_same_choice(tmp_path):
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=6)
+    db = str(tmp_path / "m.db")
+    folder = run_build(auto_config(tmp_path, images, pairs), PixelEncoder(), HashTextEncoder())
+    shared = run_build(
+        auto_config(tmp_path, images, pairs, store="milvus", milvus_uri=db, out=tmp_path / "w"),
+        PixelEncoder(),
+        HashTextEncoder(),
+    )
+    assert shared.auto == folder.auto
+    live = open_live(MilvusTarget(db))
+    manifest = read_manifest(tmp_path / "index")
+    assert live.manifest["defaults"] == manifest["defaults"] and live.manifest["auto"] == manifest["auto"]
+    assert (live.model.k, live.model.weighting.to_dict()) == (folder.auto["k"], folder.auto["weighting"])
+
+
+def cli_build(tmp_path, images, pairs, *extra):
+    args = ["build", "--pairs", str(pairs), "--images-root", str(images), "--out", str(tmp_path / "index")]
+    return main([*args, *ENCODERS, "--decode-workers", "0", "--force", *extra])
+
+
+@pytest.mark.parametrize(
+    ("extra", "weighting", "p"),
+    [
+        (["--weighting", "softmax", "--t", "0.05"], Weighting("softmax", 0.05), 8.0),
+        (["--weighting", "rank"], Weighting("rank", 10.0), 8.0),
+        (["--weighting", "rank", "--r0", "2"], Weighting("rank", 2.0), 8.0),
+        (["--p", "4", "--k", "30"], Weighting("power", 4.0), 4.0),
+    ],
+)
+def test_cli_weighting_becomes_the_served_default(tmp_path, monkeypatch, extra, weighting, p):
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=3)
+    assert cli_build(tmp_path, images, pairs, *extra) == 0
+    k = 30 if "--k" in extra else 800
+    assert read_manifest(tmp_path / "index")["defaults"] == {"k": k, "p": p, "weighting": weighting.to_dict()}
+    model = open_index(tmp_path / "index", load_encoders=False).model
+    assert (model.k, model.weighting, model.p) == (k, weighting, p)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weighting", "rank", "--t", "0.1"], "--t is the softmax weighting's parameter; it does not apply to "
+         "--weighting rank"),
+        (["--weighting", "softmax", "--p", "4"], "--p is the power weighting's parameter"),
+        (["--r0", "3"], "--r0 is the rank weighting's parameter; it does not apply to --weighting power"),
+        (["--auto", "--weighting", "power", "--t", "0.1"], "--t is the softmax weighting's parameter"),
+        (["--weighting", "softmax", "--t", "-1"], "t must be a positive finite number"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_parameter_of_another_weighting(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=3)
+    assert cli_build(tmp_path, images, pairs, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()  # refused before any work
+
+
+def test_cli_auto_overrides_k_p_and_weighting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=6)
+    assert cli_build(tmp_path, images, pairs, "--auto", "--k", "5", "--weighting", "rank", "--seed", "2") == 0
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest["defaults"]["k"] in AUTO_KS  # not 5
+    assert manifest["defaults"]["weighting"]["kind"] in ("power", "softmax") and manifest["auto"]["seed"] == 2
+    assert "auto:              k=" in capsys.readouterr().out
