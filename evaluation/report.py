@@ -134,6 +134,9 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for name, c in report["candidates"].items():
+            if "skipped" in c:
+                lines.append(f"| {name} | {c['what']} | | skipped: {c['skipped']} | |")
+                continue
             grid = ", ".join(f"{v}: {_pct(t)}" for v, t in (c["top1_per_parameter"] or {}).items())
             lines.append(f"| {name} | {c['what']} | {c['parameter'] or ''} | {_pct(c['top1'])} | {grid} |")
         lines.append("")

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asif.anchors import ANCHOR_MODES, form_anchors
+from asif.augment import image_view
 from asif.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from asif.evaluation import (
@@ -28,12 +29,12 @@ from asif.evaluation import (
     ridge_scores,
 )
 from asif.images import ImageError, open_image
-from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+from asif.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
 from asif.loading import open_index
 from asif.model import AsifModel
 from asif.relrep import Weighting, exact_topk
 from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
-from evaluation.candidates import check_names, run_candidates
+from evaluation.candidates import CandidateInputs, check_names, needs, run_candidates
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
 
@@ -77,10 +78,12 @@ def _log(msg: str) -> None:
 
 
 def embed_image_files(
-    files: list[Path], encoder: ImageEncoder, cache: EmbeddingCache, desc: str, batch: int
+    files: list[Path], encoder: ImageEncoder, cache: EmbeddingCache, desc: str, batch: int, view: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, readable mask); unreadable files get a zero row and False."""
-    keys = [file_key(f) if f.is_file() else f"missing:{f}" for f in files]
+    """(embeddings, readable mask); unreadable files get a zero row and False. ``view``: embed that view of each
+    image instead (:mod:`asif.augment`), cached under its own keys."""
+    suffix = f"#view={view}" if view else ""
+    keys = [file_key(f) + suffix if f.is_file() else f"missing:{f}" for f in files]
     ok = np.array([f.is_file() for f in files])
     bar = tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr)
 
@@ -89,7 +92,8 @@ def embed_image_files(
         imgs, where = [], []
         for j, i in enumerate(idx):
             try:
-                imgs.append(open_image(files[i]))
+                image = open_image(files[i])
+                imgs.append(image_view(image, view) if view else image)
                 where.append(j)
             except ImageError:
                 ok[i] = False
@@ -173,6 +177,32 @@ def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[
             load_rows(store, x, progress=bar.update)
         stores.append(store)
     return stores
+
+
+def candidate_inputs(
+    cfg: EvalConfig, test: TestSet, test_ok: np.ndarray, truth: np.ndarray, test_emb: np.ndarray,
+    label_emb: np.ndarray, sets: dict[str, AnchorSet], primary: str, img_enc: ImageEncoder, txt_enc: TextEncoder,
+    img_cache: EmbeddingCache, txt_cache: EmbeddingCache, templates: list[str],
+) -> CandidateInputs:  # fmt: skip
+    """What the named candidates need: test image views, prompt sets, the other anchor mode, caption groups."""
+    main = sets[primary]
+    wanted = needs(cfg.candidates)
+    inputs = CandidateInputs(test_emb, label_emb, truth, main.image, main.text)
+    for view in wanted["views"]:
+        emb, _ = embed_image_files(test.files, img_enc, img_cache, f"test images ({view})", cfg.batch_size, view)
+        inputs.views[view] = emb[test_ok]
+    for name in wanted["prompt_sets"]:
+        chosen = templates if name == "default" else list(TEMPLATE_SETS[name])
+        prompts = LabelSet(tuple(test.names), tuple(chosen)).prompts()
+        emb = embed_texts(prompts, txt_enc, txt_cache, f"prompts ({name})")
+        inputs.prompt_sets[name] = emb.reshape(len(test.names), len(chosen), -1)
+    others = [m for m in sets if m != primary]
+    if wanted["other_anchors"] and others:
+        inputs.other_anchors = (sets[others[0]].image, sets[others[0]].text)
+    if wanted["anchor_groups"] and primary == "caption" and main.image_files:
+        groups: dict[Path, int] = {}
+        inputs.anchor_groups = np.array([groups.setdefault(f, len(groups)) for f in main.image_files])
+    return inputs
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -335,9 +365,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         }
     # 6. Training-free variants of the recipe, on the same anchors, at the same k and p.
     if cfg.candidates:
-        report["candidates"] = run_candidates(
-            cfg.candidates, test_emb, label_emb, truth, main.image, main.text, cfg.k, cfg.p, cfg.seed, _log
-        )
+        inputs = candidate_inputs(cfg, test, test_ok, truth, test_emb, label_emb, sets, primary, img_enc, txt_enc,
+                                  img_cache, txt_cache, templates)  # fmt: skip
+        report["candidates"] = run_candidates(cfg.candidates, inputs, cfg.k, cfg.p, cfg.seed, _log)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
     from evaluation.report import write_markdown, write_plots

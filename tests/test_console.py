@@ -165,6 +165,20 @@ def test_classify_an_imagenette_photo_shows_the_label_and_its_explanation(consol
     console.shot("console-classify.png")
 
 
+def test_options_choose_the_weighting_and_the_views(console):
+    console.classify(DOG, LABELS)
+    page = console.page
+    power = console.scores()
+    assert "power p=8" in page.inner_text("#results > p.meta")
+    page.click("summary:has-text('Options')")
+    page.select_option("#weighting", "softmax")
+    assert page.inner_text("#param-name") == "t" and page.get_attribute("#p", "placeholder") == "0.1 (default)"
+    page.check("#augment")
+    page.click("#classify-btn")
+    page.wait_for_selector("#results > p.meta:has-text('softmax t=0.1')")
+    assert page.inner_text(".result h3") == "dog" and console.scores() != power
+
+
 def test_forget_a_contributing_pair_then_undo(console):
     console.classify(DOG, LABELS)
     page = console.page

@@ -8,7 +8,7 @@ import pytest
 
 from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
 from asif.variants import centre, hubness_weights
-from evaluation.candidates import run_candidates
+from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
 
 
 def unit(rng, n, d):
@@ -77,13 +77,68 @@ def test_centre_and_hubness_weights_follow_their_formulas():
 def test_candidates_report_the_default_and_choose_parameters_label_free(small_world):
     data = small_world.pairs(600, n_queries=80)
     img_a, txt_a, queries, truth, labels = (
-        data.image_anchors, data.text_anchors, data.image_queries, data.query_classes, data.label_queries
+        data.image_anchors,
+        data.text_anchors,
+        data.image_queries,
+        data.query_classes,
+        data.label_queries,
     )
-    out = run_candidates(["default", "softmax", "hubness"], queries, labels, truth, img_a, txt_a, k=50, p=8.0)
+    inputs = CandidateInputs(queries, labels, truth, img_a, txt_a)
+    out = run_candidates(["default", "softmax", "hubness", "tta", "both-anchors"], inputs, k=50, p=8.0)
     want = dense_rep(queries, img_a, 50, "power", 8.0) @ dense_rep(labels, txt_a, 50, "power", 8.0).T
     assert out["default"]["top1"] == pytest.approx(float((want.argmax(axis=1) == truth).mean()))
     assert out["softmax"]["parameter"] in out["softmax"]["top1_per_parameter"]
     assert out["softmax"]["top1"] == out["softmax"]["top1_per_parameter"][out["softmax"]["parameter"]]
     assert set(out["hubness"]["holdout_retrieval"]) == {"50", "200", "800"}
+    assert "flip" in out["tta"]["skipped"] and "anchor modes" in out["both-anchors"]["skipped"]  # inputs missing
     with pytest.raises(ValueError, match="unknown candidates"):
-        run_candidates(["nope"], queries, labels, truth, img_a, txt_a, k=50, p=8.0)
+        run_candidates(["nope"], inputs, k=50, p=8.0)
+
+
+def normalised(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_views_prompts_and_anchor_candidates_equal_their_dense_formulas(small_world):
+    rng = np.random.default_rng(5)
+    data = small_world.pairs(400, n_queries=30)
+    img_a, txt_a, queries, labels = data.image_anchors, data.text_anchors, data.image_queries, data.label_queries
+    n_cls, k = len(labels), 40
+    views = {
+        v: normalised(queries + 0.3 * rng.standard_normal(queries.shape)).astype(np.float32) for v in ("flip", "crop")
+    }
+    prompts = normalised(labels[:, None, :] + 0.4 * rng.standard_normal((n_cls, 5, labels.shape[1]))).astype(np.float32)
+    other = (normalised(img_a[:100] + 0.1).astype(np.float32), normalised(txt_a[:100] - 0.1).astype(np.float32))
+    groups = np.repeat(np.arange(80), 5)  # five captions per image
+    inputs = CandidateInputs(
+        queries, labels, data.query_classes, img_a, txt_a, views, {"clip80": prompts}, other, groups
+    )
+
+    def rep(q, anchors, weighting="power", param=8.0, aw=None):
+        return dense_rep(q, anchors, k, weighting, param, aw)
+
+    def mean_rep(reps):
+        return normalised(sum(reps))
+
+    label_rep = rep(labels, txt_a)
+    tta = mean_rep([rep(q, img_a) for q in (queries, views["flip"], views["crop"])])
+    expected = {
+        "tta": tta @ label_rep.T,
+        "tta-flip": mean_rep([rep(q, img_a) for q in (queries, views["flip"])]) @ label_rep.T,
+        "tta-embedding": rep(normalised(queries + views["flip"] + views["crop"]), img_a) @ label_rep.T,
+        "clip80": rep(queries, img_a) @ rep(normalised(prompts.mean(axis=1)), txt_a).T,
+        "clip80-relrep": rep(queries, img_a)
+        @ np.stack([mean_rep(list(rep(prompts[c], txt_a))) for c in range(n_cls)]).T,
+        "both-anchors": rep(queries, np.concatenate([img_a, other[0]]))
+        @ rep(labels, np.concatenate([txt_a, other[1]])).T,
+    }
+    soft = [rep(q, img_a, "softmax", 0.05) for q in (queries, views["flip"], views["crop"])]
+    expected["softmax+tta"] = mean_rep(soft) @ rep(labels, txt_a, "softmax", 0.05).T
+    agree = np.empty(len(txt_a))
+    for i in range(len(txt_a)):
+        mates = [j for j in range(len(txt_a)) if groups[j] == groups[i] and j != i]
+        agree[i] = max(float(txt_a[i] @ normalised(txt_a[mates].sum(axis=0))), 1e-3)
+    expected["agreement"] = rep(queries, img_a, aw=agree) @ rep(labels, txt_a, aw=agree).T
+    for name, want in expected.items():
+        param = 0.05 if name == "softmax+tta" else None
+        np.testing.assert_allclose(candidate_scores(name, inputs, k, 8.0, param), want, atol=2e-5, err_msg=name)
