@@ -137,6 +137,14 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     assert tuple(report["candidates"]) == NAMES
     assert not [name for name, c in report["candidates"].items() if "skipped" in c]  # --pairs gives every input
     assert report["auto"]["weighting"]["kind"] in ("power", "softmax")
+    from evaluation.compare import table
+
+    side_by_side = table([report, report]).splitlines()
+    assert side_by_side[0].count(" minilm |") == 2 and len(side_by_side) == 2 + len(NAMES) + 2
+    tta = 100 * report["candidates"]["tta"]["top1"]
+    tta_delta = tta - 100 * report["candidates"]["default"]["top1"]
+    cell = f"{tta:.1f} ({tta_delta:+.1f})"
+    assert side_by_side[2 + NAMES.index("tta")] == f"| tta | {cell} | {cell} |"
     assert report["candidates"]["default"]["top1"] == report["metrics"]["top1"]  # the same recipe, computed apart
     assert main([*args, "--candidates", "centre,nope", "--out", str(tmp_path / "out_nope")]) == 2
     assert "unknown candidates ['nope']" in capsys.readouterr().err
