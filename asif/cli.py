@@ -121,7 +121,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--auto",
         action="store_true",
         help="choose the default k and weighting from the pairs being built (best held-out image->caption "
-        "retrieval@1 over k 25..800 and power/softmax weightings, no labels; reads the embedded shards twice more) "
+        "retrieval@1 over k 25..1600 and power/softmax weightings, no labels; reads the embedded shards twice more) "
         "and record them in the manifest; overrides --k, --p and --weighting",
     )
     p.add_argument(
@@ -237,8 +237,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--milvus-index", default="FLAT", help="with --store milvus: index type and options")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--p", type=float, default=DEFAULT_P)
-    p.add_argument("--ks", default="25,50,100,200,400,800", help="k values of the sweep")
-    p.add_argument("--ps", default="1,2,4,8", help="p values of the sweep")
+    p.add_argument("--ks", default="25,50,100,200,400,800,1600", help="k values of the sweep")
+    p.add_argument("--ps", default="1,2,3,4,6,8", help="p values of the sweep")
     p.add_argument("--sizes", default="1000,2000,5000,10000,20000", help="pair counts of the curve (plus all)")
     p.add_argument("--threshold", type=float, default=None, help="answer 'unknown' below this score")
     p.add_argument("--auto", action="store_true", help="also pick k and p from the pairs alone and report it")

@@ -148,9 +148,9 @@ def retrieval_at_1(scores: np.ndarray) -> float:
     return float((np.argmax(scores, axis=1) == np.arange(len(scores))).mean())
 
 
-AUTO_KS = (25, 50, 100, 200, 400, 800)
+AUTO_KS = (25, 50, 100, 200, 400, 800, 1600)
 AUTO_WEIGHTINGS = (
-    *(Weighting("power", p) for p in (1.0, 2.0, 4.0, 8.0)),
+    *(Weighting("power", p) for p in (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
     *(Weighting("softmax", t) for t in (0.01, 0.02, 0.05, 0.1)),
 )
 

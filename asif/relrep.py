@@ -302,6 +302,9 @@ def dense_scores(
 # Sparse scoring.
 
 
+SCORE_ENTRIES = 1 << 22  # (query, anchor, key) products expanded at once by KeyMatrix.score (~40 bytes each)
+
+
 @dataclass(frozen=True)
 class KeyMatrix:
     """Sparse relative representations of keys (e.g. labels), laid out for fast batched scoring.
@@ -338,6 +341,10 @@ class KeyMatrix:
         weights = queries.weights[hit].astype(np.float64)
         starts = self.matrix.indptr[pos_c[hit]]
         lens = self.matrix.indptr[pos_c[hit] + 1] - starts
+        if b > 1 and int(lens.sum()) > SCORE_ENTRIES:  # many queries x dense keys: halves, so memory stays bounded
+            half = b // 2
+            parts = (slice(0, half), slice(half, b))
+            return np.vstack([self.score(SparseRR(queries.ids[s], queries.weights[s])) for s in parts])
         offsets = np.repeat(starts - np.cumsum(lens) + lens, lens)
         entries = np.arange(int(lens.sum())) + offsets
         cells = np.repeat(rows * self.n_keys, lens) + self.matrix.indices[entries]

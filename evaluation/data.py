@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -16,6 +17,15 @@ class TestSet:
     names: list[str]  # class names used in prompts
     files: list[Path]
     labels: list[int]
+    renamed: dict[str, str] = field(default_factory=dict)  # folder -> name, where two folders had one name
+
+
+def disambiguate(folders: list[str], names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Class names made distinct: a name that several folders share becomes 'name (folder)' for each of them
+    (ImageNet-1k has two 'crane' and two 'maillot'). Returns the names and {folder: new name} of those renamed."""
+    counts = Counter(names)
+    renamed = {f: f"{n} ({f})" for f, n in zip(folders, names, strict=True) if counts[n] > 1}
+    return [renamed.get(f, n) for f, n in zip(folders, names, strict=True)], renamed
 
 
 def read_class_map(path: Path) -> dict[str, str]:
@@ -42,7 +52,7 @@ def load_test_set(root: Path, class_map: Path | None = None) -> TestSet:
     if not folders:
         raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
     mapping = read_class_map(class_map) if class_map else {}
-    names = [mapping.get(f, f.replace("_", " ")) for f in folders]
+    names, renamed = disambiguate(folders, [mapping.get(f, f.replace("_", " ")) for f in folders])
     files: list[Path] = []
     labels: list[int] = []
     for c, folder in enumerate(folders):
@@ -50,7 +60,7 @@ def load_test_set(root: Path, class_map: Path | None = None) -> TestSet:
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 labels.append(c)
-    return TestSet(root, folders, names, files, labels)
+    return TestSet(root, folders, names, files, labels, renamed)
 
 
 def content_hashes(paths: list[Path]) -> set[str]:

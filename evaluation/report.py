@@ -13,6 +13,42 @@ def test_name(report: dict[str, Any]) -> str:
     return "/".join(Path(report["test_set"]).parts[-2:])
 
 
+MAX_PLOT_CLASSES = 40  # classes drawn in confusion.png: above, the most confused ones, the rest summed as "other"
+MAX_CELL_TEXT_CLASSES = 40  # counts are written in the cells up to this many classes
+
+
+def confusion_view(
+    conf: np.ndarray, names: list[str], limit: int = MAX_PLOT_CLASSES
+) -> tuple[int, np.ndarray, list[str]]:
+    """The classes to draw: all of them up to ``limit``, else the ``limit`` with the most misclassified test images,
+    with every prediction of another class summed into an "other" column. Returns (classes drawn, matrix, names)."""
+    n = len(names)
+    if n <= limit:
+        return n, conf, list(names)
+    wrong = conf[:, :n].sum(axis=1) - np.diag(conf[:, :n])  # misclassified images per true class
+    keep = np.sort(np.argsort(-wrong, kind="stable")[:limit])
+    other = conf[keep][:, :n].sum(axis=1) - conf[keep][:, keep].sum(axis=1)
+    view = np.concatenate([conf[keep][:, keep], other[:, None], conf[keep][:, n:]], axis=1)
+    return limit, view, [names[i] for i in keep]
+
+
+def top_confusions(conf: np.ndarray, names: list[str], top: int = 20) -> list[tuple[str, str, int, float]]:
+    """The largest off-diagonal cells: (true class, predicted class or 'unknown', images, share of the true class)."""
+    conf = np.asarray(conf)
+    n = len(names)
+    off = conf.astype(np.int64).copy()
+    off[np.arange(n), np.arange(n)] = 0
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    totals = conf.sum(axis=1)
+    out = []
+    for flat in order:
+        i, j = divmod(int(flat), off.shape[1])
+        if off[i, j] == 0:
+            break
+        out.append((names[i], names[j] if j < n else "unknown", int(off[i, j]), float(off[i, j] / max(totals[i], 1))))
+    return out
+
+
 def write_plots(report: dict[str, Any], out: Path) -> bool:
     """accuracy_vs_pairs.png and confusion.png; False (and nothing written) without matplotlib, which the
     serve image leaves out: ``pip install "asif[eval]"`` adds it."""
@@ -38,27 +74,24 @@ def write_plots(report: dict[str, Any], out: Path) -> bool:
     plt.close(fig)
 
     conf = np.asarray(report["confusion"], dtype=float)
+    shown, conf, names = confusion_view(conf, report["classes"])
     rows = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
-    names = report["classes"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names) + 1), [*names, "unknown"], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    for i in range(rows.shape[0]):
-        for j in range(rows.shape[1]):
-            if conf[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    int(conf[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if rows[i, j] > 0.5 else "black",
-                )
+    side = min(1.0 + 0.5 * len(names), 16.0)  # inches: bounded whatever the number of classes
+    fig, ax = plt.subplots(figsize=(side + 0.05 * side, side))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    font = 8 if len(names) <= 30 else 6
+    ax.set_xticks(range(conf.shape[1]), [*names, *(["other"] if shown < len(report["classes"]) else []), "unknown"],
+                  rotation=60, ha="right", fontsize=font)  # fmt: skip
+    ax.set_yticks(range(len(names)), names, fontsize=font)
+    if len(names) <= MAX_CELL_TEXT_CLASSES:
+        for i, j in zip(*np.nonzero(conf), strict=True):
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=6, color=colour)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{test_name(report)}: confusion (k={report['k']}, p={report['p']:g})")
+    n_all = len(report["classes"])
+    subset = f", the {shown} most confused of {n_all} classes" if shown < n_all else ""
+    ax.set_title(f"{test_name(report)}: confusion (k={report['k']}, p={report['p']:g}{subset})")
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=120)
     plt.close(fig)
@@ -145,7 +178,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("|---" * (len(curve["sizes"]) + 1) + "|")
     for name, vals in curve["curves"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(v) for v in vals) + " |")
-    lines += ["", "Per-class top-1: " + ", ".join(f"{c} {_pct(v)}" for c, v in m["per_class"].items()), ""]
+    confusions = top_confusions(np.asarray(report["confusion"]), report["classes"])
+    if confusions:
+        lines += ["", "Top confusions (dense reference):", "", "| true | predicted | images | share of the class |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t} | {p} | {c} | {_pct(share)}% |" for t, p, c, share in confusions]
+    per_class = sorted(m["per_class"].items(), key=lambda kv: kv[1])
+    if len(per_class) > 2 * MAX_PLOT_CLASSES:  # many classes: the worst and the best only
+        worst = ", ".join(f"{c} {_pct(v)}" for c, v in per_class[:MAX_PLOT_CLASSES])
+        best = ", ".join(f"{c} {_pct(v)}" for c, v in per_class[-MAX_PLOT_CLASSES:])
+        head = f"Per-class top-1 (the {MAX_PLOT_CLASSES} worst and best of {len(per_class)}; all in report.json)"
+        lines += ["", f"{head}: {worst} ... {best}", ""]
+    else:
+        lines += ["", "Per-class top-1: " + ", ".join(f"{c} {_pct(v)}" for c, v in m["per_class"].items()), ""]
     return "\n".join(lines)
 
 

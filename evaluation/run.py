@@ -56,8 +56,8 @@ class EvalConfig:
     rerank: str | None = "Flat"  # re-ranking table of the served path's IVF-PQ stores (Flat, SQfp16, SQ8, ...)
     k: int = 800
     p: float = 8.0
-    ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800])
-    ps: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800, 1600])
+    ps: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
     ts: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])  # softmax temperatures of --auto
     sizes: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000])
     curve: list[tuple[int, float]] = field(default_factory=lambda: [(800, 8.0), (200, 8.0), (50, 4.0), (800, 1.0)])
@@ -210,6 +210,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     check_names(cfg.candidates)  # before any embedding work
     cfg.out.mkdir(parents=True, exist_ok=True)
     test: TestSet = load_test_set(cfg.test, cfg.classes)
+    if test.renamed:
+        shown = ", ".join(f"{folder} -> {name!r}" for folder, name in list(test.renamed.items())[:10])
+        _log(f"warning: {len(test.renamed)} class folders share a name; renamed: {shown} (set names with --classes)")
     templates = read_templates(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES)
     loaded = None
     if cfg.store == "milvus" and cfg.index is not None:
@@ -253,6 +256,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "n_test": len(truth),
         "unreadable_test_images": int((~test_ok).sum()),
         "classes": test.names,
+        "renamed_classes": test.renamed,
         "templates": templates,
         "encoders": {"image": img_enc.identity.to_dict(), "text": txt_enc.identity.to_dict()},
         "anchors": primary,

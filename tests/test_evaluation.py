@@ -1,6 +1,7 @@
 """Evaluation metrics on small cases with known answers, and the exactness of the k/p sweep."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from asif.evaluation import (
 )
 from asif.relrep import Weighting
 from tests import reference
-from tests.conftest import random_unit
+from tests.conftest import random_unit, write_pair_collection
 
 SCORES = np.array(
     [
@@ -91,7 +92,7 @@ def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
 def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     """`asif eval` end to end on generated colour images: tables, JSON and plots are written."""
     from asif.cli import main
-    from tests.conftest import COLOURS, write_pair_collection
+    from tests.conftest import COLOURS
 
     images, pairs = write_pair_collection(tmp_path / "pairs", n_per_colour=6)
     for colour, rgb in COLOURS.items():
@@ -178,3 +179,45 @@ def test_recall_at_k_counts_the_share_of_true_neighbours_found():
     truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     found = np.array([[4, 3, 9, 1], [0, 0, 0, 0]])  # 3 of 4, then none
     assert recall_at_k(found, truth) == pytest.approx((0.75 + 0.0) / 2)
+
+
+@pytest.mark.slow
+def test_eval_at_a_thousand_classes_stays_small_and_writes_every_file(tmp_path):
+    """Issue 18: a 1,000-class test set (fast test encoders) runs end to end under 2 GB with every output written,
+    a bounded confusion figure, the top confusions listed, and two folders sharing a class name renamed."""
+    import subprocess
+    import sys
+
+    images, pairs = write_pair_collection(tmp_path / "pairs", n_per_colour=20)
+    rng = np.random.default_rng(0)
+    test = tmp_path / "test"
+    names = []
+    for c in range(1000):
+        (test / f"n{c:04d}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(test / f"n{c:04d}" / "0.png")
+        names.append("crane" if c in (17, 517) else f"thing {c}")
+    (tmp_path / "classes.tsv").write_text("".join(f"n{c:04d}\t{n}\n" for c, n in enumerate(names)))
+    out = tmp_path / "out"
+    code = (
+        "import resource, sys; from asif.cli import main; rc = main(sys.argv[1:]); "
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    args = ["eval", "--test", str(test), "--classes", str(tmp_path / "classes.tsv"), "--pairs", str(pairs),
+            "--images-root", str(images), "--image-encoder", "py:tests.conftest:PixelEncoder",
+            "--text-encoder", "py:tests.conftest:HashTextEncoder", "--out", str(out), "--auto"]  # fmt: skip
+    env = {**os.environ, "ASIF_PLUGIN_ENCODERS": "1", "ASIF_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    peak_mb = int(run.stdout.split("PEAK_KB")[-1]) / 1024
+    assert peak_mb < 2048, f"peak RSS {peak_mb:.0f} MB"
+    for name in ("report.json", "report.md", "confusion.png", "accuracy_vs_pairs.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["classes"]) == 1000 and report["n_test"] == 1000
+    assert report["renamed_classes"] == {"n0017": "crane (n0017)", "n0517": "crane (n0517)"}
+    assert "n0017 -> 'crane (n0017)'" in run.stderr
+    width, height = Image.open(out / "confusion.png").size
+    assert width <= 17 * 120 and height <= 16 * 120  # inches x dpi: bounded at any number of classes
+    md = (out / "report.md").read_text()
+    assert "Top confusions" in md and "most confused" not in md  # the figure's subset is named in the plot only
+    assert len(md) < 100_000

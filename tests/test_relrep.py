@@ -136,6 +136,23 @@ def test_key_matrix_scores_equal_dense_dot(rng):
     np.testing.assert_allclose(scores, reference.scores(qi, qt, qa, ta, k, p), atol=1e-5)
 
 
+def test_key_matrix_scores_large_batches_in_bounded_parts(rng, monkeypatch):
+    """Many queries against dense keys (every label on every anchor) are scored in halves, with the same result."""
+    import asif.relrep
+
+    qa, ta = random_unit(rng, 60, 12), random_unit(rng, 60, 10)
+    qi, qt = random_unit(rng, 37, 12), random_unit(rng, 50, 10)
+    s_i, i_i = exact_topk(qi, qa, 60)
+    s_t, i_t = exact_topk(qt, ta, 60)
+    keys, queries = KeyMatrix.from_rr(sparsify(s_t, i_t, 2.0)), sparsify(s_i, i_i, 2.0)
+    calls = []
+    real = KeyMatrix.score
+    monkeypatch.setattr(asif.relrep, "SCORE_ENTRIES", 500)  # 37 x 60 x ~25 products: many halvings
+    monkeypatch.setattr(KeyMatrix, "score", lambda self, q: calls.append(len(q)) or real(self, q))
+    np.testing.assert_allclose(keys.score(queries), reference.scores(qi, qt, qa, ta, 60, 2.0), atol=1e-5)
+    assert len(calls) > 10 and min(calls) == 1
+
+
 def test_shared_anchors_sum_to_score():
     ids_q, w_q = np.array([5, 9, 2, 7]), np.array([0.6, 0.5, 0.4, 0.0])
     ids_k, w_k = np.array([9, 7, 5, 11]), np.array([0.3, 0.9, 0.1, 0.2])
