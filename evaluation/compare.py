@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluation.report import auto_weighting
+
 
 def _column(report: dict) -> str:
     text = report["encoders"]["text"].get("spec") or report["encoders"]["text"].get("name", "?")
@@ -24,9 +26,7 @@ def _auto(report: dict) -> str:
     a = report.get("auto")
     if not a:
         return ""
-    w = a.get("weighting") or {"kind": "power", "param": a["p"]}
-    name = {"power": "p", "softmax": "t", "rank": "r0"}[w["kind"]]
-    return f"{100 * a['test_top1_at_auto']:.1f} (k={a['k']}, {w['kind']} {name}={w['param']:g})"
+    return f"{100 * a['test_top1_at_auto']:.1f} (k={a['k']}, {auto_weighting(a)})"
 
 
 def table(reports: list[dict]) -> str:

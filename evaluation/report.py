@@ -98,7 +98,7 @@ def write_plots(report: dict[str, Any], out: Path) -> bool:
     return True
 
 
-def _weighting(auto: dict) -> str:
+def auto_weighting(auto: dict) -> str:
     """An --auto choice as 'p=8' or 'softmax t=0.1' (reports written before the weighting was chosen: p)."""
     w = auto.get("weighting") or {"kind": "power", "param": auto["p"]}
     name = {"power": "p", "softmax": "t", "rank": "r0"}[w["kind"]]
@@ -152,7 +152,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "auto" in report:
         a = report["auto"]
         lines.append(
-            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, {_weighting(a)}: top-1 "
+            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, {auto_weighting(a)}: top-1 "
             f"{_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the best power setting on the "
             f"test set (k,p = {a['best_test_setting']})."
         )
