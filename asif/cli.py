@@ -241,7 +241,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ps", default="1,2,3,4,6,8", help="p values of the sweep")
     p.add_argument("--sizes", default="1000,2000,5000,10000,20000", help="pair counts of the curve (plus all)")
     p.add_argument("--threshold", type=float, default=None, help="answer 'unknown' below this score")
-    p.add_argument("--auto", action="store_true", help="also pick k and p from the pairs alone and report it")
+    p.add_argument("--auto", action="store_true", help="also pick k and the weighting from the pairs alone")
     p.add_argument(
         "--candidates",
         default="",
