@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from asif.relrep import PARAM_NAMES
+
 
 def test_name(report: dict[str, Any]) -> str:
     """The test set's last two path parts, e.g. 'imagenette/val'."""
@@ -101,7 +103,7 @@ def write_plots(report: dict[str, Any], out: Path) -> bool:
 def auto_weighting(auto: dict) -> str:
     """An --auto choice as 'p=8' or 'softmax t=0.1' (reports written before the weighting was chosen: p)."""
     w = auto.get("weighting") or {"kind": "power", "param": auto["p"]}
-    name = {"power": "p", "softmax": "t", "rank": "r0"}[w["kind"]]
+    name = PARAM_NAMES[w["kind"]]
     return f"{name}={w['param']:g}" if w["kind"] == "power" else f"{w['kind']} {name}={w['param']:g}"
 
 

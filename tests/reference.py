@@ -53,11 +53,22 @@ def kept_weights(sims: np.ndarray, weighting: str, param: float) -> np.ndarray:
     return out
 
 
-def relrep(queries: np.ndarray, anchors: np.ndarray, k: int, p: float, weighting: str = "power") -> np.ndarray:
-    """(b, n) dense relative representations (``p``: the weighting's parameter, p / t / r0)."""
+def relrep(
+    queries: np.ndarray,
+    anchors: np.ndarray,
+    k: int,
+    p: float,
+    weighting: str = "power",
+    anchor_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """(b, n) dense relative representations (``p``: the weighting's parameter, p / t / r0); ``anchor_weights``
+    multiply each kept anchor's weight before the normalisation."""
     sims, idx = topk(queries, anchors, k)
     out = np.zeros((len(sims), np.shape(anchors)[0]))
-    np.put_along_axis(out, idx, kept_weights(sims, weighting, p), axis=1)
+    weights = kept_weights(sims, weighting, p)
+    if anchor_weights is not None:
+        weights = weights * np.asarray(anchor_weights, dtype=np.float64)[idx]
+    np.put_along_axis(out, idx, weights, axis=1)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 

@@ -9,6 +9,7 @@ import pytest
 from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
 from asif.variants import centre, hubness_weights
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
+from tests import reference
 
 
 def unit(rng, n, d):
@@ -17,24 +18,9 @@ def unit(rng, n, d):
 
 
 def dense_rep(queries, anchors, k, weighting, param, anchor_weights=None):
-    """The formula on the full similarity matrix: keep the k largest, weight them, zero s <= 0, normalise."""
-    sims = queries.astype(np.float64) @ anchors.astype(np.float64).T
-    out = np.zeros_like(sims)
-    for r in range(len(sims)):
-        order = np.argsort(-sims[r], kind="stable")[:k]
-        s = sims[r, order]
-        if weighting == "power":
-            w = np.clip(s, 0, None) ** param
-        elif weighting == "softmax":
-            w = np.exp((s - s.max()) / param)
-        else:
-            w = 1.0 / (np.arange(k) + param)
-        w = np.where(s > 0, w, 0.0)
-        if anchor_weights is not None:
-            w = w * anchor_weights[order]
-        norm = np.sqrt((w**2).sum())
-        out[r, order] = w / norm if norm > 0 else 0.0
-    return out
+    """The formula on the full similarity matrix (tests/reference.py): keep the k largest, weight them, zero s <= 0,
+    multiply by the anchor weights, normalise."""
+    return reference.relrep(queries, anchors, k, param, weighting, anchor_weights)
 
 
 @pytest.mark.parametrize("weighting,param", [("power", 8.0), ("power", 2.0), ("softmax", 0.05), ("rank", 10.0)])
