@@ -3,7 +3,7 @@ all embeddings at once. Pair ids are numbered 0..n-1 in shard order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,3 +53,17 @@ def anchor_chunks(files: Sequence[Path], mode: str) -> Iterator[tuple[ShardEmbed
         chunk = shard_anchors(emb, mode, next_id)
         next_id += len(chunk.pairs)
         yield emb, chunk
+
+
+def gather_rows(chunks: Iterable[AnchorChunk], picks: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """Per role, the anchor vectors of the pair ids ``picks[role]`` (sorted; None: every pair), read chunk by chunk."""
+    parts: dict[str, list[np.ndarray]] = {role: [] for role in picks}
+    for chunk in chunks:
+        for role, pick in picks.items():
+            vecs = chunk.vectors[role]
+            if pick is None:
+                parts[role].append(vecs)
+                continue
+            lo, hi = np.searchsorted(pick, [chunk.first_id, chunk.first_id + len(vecs)])
+            parts[role].append(vecs[pick[lo:hi] - chunk.first_id])
+    return {role: np.concatenate(p) for role, p in parts.items()}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from asif.evaluation import AUTO_KS, AUTO_WEIGHTINGS, DenseSweep, choose_settings, holdout_split
 from asif.relrep import Weighting, WeightingLike, effective_k, exact_topk, top_sorted
-from index_builder.anchor_chunks import AnchorChunk, anchor_chunks
+from index_builder.anchor_chunks import AnchorChunk, anchor_chunks, gather_rows
 from index_builder.errors import BuildError
 
 CRITERION = "held-out image->caption retrieval@1"
@@ -64,12 +64,7 @@ def held_out_neighbours(
 ) -> tuple[dict[str, np.ndarray], dict[str, Neighbours]]:
     """The held-out pairs' vectors per role (``held``: sorted pair ids), and each one's top-``k`` neighbours among
     the other anchors of its role (k capped at their number), streamed from the shard files in two passes."""
-    parts: dict[str, list[np.ndarray]] = {role: [] for role in ROLES}
-    for chunk in _chunks(files, mode, "auto: held-out pairs"):
-        lo, hi = np.searchsorted(held, [chunk.first_id, chunk.first_id + len(chunk.pairs)])
-        for role in ROLES:
-            parts[role].append(chunk.vectors[role][held[lo:hi] - chunk.first_id])
-    queries = {role: np.concatenate(p) for role, p in parts.items()}
+    queries = gather_rows(_chunks(files, mode, "auto: held-out pairs"), dict.fromkeys(ROLES, held))
 
     best: dict[str, Neighbours] = {
         role: (np.zeros((len(held), 0), np.float32), np.zeros((len(held), 0), np.int64)) for role in ROLES

@@ -49,7 +49,7 @@ from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_
 from asif.relrep import DEFAULT_K, DEFAULT_P, PARAM_NAMES, Weighting, check_k_p
 from asif.stores import RERANK_FACTOR, FaissStore, choose_index_spec, count_distinct_rows
 from asif.stores.milvus_store import MilvusIndex
-from index_builder.anchor_chunks import AnchorChunk, anchor_chunks
+from index_builder.anchor_chunks import AnchorChunk, anchor_chunks, gather_rows
 from index_builder.auto_select import auto_select
 from index_builder.decode import Decoder
 from index_builder.errors import AlreadyBuiltError, BuildError
@@ -433,17 +433,7 @@ def _training_samples(files: list[Path], mode: str, n: int, sizes: dict[str, int
     """A seeded sample of ``sizes[role]`` anchors per role (all when the size is n), read from the shard files."""
     rng = np.random.default_rng(seed)
     picks = {role: np.sort(rng.choice(n, size, replace=False)) if size < n else None for role, size in sizes.items()}
-    parts: dict[str, list[np.ndarray]] = {role: [] for role in sizes}
-    for _, chunk in anchor_chunks(files, mode):
-        for role in sizes:
-            vecs = chunk.vectors[role]
-            pick = picks[role]
-            if pick is None:
-                parts[role].append(vecs)
-                continue
-            lo, hi = np.searchsorted(pick, [chunk.first_id, chunk.first_id + len(vecs)])
-            parts[role].append(vecs[pick[lo:hi] - chunk.first_id])
-    return {role: np.concatenate(p) for role, p in parts.items()}
+    return gather_rows((chunk for _, chunk in anchor_chunks(files, mode)), picks)
 
 
 def _fill(stores: dict[str, FaissStore], metadata: PairMetadata, chunks: Iterator[AnchorChunk]) -> None:
