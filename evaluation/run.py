@@ -182,9 +182,10 @@ def milvus_stores(cfg: EvalConfig, image: np.ndarray, text: np.ndarray) -> list[
 def candidate_inputs(
     cfg: EvalConfig, test: TestSet, test_ok: np.ndarray, truth: np.ndarray, test_emb: np.ndarray,
     label_emb: np.ndarray, sets: dict[str, AnchorSet], primary: str, img_enc: ImageEncoder, txt_enc: TextEncoder,
-    img_cache: EmbeddingCache, txt_cache: EmbeddingCache, templates: list[str],
+    img_cache: EmbeddingCache, txt_cache: EmbeddingCache, prompt_emb: np.ndarray,
 ) -> CandidateInputs:  # fmt: skip
-    """What the named candidates need: test image views, prompt sets, the other anchor mode, caption groups."""
+    """What the named candidates need: test image views, prompt sets (``prompt_emb``: the run's prompts, class-major,
+    already embedded), the other anchor mode, caption groups."""
     main = sets[primary]
     wanted = needs(cfg.candidates)
     inputs = CandidateInputs(test_emb, label_emb, truth, main.image, main.text)
@@ -192,9 +193,11 @@ def candidate_inputs(
         emb, _ = embed_image_files(test.files, img_enc, img_cache, f"test images ({view})", cfg.batch_size, view)
         inputs.views[view] = emb[test_ok]
     for name in wanted["prompt_sets"]:
-        chosen = templates if name == "default" else list(TEMPLATE_SETS[name])
-        prompts = LabelSet(tuple(test.names), tuple(chosen)).prompts()
-        emb = embed_texts(prompts, txt_enc, txt_cache, f"prompts ({name})")
+        if name == "default":
+            inputs.prompt_sets[name] = prompt_emb.reshape(len(test.names), -1, prompt_emb.shape[-1])
+            continue
+        chosen = TEMPLATE_SETS[name]
+        emb = embed_texts(LabelSet(tuple(test.names), chosen).prompts(), txt_enc, txt_cache, f"prompts ({name})")
         inputs.prompt_sets[name] = emb.reshape(len(test.names), len(chosen), -1)
     others = [m for m in sets if m != primary]
     if wanted["other_anchors"] and others:
@@ -233,7 +236,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     truth = np.asarray(test.labels)[test_ok]
     test_emb = test_emb[test_ok]
     prompts = LabelSet(tuple(test.names), tuple(templates)).prompts()
-    label_emb = combine_prompt_embeddings(txt_enc.encode(prompts), len(test.names))
+    prompt_emb = txt_enc.encode(prompts)
+    label_emb = combine_prompt_embeddings(prompt_emb, len(test.names))
 
     if loaded is not None:
         ids = loaded.model.image_store.ids()
@@ -370,7 +374,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     # 6. Training-free variants of the recipe, on the same anchors, at the same k and p.
     if cfg.candidates:
         inputs = candidate_inputs(cfg, test, test_ok, truth, test_emb, label_emb, sets, primary, img_enc, txt_enc,
-                                  img_cache, txt_cache, templates)  # fmt: skip
+                                  img_cache, txt_cache, prompt_emb)  # fmt: skip
         report["candidates"] = run_candidates(cfg.candidates, inputs, cfg.k, cfg.p, cfg.seed, _log)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
