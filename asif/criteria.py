@@ -26,11 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from asif.encoders.base import l2_normalise
 from asif.evaluation import DenseSweep
-from asif.relrep import SparseRR, exact_topk, sparsify
+from asif.relrep import exact_topk
 
 CRITERIA = ("retrieval@1", "mrr", "zscore", "pseudo-class")
 
@@ -139,13 +138,6 @@ def pseudo_class_accuracy(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 # -- the whole grid from one top-k pass --------------------------------------------------------------------------------
-def rr_matrix(rr: SparseRR, n_anchors: int) -> sp.csr_matrix:
-    """A batch of sparse representations as a (b, n_anchors) CSR matrix."""
-    keep = rr.weights > 0
-    rows = np.broadcast_to(np.arange(len(rr))[:, None], rr.ids.shape)[keep]
-    return sp.csr_matrix((rr.weights[keep].astype(np.float64), (rows, rr.ids[keep])), shape=(len(rr), n_anchors))
-
-
 def criteria_grid(
     image_anchors: np.ndarray,
     text_anchors: np.ndarray,
@@ -174,14 +166,10 @@ def criteria_grid(
     label_sweeps = {c: DenseSweep.from_neighbours(image, exact_topk(labels[c], ta, k_max)) for c in n_clusters}
     out: dict[str, dict[tuple[int, float], float]] = {name: {} for name in ("retrieval@1", "mrr", "zscore")}
     out.update({f"pseudo-class@{c}": {} for c in n_clusters})
-    n = len(train)
     for k in ks:
         for p in ps:
             key = (int(k), float(p))
-            kk = min(int(k), caption_sweep.k_max)
-            qi = rr_matrix(sparsify(image[0][:, :kk], image[1][:, :kk], p), n)
-            qt = rr_matrix(sparsify(caption_sweep.txt_s[:, :kk], caption_sweep.txt_i[:, :kk], p), n)
-            s = (qi @ qt.T).toarray()
+            s = caption_sweep.scores(k, p)
             out["retrieval@1"][key] = recall_at_1(s, own)
             out["mrr"][key] = mean_reciprocal_rank(s, own)
             out["zscore"][key] = pair_zscore(s, own)
