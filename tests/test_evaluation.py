@@ -198,9 +198,11 @@ def test_eval_at_a_thousand_classes_stays_small_and_writes_every_file(tmp_path):
         names.append("crane" if c in (17, 517) else f"thing {c}")
     (tmp_path / "classes.tsv").write_text("".join(f"n{c:04d}\t{n}\n" for c, n in enumerate(names)))
     out = tmp_path / "out"
+    # The peak of this process's own memory (VmHWM): getrusage's ru_maxrss would also count the pytest parent's
+    # RSS at fork time, which Linux carries across exec.
     code = (
-        "import resource, sys; from asif.cli import main; rc = main(sys.argv[1:]); "
-        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "import re, sys; from asif.cli import main; rc = main(sys.argv[1:]); "
+        "print('PEAK_KB', re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
     )
     args = ["eval", "--test", str(test), "--classes", str(tmp_path / "classes.tsv"), "--pairs", str(pairs),
             "--images-root", str(images), "--image-encoder", "py:tests.conftest:PixelEncoder",
