@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from asif.autoselect import AUTO_KS, AUTO_SPLITS, AUTO_WEIGHTINGS
 from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
 from asif.stores import RERANK_FACTOR
@@ -120,12 +121,14 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--auto",
         action="store_true",
-        help="choose the default k and weighting from the pairs being built (best held-out image->caption "
-        "retrieval@1 over k 25..1600 and power/softmax weightings, no labels; reads the embedded shards twice more) "
-        "and record them in the manifest; overrides --k, --p and --weighting",
+        help="choose the default k and weighting from the pairs being built, without labels, and record them in "
+        f"the manifest; overrides --k, --p and --weighting. Whole images are held out ({AUTO_SPLITS} seeded splits); "
+        "each setting scores the held-out images' mean reciprocal rank of their own captions among the held-out "
+        f"captions. Grid: k in {{{', '.join(map(str, AUTO_KS))}}} x "
+        f"{{{', '.join(w.describe() for w in AUTO_WEIGHTINGS)}}}. Reads the embedded shards three times more",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of --auto's held-out pairs and of the index training sample"
+        "--seed", type=int, default=0, help="seed of --auto's first held-out split and of the index training sample"
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")

@@ -1,10 +1,12 @@
-"""Label-free criteria for choosing k and p from the pairs alone (issue 18), as pure numpy functions.
+"""Label-free criteria for choosing k and the weighting from the pairs alone: the candidates compared in issue 18
+(``bench/criteria.py``), as pure numpy functions. The one that won, mrr, is served by :mod:`asif.autoselect`.
 
-Today's criterion (:func:`asif.evaluation.auto_kp`) holds out 10% of the *rows* and scores retrieval@1 of each
-held-out image's own caption. With one anchor per caption, a held-out row's image is still an anchor through its
-other captions (the same embedding, similarity 1), so that criterion mostly measures how much weight the query puts on
-its own duplicates, which rewards a high p whatever k is. The criteria here hold out whole *images* (every caption of
-a held-out image leaves the anchors; :func:`group_holdout_split`) and score the held-out images against:
+The criterion before issue 18 held out 10% of the *rows* and scored retrieval@1 of each held-out image's own caption
+(:func:`asif.evaluation.retrieval_at_1`). With one anchor per caption, a held-out row's image is still an anchor
+through its other captions (the same embedding, similarity 1), so that criterion mostly measures how much weight the
+query puts on its own duplicates, which rewards a high p whatever k is. The criteria here hold out whole *images*
+(every caption of a held-out image leaves the anchors; :func:`asif.autoselect.group_holdout_split`) and score the
+held-out images against:
 
 - ``retrieval``: all held-out captions (each image has several): recall@1 (its best-scored caption is one of its own)
   and the mean reciprocal rank of its best-ranked own caption (ties count against it);
@@ -27,36 +29,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from asif.autoselect import Setting, held_out_images, mean_reciprocal_rank
 from asif.encoders.base import l2_normalise
 from asif.evaluation import DenseSweep
-from asif.relrep import exact_topk
+from asif.relrep import WeightingLike, as_weighting, exact_topk
 
 CRITERIA = ("retrieval@1", "mrr", "zscore", "pseudo-class")
 
 
-# -- the held-out structure ------------------------------------------------------------------------------------------
-def group_holdout_split(
-    groups: np.ndarray, fraction: float = 0.1, max_holdout: int = 1000, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows): a seeded ``fraction`` of the distinct groups (e.g. images; at most
-    ``max_holdout``, at least 2) is held out with all its rows."""
-    groups = np.asarray(groups)
-    distinct = np.unique(groups)
-    perm = np.random.default_rng(seed).permutation(len(distinct))
-    m = max(2, min(max_holdout, int(len(distinct) * fraction)))
-    held_groups = distinct[perm[:m]]
-    held = np.isin(groups, held_groups)
-    return np.flatnonzero(~held), np.flatnonzero(held)
-
-
-def held_out_images(groups: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(one row per held-out group: its first held-out row, own mask (groups x held rows): row j belongs to group g)."""
-    g = np.asarray(groups)[held]
-    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
-    own = inverse[None, :] == np.arange(len(first))[:, None]
-    return held[first], own
-
-
+# -- pseudo-labels from the captions ----------------------------------------------------------------------------------
 def spherical_kmeans(x: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 50) -> np.ndarray:
     """Cluster ids of the rows of ``x`` (L2-normalised) by cosine k-means, seeded k-means++ start, ``iters`` Lloyd
     steps at most; an emptied cluster restarts at the row worst served. Deterministic for a seed."""
@@ -113,13 +94,6 @@ def recall_at_1(scores: np.ndarray, own: np.ndarray) -> float:
     return float((own[rows, best] & (scores[rows, best] > 0)).mean())
 
 
-def mean_reciprocal_rank(scores: np.ndarray, own: np.ndarray) -> float:
-    """Mean over images of 1 / (1 + the number of other captions scored >= its best own caption)."""
-    best_own = np.where(own, scores, -np.inf).max(axis=1)
-    ahead = ((scores >= best_own[:, None]) & ~own).sum(axis=1)
-    return float((1.0 / (1.0 + ahead)).mean())
-
-
 def pair_zscore(scores: np.ndarray, own: np.ndarray) -> float:
     """Mean over images of (mean score of its own captions - row mean) / row standard deviation (0 where the row is
     constant)."""
@@ -145,13 +119,15 @@ def criteria_grid(
     train: np.ndarray,
     held: np.ndarray,
     ks: Sequence[int],
-    ps: Sequence[float],
+    weightings: Sequence[WeightingLike],
     n_clusters: Sequence[int] = (10, 50),
     seed: int = 0,
-) -> dict[str, dict[tuple[int, float], float]]:
-    """Every criterion at every (k, p): {name: {(k, p): value}}; names ``retrieval@1``, ``mrr``, ``zscore`` and
-    ``pseudo-class@C`` for each C of ``n_clusters`` (k-means seeded with ``seed``). ``groups[r]``: the image of anchor
-    row r (rows of one image share its embedding); ``held`` must hold whole groups (:func:`group_holdout_split`)."""
+) -> dict[str, dict[Setting, float]]:
+    """Every criterion at every (k, weighting): {name: {(k, weighting): value}} (a bare number is the power p);
+    names ``retrieval@1``, ``mrr``, ``zscore`` and ``pseudo-class@C`` for each C of ``n_clusters`` (k-means seeded
+    with ``seed``). ``groups[r]``: the image of anchor row r (rows of one image share its embedding); ``held`` must
+    hold whole groups (:func:`asif.autoselect.group_holdout_split`). Tables follow ks ascending, then the weightings
+    in the order given (:func:`asif.autoselect.best_setting`'s tie order)."""
     img_rows, own = held_out_images(groups, held)
     held_text = text_anchors[held]
     labels, targets = {}, {}
@@ -164,20 +140,15 @@ def criteria_grid(
     image = exact_topk(image_anchors[img_rows], ia, k_max)
     caption_sweep = DenseSweep.from_neighbours(image, exact_topk(held_text, ta, k_max))
     label_sweeps = {c: DenseSweep.from_neighbours(image, exact_topk(labels[c], ta, k_max)) for c in n_clusters}
-    out: dict[str, dict[tuple[int, float], float]] = {name: {} for name in ("retrieval@1", "mrr", "zscore")}
+    out: dict[str, dict[Setting, float]] = {name: {} for name in ("retrieval@1", "mrr", "zscore")}
     out.update({f"pseudo-class@{c}": {} for c in n_clusters})
-    for k in ks:
-        for p in ps:
-            key = (int(k), float(p))
-            s = caption_sweep.scores(k, p)
+    for k in sorted(set(ks)):
+        for w in weightings:
+            key = (int(k), as_weighting(w))
+            s = caption_sweep.scores(*key)
             out["retrieval@1"][key] = recall_at_1(s, own)
             out["mrr"][key] = mean_reciprocal_rank(s, own)
             out["zscore"][key] = pair_zscore(s, own)
             for c, sweep in label_sweeps.items():
-                out[f"pseudo-class@{c}"][key] = pseudo_class_accuracy(sweep.scores(k, p), targets[c])
+                out[f"pseudo-class@{c}"][key] = pseudo_class_accuracy(sweep.scores(*key), targets[c])
     return out
-
-
-def choose(table: dict[tuple[int, float], float]) -> tuple[int, float]:
-    """The (k, p) with the highest value; ties go to the smaller k, then the smaller p."""
-    return max(table, key=lambda kp: (table[kp], -kp[0], -kp[1]))

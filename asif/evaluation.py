@@ -1,5 +1,5 @@
-"""Evaluation math: metrics, a fast exact sweep over (k, weighting), the ridge baseline, automatic choice of k and
-the weighting from the pairs alone.
+"""Evaluation math: metrics, a fast exact sweep over (k, weighting), the ridge baseline and its lambda chosen from
+the pairs alone (k and the weighting are chosen in :mod:`asif.autoselect`).
 
 Everything here is pure numpy on embeddings. The sweep is exact: for every query it sorts the
 top ``max(k)`` similarities once, and the representation for a smaller k is a prefix of that
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from asif.encoders.base import l2_normalise
-from asif.relrep import KeyMatrix, Weighting, WeightingLike, as_weighting, effective_k, exact_topk, sparsify
+from asif.relrep import KeyMatrix, WeightingLike, effective_k, exact_topk, sparsify
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -144,40 +144,9 @@ def holdout_split(
 
 
 def retrieval_at_1(scores: np.ndarray) -> float:
-    """Image i's own caption ranked first among the held-out captions (scores: images x captions)."""
+    """Image i's own caption ranked first among the held-out captions (scores: images x captions): the ridge lambda's
+    criterion, and ``--auto``'s before issue 18."""
     return float((np.argmax(scores, axis=1) == np.arange(len(scores))).mean())
-
-
-AUTO_KS = (25, 50, 100, 200, 400, 800, 1600)
-AUTO_WEIGHTINGS = (
-    *(Weighting("power", p) for p in (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
-    *(Weighting("softmax", t) for t in (0.01, 0.02, 0.05, 0.1)),
-)
-
-
-def choose_settings(
-    sweep: DenseSweep, ks: Sequence[int], weightings: Sequence[WeightingLike]
-) -> tuple[tuple[int, Weighting], dict[tuple[int, Weighting], float]]:
-    """The (k, weighting) with the best retrieval@1 of held-out pairs (``sweep``: the held-out images and captions
-    against the other pairs), and the whole table. Ties go to the smaller k, then to the earlier weighting."""
-    grid = [(int(k), as_weighting(w)) for k in sorted(set(ks)) for w in weightings]
-    table = {kw: retrieval_at_1(sweep.scores(*kw)) for kw in grid}
-    best = max(grid, key=lambda kw: (table[kw], -grid.index(kw)))
-    return best, table
-
-
-def auto_kp(
-    image_anchors: np.ndarray,
-    text_anchors: np.ndarray,
-    ks: Sequence[int] = AUTO_KS,
-    weightings: Sequence[WeightingLike] = AUTO_WEIGHTINGS,
-    seed: int = 0,
-) -> tuple[tuple[int, Weighting], dict[tuple[int, Weighting], float]]:
-    """Pick (k, weighting) maximising held-out image->caption retrieval@1, using pairs only (no test labels).
-    A bare number among ``weightings`` is the power p."""
-    train, held = holdout_split(len(image_anchors), seed=seed)
-    sweep = DenseSweep(image_anchors[held], text_anchors[held], image_anchors[train], text_anchors[train], max(ks))
-    return choose_settings(sweep, ks, weightings)
 
 
 def auto_ridge_lambda(

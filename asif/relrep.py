@@ -302,7 +302,7 @@ def dense_scores(
 # Sparse scoring.
 
 
-SCORE_ENTRIES = 1 << 22  # (query, anchor, key) products expanded at once by KeyMatrix.score (~40 bytes each)
+SCORE_ENTRIES = 1 << 22  # (query, anchor, key) products KeyMatrix.score expands with numpy (~40 bytes each)
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,12 @@ class KeyMatrix:
         keep = rr.weights > 0
         ids = rr.ids[keep]
         cols = np.broadcast_to(np.arange(n_keys)[:, None], (n_keys, k))[keep]
-        universe, rows = np.unique(ids, return_inverse=True)
+        if len(ids) and ids.min() >= 0 and ids.max() < 4 * len(ids) + 4096:  # dense enough: no sort
+            present = np.zeros(int(ids.max()) + 1, dtype=bool)
+            present[ids] = True
+            universe, rows = np.flatnonzero(present), (np.cumsum(present) - 1)[ids]
+        else:
+            universe, rows = np.unique(ids, return_inverse=True)
         matrix = sp.csr_matrix((rr.weights[keep].astype(np.float32), (rows, cols)), shape=(len(universe), n_keys))
         return cls(universe=universe.astype(np.int64), matrix=matrix, n_keys=n_keys)
 
@@ -341,10 +346,9 @@ class KeyMatrix:
         weights = queries.weights[hit].astype(np.float64)
         starts = self.matrix.indptr[pos_c[hit]]
         lens = self.matrix.indptr[pos_c[hit] + 1] - starts
-        if b > 1 and int(lens.sum()) > SCORE_ENTRIES:  # many queries x dense keys: halves, so memory stays bounded
-            half = b // 2
-            parts = (slice(0, half), slice(half, b))
-            return np.vstack([self.score(SparseRR(queries.ids[s], queries.weights[s])) for s in parts])
+        if int(lens.sum()) > SCORE_ENTRIES:  # many queries x dense keys: one sparse product, nothing expanded
+            q = sp.csr_matrix((weights, (rows, pos_c[hit])), shape=(b, len(self.universe)))
+            return (q @ self.matrix.astype(np.float64)).toarray().astype(np.float32)
         offsets = np.repeat(starts - np.cumsum(lens) + lens, lens)
         entries = np.arange(int(lens.sum())) + offsets
         cells = np.repeat(rows * self.n_keys, lens) + self.matrix.indices[entries]

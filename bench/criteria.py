@@ -1,16 +1,22 @@
-"""Label-free criteria for k and p (issue 18) against test accuracy, on Flickr8k caption anchors.
+"""Label-free criteria for k and the weighting (issue 18) against test accuracy, on Flickr8k caption anchors.
 
-For each run (Imagenette val / CIFAR-10 test x MiniLM / mpnet, effnet-lite0, one anchor per caption, seed 0) and every
-(k, p) of the grid: the test top-1 (exact sweep of the test images against the class label embeddings, 7 default
-templates, as ``asif eval`` computes it) and the value of each criterion: today's held-out retrieval@1
-(:func:`asif.evaluation.auto_kp`'s, rows held out) and those of :mod:`asif.criteria` (images held out). Reports per run
-and criterion the Spearman correlation with test top-1 across the grid, the setting each picks (ties: smaller k, then
-smaller p), its test top-1 and the gap to the best test top-1.
+For each run (Imagenette val / CIFAR-10 test x MiniLM / mpnet, effnet-lite0, one anchor per caption) and every setting
+of ``--auto``'s grid (k x power p and softmax t): the test top-1 (exact sweep of the test images against the class
+label embeddings, 7 default templates, as ``asif eval`` computes it) and the value of each criterion:
+
+- the criterion before issue 18: held-out retrieval@1 of pair *rows* (10%, seed 0), over the whole grid;
+- the one ``--auto`` ships now (:func:`asif.autoselect.auto_kp`: held-out images' mrr, mean over splits of seeds
+  0-2), over the whole grid;
+- the candidates of :mod:`asif.criteria` (images held out), on the power settings (the k x p sweep), per seed.
+
+Reports per run and criterion the Spearman correlation with test top-1 across the k x p sweep (and across the whole
+grid where the criterion covers it), the setting each picks (ties: smaller k, then the earlier weighting), its test
+top-1 and the gap to the best test top-1 over the same grid.
 
 Embeddings come from the evaluation's cache (``evaluation.run``), so a run after ``asif eval`` encodes nothing but the
 70 prompts.
 
-    python bench/criteria.py --json bench/criteria_results.json     # ~6 min on 2 cores, 3 seeds
+    python bench/criteria.py --json bench/criteria_results.json     # ~10 min on 2 cores, 3 seeds
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from asif.criteria import choose, criteria_grid, group_holdout_split
+from asif.autoselect import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, best_setting, group_holdout_split, image_keys
+from asif.criteria import criteria_grid
 from asif.embcache import EmbeddingCache
 from asif.encoders import load_image_encoder, load_text_encoder
-from asif.evaluation import DenseSweep, choose_settings, evaluate, holdout_split
+from asif.evaluation import DenseSweep, evaluate, holdout_split, retrieval_at_1
 from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
-from asif.relrep import exact_topk
+from asif.relrep import Weighting, exact_topk
 from evaluation.data import load_test_set
 from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
 
@@ -39,9 +46,10 @@ TESTS = {
     "imagenette": (DATA / "imagenette" / "val", DATA / "imagenette" / "classes.tsv"),
     "cifar10": (DATA / "cifar10" / "test", None),
 }
-KS = (25, 50, 100, 200, 400, 800, 1600)
-PS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-BASELINE = "today: retrieval@1 (rows held out)"
+GRID = [(k, w) for k in AUTO_KS for w in AUTO_WEIGHTINGS]  # --auto's, k ascending then the weightings in order
+POWER = [(k, w) for k, w in GRID if w.kind == "power"]  # the k x p sweep
+BEFORE = "before: retrieval@1 (rows held out)"
+SHIPPED = "--auto now: mrr (images held out), mean over seeds 0-2"
 
 
 def log(msg: str) -> None:
@@ -54,13 +62,30 @@ def batched_topk(queries: np.ndarray, anchors: np.ndarray, k: int, batch: int = 
     return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
 
 
-def key(k: int, p: float) -> str:
-    return f"{k},{p:g}"
+def key(k: int, w: Weighting) -> str:
+    return f"{k},{w.describe()}"
 
 
-def rank_correlation(table: dict, top1: dict) -> float:
-    """Spearman correlation of a criterion's values with the test top-1 over the settings of ``top1``."""
-    return float(spearmanr([table[kp] for kp in top1], list(top1.values())).statistic)
+def rank_correlation(table: dict, top1: dict, settings: list) -> float:
+    """Spearman correlation of a criterion's values with the test top-1 over ``settings``."""
+    return float(spearmanr([table[kw] for kw in settings], [top1[kw] for kw in settings]).statistic)
+
+
+def judge(table: dict, top1: dict) -> dict:
+    """A criterion against the test top-1: Spearman over the k x p sweep (and over the whole grid where the table
+    covers it), its pick over the settings it covers and the gap to the best of those."""
+    settings = [kw for kw in GRID if kw in table]
+    pick, best = best_setting(table, settings), best_setting(top1, settings)
+    out = {"spearman": rank_correlation(table, top1, POWER)}
+    if len(settings) > len(POWER):
+        out["spearman_whole_grid"] = rank_correlation(table, top1, settings)
+    return {
+        **out,
+        "chosen": key(*pick),
+        "top1_at_chosen": top1[pick],
+        "best": key(*best),
+        "gap_points": 100 * (top1[best] - top1[pick]),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -72,8 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         test = load_test_set(*TESTS[name])
         emb, ok = embed_image_files(test.files, img_enc, img_cache, f"{name} images", 32)
         tests[name] = (test, emb[ok], np.asarray(test.labels)[ok])
-    grid = [(k, p) for k in KS for p in PS]
-    out: dict = {"grid": {"ks": list(KS), "ps": list(PS)}, "seeds": list(args.seeds), "runs": {}}
+    out: dict = {"grid": [key(*kw) for kw in GRID], "seeds": list(args.seeds), "runs": {}}
     test_neighbours: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for text_name in args.text_encoders:
         txt_enc = load_text_encoder(text_name, None, 32)
@@ -85,64 +109,52 @@ def run(args: argparse.Namespace) -> dict:
             )  # fmt: skip
             anchors = anchors_from_pairs(cfg, img_enc, txt_enc, img_cache, txt_cache)["caption"]
         ia, ta = anchors.image, anchors.text
-        index: dict[Path, int] = {}
-        groups = np.array([index.setdefault(f, len(index)) for f in anchors.image_files])
-        log(f"{text_name}: {len(ia)} caption anchors of {len(index)} images")
+        groups = image_keys(ia)  # as --auto groups rows: by the content of the image vector
+        log(f"{text_name}: {len(ia)} caption anchors of {len(np.unique(groups))} distinct images")
 
-        # The criteria, on each seed's held-out split: they do not depend on the test set.
-        by_seed: dict[int, dict[str, dict[tuple[int, float], float]]] = {}
+        # The criteria do not depend on the test set.
+        t = time.perf_counter()
+        train, held = holdout_split(len(ia), seed=args.seeds[0])
+        before = DenseSweep(ia[held], ta[held], ia[train], ta[train], max(AUTO_KS))
+        criteria = {BEFORE: {kw: retrieval_at_1(before.scores(*kw)) for kw in GRID}}
+        criteria[SHIPPED] = auto_kp(ia, ta, AUTO_KS, AUTO_WEIGHTINGS, seed=args.seeds[0], splits=3).table
+        log(f"{text_name}: before and shipped criteria over {len(GRID)} settings in {time.perf_counter() - t:.0f} s")
+        by_seed: dict[int, dict[str, dict]] = {}
         for seed in args.seeds:
             t = time.perf_counter()
-            train, held = holdout_split(len(ia), seed=seed)
-            base_sweep = DenseSweep(ia[held], ta[held], ia[train], ta[train], max(KS))
-            _, base_table = choose_settings(base_sweep, KS, PS)
-            by_seed[seed] = {BASELINE: {(k, w.param): v for (k, w), v in base_table.items()}}
             g_train, g_held = group_holdout_split(groups, seed=seed)
-            by_seed[seed].update(criteria_grid(ia, ta, groups, g_train, g_held, KS, PS, args.clusters, seed=seed))
-            log(f"{text_name} seed {seed}: criteria over {len(grid)} settings in {time.perf_counter() - t:.0f} s "
-                f"({len(g_held)} held-out captions of {len(np.unique(groups[g_held]))} images)")  # fmt: skip
-        criteria = by_seed[args.seeds[0]]
+            ws = [w for w in AUTO_WEIGHTINGS if w.kind == "power"]
+            by_seed[seed] = criteria_grid(ia, ta, groups, g_train, g_held, AUTO_KS, ws, args.clusters, seed=seed)
+            log(f"{text_name} seed {seed}: candidate criteria over {len(POWER)} settings in "
+                f"{time.perf_counter() - t:.0f} s ({len(g_held)} held-out captions of "
+                f"{len(np.unique(groups[g_held]))} images)")  # fmt: skip
+        names = list(by_seed[args.seeds[0]])
+        for name in names:
+            criteria[f"{name} (seed {args.seeds[0]})"] = by_seed[args.seeds[0]][name]
+            if len(args.seeds) > 1:
+                mean = {kw: float(np.mean([by_seed[s][name][kw] for s in args.seeds])) for kw in POWER}
+                criteria[f"{name} (mean over seeds {','.join(map(str, args.seeds))})"] = mean
 
         for test_name, (test, test_emb, truth) in tests.items():
             t = time.perf_counter()
             prompts = LabelSet(tuple(test.names), DEFAULT_TEMPLATES).prompts()
             label_emb = combine_prompt_embeddings(txt_enc.encode(prompts), len(test.names))
             if test_name not in test_neighbours:
-                test_neighbours[test_name] = batched_topk(test_emb, ia, max(KS))
-            sweep = DenseSweep.from_neighbours(test_neighbours[test_name], exact_topk(label_emb, ta, max(KS)))
-            top1 = {kp: evaluate(sweep.scores(*kp), truth, test.names).top1 for kp in grid}
-            best = choose(top1)
+                test_neighbours[test_name] = batched_topk(test_emb, ia, max(AUTO_KS))
+            sweep = DenseSweep.from_neighbours(test_neighbours[test_name], exact_topk(label_emb, ta, max(AUTO_KS)))
+            top1 = {kw: evaluate(sweep.scores(*kw), truth, test.names).top1 for kw in GRID}
+            best, best_power = best_setting(top1, GRID), best_setting(top1, POWER)
             run_out: dict = {
                 "n_test": len(truth),
                 "n_anchors": len(ia),
-                "test_top1": {key(*kp): v for kp, v in top1.items()},
-                "best": {"k": best[0], "p": best[1], "top1": top1[best]},
-                "criteria": {},
+                "test_top1": {key(*kw): v for kw, v in top1.items()},
+                "best": {"setting": key(*best), "top1": top1[best]},
+                "best_power": {"setting": key(*best_power), "top1": top1[best_power]},
+                "criteria": {
+                    name: {**judge(table, top1), "values": {key(*kw): v for kw, v in table.items()}}
+                    for name, table in criteria.items()
+                },
             }
-            for name, table in criteria.items():
-                rho = rank_correlation(table, top1)
-                pick = choose(table)
-                run_out["criteria"][name] = {
-                    "spearman": float(rho),
-                    "chosen": {"k": pick[0], "p": pick[1]},
-                    "top1_at_chosen": top1[pick],
-                    "gap_points": 100 * (top1[best] - top1[pick]),
-                    "values": {key(*kp): v for kp, v in table.items()},
-                }
-                if len(args.seeds) > 1:  # robustness: the pick on each seed's split, and of the mean over seeds
-                    picks = [choose(by_seed[s][name]) for s in args.seeds]
-                    mean = {kp: float(np.mean([by_seed[s][name][kp] for s in args.seeds])) for kp in grid}
-                    pick = choose(mean)
-                    run_out["criteria"][name]["seeds"] = {
-                        "seeds": list(args.seeds),
-                        "chosen": [{"k": k, "p": p} for k, p in picks],
-                        "gap_points": [100 * (top1[best] - top1[kp]) for kp in picks],
-                        "mean_over_seeds": {
-                            "spearman": rank_correlation(mean, top1),
-                            "chosen": {"k": pick[0], "p": pick[1]},
-                            "gap_points": 100 * (top1[best] - top1[pick]),
-                        },
-                    }
             out["runs"][f"{test_name} {text_name}"] = run_out
             log(f"{test_name} {text_name}: test sweep in {time.perf_counter() - t:.0f} s")
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -150,34 +162,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(out: dict) -> None:
+    """One row per criterion: Spearman over the k x p sweep (/ over the whole grid), pick, its top-1 and gap."""
     runs = list(out["runs"])
-    names = list(out["runs"][runs[0]]["criteria"])
     print("| criterion | " + " | ".join(runs) + " |")
     print("|---|" + "---|" * len(runs))
-    best = [out["runs"][r]["best"] for r in runs]
-    cells = [f"k={b['k']},p={b['p']:g}: {100 * b['top1']:.1f}" for b in best]
-    print("| best test setting (labels) | " + " | ".join(cells) + " |")
-    for name in names:
+    for label, field in (("best of the whole grid (test labels)", "best"), ("best power setting", "best_power")):
+        cells = [f"{out['runs'][r][field]['setting']}: {100 * out['runs'][r][field]['top1']:.1f}" for r in runs]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for name in out["runs"][runs[0]]["criteria"]:
         cells = []
         for r in runs:
             c = out["runs"][r]["criteria"][name]
-            cells.append(f"rho {c['spearman']:+.2f}; k={c['chosen']['k']},p={c['chosen']['p']:g}: "
-                         f"{100 * c['top1_at_chosen']:.1f} (-{c['gap_points']:.1f})")  # fmt: skip
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    if len(out["seeds"]) < 2:
-        return
-    print(f"\nSeeds {out['seeds']}: the setting picked on each split (gap to the best), and on the mean over splits:\n")
-    print("| criterion | " + " | ".join(runs) + " |")
-    print("|---|" + "---|" * len(runs))
-    for name in names:
-        cells = []
-        for r in runs:
-            s = out["runs"][r]["criteria"][name]["seeds"]
-            pairs = zip(s["chosen"], s["gap_points"], strict=True)
-            picks = ", ".join(f"{c['k']},{c['p']:g} (-{g:.1f})" for c, g in pairs)
-            m = s["mean_over_seeds"]
-            cells.append(f"{picks}; mean: rho {m['spearman']:+.2f}, {m['chosen']['k']},{m['chosen']['p']:g} "
-                         f"(-{m['gap_points']:.1f})")  # fmt: skip
+            whole = f" / {c['spearman_whole_grid']:+.2f}" if "spearman_whole_grid" in c else ""
+            rho = f"{c['spearman']:+.2f}{whole}"
+            cells.append(f"rho {rho}; {c['chosen']}: {100 * c['top1_at_chosen']:.1f} (-{c['gap_points']:.1f})")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -1,6 +1,7 @@
 """`asif eval --candidates`: training-free variants of the recipe against the default, on the same pairs, encoders
-and seed (issue 17). Each candidate's own parameter is chosen without test labels, by the held-out caption retrieval
-that ``--auto`` uses for k and p; the test top-1 of every grid value is reported beside the chosen one.
+and seed (issue 17). Each candidate's own parameter is chosen without test labels, by held-out caption retrieval@1
+of pair rows (the criterion ``--auto`` used for k and p before issue 18); the test top-1 of every grid value is
+reported beside the chosen one.
 
 Families:
 - the weighting of the top-k similarities (softmax, rank) and per-anchor corrections (centering, hubness);

@@ -154,9 +154,9 @@ def markdown(report: dict[str, Any]) -> str:
     if "auto" in report:
         a = report["auto"]
         lines.append(
-            f"`--auto` (held-out pair retrieval, no test labels) picked k={a['k']}, {auto_weighting(a)}: top-1 "
-            f"{_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the best power setting on the "
-            f"test set (k,p = {a['best_test_setting']})."
+            f"`--auto` (held-out images' mrr of their own captions, no test labels) picked k={a['k']}, "
+            f"{auto_weighting(a)}: top-1 {_pct(a['test_top1_at_auto'])}, against {_pct(a['best_test_top1'])} for the "
+            f"best setting of its grid on the test set ({a['best_test_setting']})."
         )
         lines.append("")
     if report.get("candidates"):

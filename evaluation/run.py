@@ -14,11 +14,11 @@ from tqdm import tqdm
 
 from asif.anchors import ANCHOR_MODES, form_anchors
 from asif.augment import image_view
+from asif.autoselect import auto_kp
 from asif.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from asif.evaluation import (
     DenseSweep,
-    auto_kp,
     auto_ridge_lambda,
     confusion_matrix,
     evaluate,
@@ -356,20 +356,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "metrics": evaluate(ridge_scores(w, test_emb, label_emb), truth, test.names).to_dict(),
     }
 
-    # 5. k and p chosen without test labels.
+    # 5. k and the weighting chosen without test labels; the test top-1 of every setting of the grid it chose from.
     if cfg.auto:
         grid = [Weighting("power", p) for p in cfg.ps] + [Weighting("softmax", t) for t in cfg.ts]
-        (ak, aw), table = auto_kp(main.image, main.text, cfg.ks, grid, cfg.seed)
-        sweep_table = report["anchor_modes"][primary]["sweep_top1"]
-        best_key = max(sweep_table, key=sweep_table.get)
+        choice = auto_kp(main.image, main.text, cfg.ks, grid, cfg.seed)
+        _log(f"auto: k={choice.k}, {choice.weighting.describe()} (held-out mrr {choice.score:.3f})")
+        grid_top1 = {
+            f"{k},{w.describe()}": float(evaluate(sweep_main.scores(k, w), truth, test.names).top1)
+            for k, w in choice.table
+        }
+        best_key = max(grid_top1, key=grid_top1.get)
         report["auto"] = {
-            "k": ak,
-            "weighting": aw.to_dict(),
-            "p": aw.param if aw.kind == "power" else None,
-            "holdout_retrieval": {f"{k},{w.describe()}": v for (k, w), v in table.items()},
-            "test_top1_at_auto": float(evaluate(sweep_main.scores(ak, aw), truth, test.names).top1),
+            "k": choice.k,
+            "weighting": choice.weighting.to_dict(),
+            "p": choice.weighting.param if choice.weighting.kind == "power" else None,
+            **choice.entry(),
+            "test_top1_at_auto": grid_top1[f"{choice.k},{choice.weighting.describe()}"],
             "best_test_setting": best_key,
-            "best_test_top1": sweep_table[best_key],
+            "best_test_top1": grid_top1[best_key],
+            "test_top1": grid_top1,
         }
     # 6. Training-free variants of the recipe, on the same anchors, at the same k and p.
     if cfg.candidates:

@@ -8,7 +8,7 @@ Steps:
    worker processes, or on a Ray cluster with ``--ray``), so a killed build resumes shard by shard and a shard that
    cannot be read is reported and skipped;
 3. with ``--auto``, choose the served k and weighting from the pairs (:mod:`index_builder.auto_select`: held-out
-   retrieval@1, two more passes over the shard files);
+   images' mrr of their own captions over a few splits, three more passes over the shard files);
 4. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
    fill them shard by shard (memory holds the index, never all embeddings);
 5. write metadata, indices and manifest through :mod:`asif.persist` (manifest last: never half-written).
@@ -175,8 +175,8 @@ class BuildReport:
         ]
         if self.auto:
             chosen = Weighting(**self.auto["weighting"]).describe()
-            out.insert(-1, f"auto:              k={self.auto['k']}, {chosen} (held-out retrieval@1 "
-                       f"{self.auto['retrieval_at_1']:.3f} over {self.auto['held_out']} pairs, "
+            out.insert(-1, f"auto:              k={self.auto['k']}, {chosen} (held-out mrr {self.auto['mrr']:.3f} "
+                       f"over {self.auto['held_out_images']} images x {len(self.auto['seeds'])} splits, "
                        f"{self.auto['seconds']:.1f} s)")  # fmt: skip
         return out
 
@@ -297,8 +297,9 @@ def _build(
         report.auto = {
             "k": choice.k,
             "weighting": choice.weighting.to_dict(),
-            "retrieval_at_1": choice.score,
-            "held_out": choice.held_out,
+            "mrr": choice.score,
+            "held_out_images": choice.held_out_images[0],
+            "seeds": list(choice.seeds),
             "seconds": round(choice.seconds, 1),
         }
 
@@ -307,7 +308,7 @@ def _build(
         "text_encoder": text_id,
         "anchors": config.anchors,
         "defaults": defaults,
-        **({"auto": choice.manifest_entry()} if choice else {}),
+        **({"auto": choice.entry()} if choice else {}),
         "next_pair_id": n_pairs,
         "counts": {
             "pairs": report.pairs,

@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
+from asif.autoselect import AUTO_KS, AUTO_WEIGHTINGS, CRITERION, auto_kp, holdouts, image_keys
 from asif.cli import main
 from asif.encoders.base import l2_normalise
-from asif.evaluation import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, holdout_split
 from asif.loading import open_index
 from asif.persist import load_index_folder, read_manifest
 from asif.relrep import Weighting, exact_topk
 from asif.synthetic import SyntheticWorld
 from index_builder.anchor_chunks import anchor_chunks
-from index_builder.auto_select import CRITERION, auto_select, held_out_neighbours
+from index_builder.auto_select import auto_select, held_out_neighbours
 from index_builder.build import BuildConfig, run_build
 from index_builder.shard_embed import ShardEmbedding
 from tests.conftest import COLOURS, HashTextEncoder, MilvusTarget, PixelEncoder, open_live
@@ -60,10 +60,10 @@ def all_anchors(files, mode):
 
 
 def assert_same_choice(choice, expected):
-    (k, weighting), table = expected
-    assert (choice.k, choice.weighting) == (k, weighting)
-    assert choice.table.keys() == table.keys()
-    np.testing.assert_allclose([choice.table[kw] for kw in table], list(table.values()), atol=1e-6)
+    assert (choice.k, choice.weighting) == (expected.k, expected.weighting)
+    assert (choice.held_out_images, choice.seeds) == (expected.held_out_images, expected.seeds)
+    assert choice.table.keys() == expected.table.keys()
+    np.testing.assert_allclose([choice.table[kw] for kw in expected.table], list(expected.table.values()), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["caption", "image"])
@@ -76,18 +76,22 @@ def test_streamed_selection_is_auto_kp_over_the_same_anchors(tmp_path, mode):
     for seed in (0, 3):
         choice = auto_select(files, mode, n, seed=seed)
         assert_same_choice(choice, auto_kp(image, text, AUTO_KS, AUTO_WEIGHTINGS, seed))
-        assert choice.held_out == len(holdout_split(n, seed=seed)[1]) and choice.seed == seed
+        assert choice.held_out_images == (33, 33, 33) and choice.seeds == (seed, seed + 1, seed + 2)
         assert len(set(choice.table.values())) > 5  # the grid really discriminates: the check is not vacuous
 
-    # The neighbours themselves are the exact ones among the anchors not held out, under pair ids.
-    train, held = holdout_split(n, seed=0)
-    queries, found = held_out_neighbours(files, mode, held, 800)
-    for role, anchors in (("image", image), ("text", text)):
-        np.testing.assert_array_equal(queries[role], anchors[held])
-        sims, rows = exact_topk(anchors[held], anchors[train], 800)
-        assert found[role][0].shape == (len(held), len(train))  # k capped at the anchors searched
-        np.testing.assert_array_equal(found[role][1], train[rows])
-        np.testing.assert_allclose(found[role][0], sims, atol=1e-6)
+    # The neighbours themselves are the exact ones among each split's anchors not held out, under pair ids: the held
+    # images' (one row each) and all their captions'.
+    splits = holdouts(image_keys(image), seed=0)
+    found = held_out_neighbours(files, mode, splits, 800)
+    for split, neighbours in zip(splits, found, strict=True):
+        if mode == "caption":
+            assert len(split.held) == 2 * len(split.queries)  # both captions of every held-out image
+        sides = ((split.queries, image, neighbours[0]), (split.held, text, neighbours[1]))
+        for queries, anchors, (got_s, got_i) in sides:
+            sims, rows = exact_topk(anchors[queries], anchors[split.train], 800)
+            assert got_s.shape == (len(queries), len(split.train))  # k capped at the anchors searched
+            np.testing.assert_array_equal(got_i, split.train[rows])
+            np.testing.assert_allclose(got_s, sims, atol=1e-6)
 
 
 def write_pairs(root, n_per_colour=12):
@@ -124,19 +128,21 @@ def test_auto_build_records_the_choice_and_the_served_model_uses_it(tmp_path):
     folder = load_index_folder(tmp_path / "index")
     ids = np.arange(report.pairs)
     image, text = folder.image_store.reconstruct(ids), folder.text_store.reconstruct(ids)
-    (k, weighting), table = auto_kp(image, text, AUTO_KS, AUTO_WEIGHTINGS, seed=5)
+    expected = auto_kp(image, text, AUTO_KS, AUTO_WEIGHTINGS, seed=5)
+    k, weighting, table = expected.k, expected.weighting, expected.table
     manifest = read_manifest(tmp_path / "index")
     p = weighting.param if weighting.kind == "power" else 3.0
     assert manifest["defaults"] == {"k": k, "p": p, "weighting": weighting.to_dict()}
     auto = manifest["auto"]
-    assert auto["criterion"] == CRITERION == "held-out image->caption retrieval@1"
-    assert auto["held_out"] == 9 and auto["seed"] == 5
+    assert auto["criterion"] == CRITERION and "mean reciprocal rank" in CRITERION
+    assert auto["held_out_images"] == [4, 4, 4] and auto["seeds"] == [5, 6, 7]  # 10% of 48 images, per split
     assert auto["table"] == pytest.approx({f"{k},{w.describe()}": v for (k, w), v in table.items()}, abs=1e-6)
     assert auto["table"]["25,power p=1"] == pytest.approx(table[(25, Weighting("power", 1.0))], abs=1e-6)
-    assert report.auto["k"] == k and report.auto["retrieval_at_1"] == pytest.approx(table[(k, weighting)])
-    line = f"auto:              k={k}, {weighting.describe()} (held-out retrieval@1 {table[(k, weighting)]:.3f} over 9"
+    assert report.auto["k"] == k and report.auto["mrr"] == pytest.approx(table[(k, weighting)])
+    mrr = table[(k, weighting)]
+    line = f"auto:              k={k}, {weighting.describe()} (held-out mrr {mrr:.3f} over 4 images x 3 splits"
     assert any(ln.startswith(line) for ln in report.lines())
-    assert json.loads(json.dumps(manifest["build"]["report"]))["auto"]["held_out"] == 9
+    assert json.loads(json.dumps(manifest["build"]["report"]))["auto"]["held_out_images"] == 4
 
     model = open_index(tmp_path / "index", load_encoders=False).model
     assert (model.k, model.weighting, model.p) == (k, weighting, p)
@@ -151,7 +157,7 @@ def test_auto_build_into_milvus_records_the_same_choice(tmp_path):
         PixelEncoder(),
         HashTextEncoder(),
     )
-    assert shared.auto == folder.auto
+    assert {**shared.auto, "seconds": 0} == {**folder.auto, "seconds": 0}
     live = open_live(MilvusTarget(db))
     manifest = read_manifest(tmp_path / "index")
     assert live.manifest["defaults"] == manifest["defaults"] and live.manifest["auto"] == manifest["auto"]
@@ -207,5 +213,5 @@ def test_cli_auto_overrides_k_p_and_weighting(tmp_path, monkeypatch, capsys):
     assert cli_build(tmp_path, images, pairs, "--auto", "--k", "5", "--weighting", "rank", "--seed", "2") == 0
     manifest = read_manifest(tmp_path / "index")
     assert manifest["defaults"]["k"] in AUTO_KS  # not 5
-    assert manifest["defaults"]["weighting"]["kind"] in ("power", "softmax") and manifest["auto"]["seed"] == 2
+    assert manifest["defaults"]["weighting"]["kind"] in ("power", "softmax") and manifest["auto"]["seeds"] == [2, 3, 4]
     assert "auto:              k=" in capsys.readouterr().out

@@ -5,16 +5,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from asif.criteria import (
-    choose,
-    criteria_grid,
-    group_holdout_split,
-    mean_reciprocal_rank,
-    pair_zscore,
-    pseudo_class_accuracy,
-    recall_at_1,
-    spherical_kmeans,
-)
+from asif.autoselect import best_setting, group_holdout_split, mean_reciprocal_rank
+from asif.criteria import criteria_grid, pair_zscore, pseudo_class_accuracy, recall_at_1, spherical_kmeans
+from asif.relrep import Weighting
 from asif.synthetic import SyntheticWorld
 from tests.conftest import random_unit
 
@@ -120,8 +113,12 @@ def test_metrics_on_a_known_matrix():
     assert pseudo_class_accuracy(label_scores, targets) == pytest.approx((0.5 + 0.0 + 0.0) / 3)
 
 
-def test_choose_breaks_ties_by_smaller_k_then_smaller_p():
-    assert choose({(50, 2.0): 0.5, (25, 4.0): 0.5, (25, 8.0): 0.5, (100, 1.0): 0.4}) == (25, 4.0)
+def test_best_setting_breaks_ties_by_the_grid_order():
+    grid = [(25, "a"), (25, "b"), (50, "a"), (100, "a")]
+    table = {(50, "a"): 0.5, (25, "b"): 0.5, (25, "a"): 0.4, (100, "a"): 0.5}
+    assert best_setting(table, grid) == (25, "b")
+    assert best_setting(table, grid[::-1]) == (100, "a")
+    assert best_setting({**table, (100, "a"): 0.6}, grid) == (100, "a")
 
 
 # -- the grid against the dense loops ----------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ def test_criteria_grid_equals_dense_loops(seed):
             ref = ref_criteria(image, text, groups, train, held, k, p, clusters)
             assert set(ref) == set(grid)
             for name, value in ref.items():
-                assert grid[name][(k, p)] == pytest.approx(value, abs=1e-5), (name, k, p)
+                assert grid[name][(k, Weighting("power", p))] == pytest.approx(value, abs=1e-5), (name, k, p)
 
 
 def test_criteria_use_train_anchors_only():
@@ -170,7 +167,9 @@ def world_setup():
 
     sweep = DenseSweep(data.image_queries, data.label_queries, data.image_anchors, data.text_anchors, max(ks))
     accuracy = {
-        (k, p): float((np.argmax(sweep.scores(k, p), axis=1) == data.query_classes).mean()) for k in ks for p in ps
+        (k, Weighting("power", p)): float((np.argmax(sweep.scores(k, p), axis=1) == data.query_classes).mean())
+        for k in ks
+        for p in ps
     }
     return grid, accuracy
 
@@ -179,8 +178,9 @@ def world_setup():
 def test_criteria_prefer_informative_settings_and_track_accuracy(world_setup, name):
     grid, accuracy = world_setup
     table = grid[name]
-    assert table[(30, 4.0)] > table[(1, 4.0)] + 0.05  # k=1 shares almost no anchor between the two sides
-    assert choose(table)[0] >= 10
-    settings = sorted(accuracy)
+    p4 = Weighting("power", 4.0)
+    assert table[(30, p4)] > table[(1, p4)] + 0.05  # k=1 shares almost no anchor between the two sides
+    assert best_setting(table, list(table))[0] >= 10
+    settings = list(accuracy)
     rho = spearmanr([table[s] for s in settings], [accuracy[s] for s in settings]).statistic
     assert rho > 0.5

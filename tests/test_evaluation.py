@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asif.autoselect import auto_kp
 from asif.evaluation import (
     DenseSweep,
-    auto_kp,
     auto_ridge_lambda,
     confusion_matrix,
     evaluate,
@@ -84,8 +84,8 @@ def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
     assert retrieval_at_1(np.eye(4) + 0.1) == 1.0
     assert retrieval_at_1(np.ones((4, 4)) - np.eye(4)) == 0.0
     data = small_world.pairs(2000)
-    (k, _), table = auto_kp(data.image_anchors, data.text_anchors, [1, 100], [8.0])
-    assert k == 100 and table[(100, Weighting("power", 8.0))] > table[(1, Weighting("power", 8.0))]
+    choice = auto_kp(data.image_anchors, data.text_anchors, [1, 100], [8.0])
+    assert choice.k == 100 and choice.table[(100, Weighting("power", 8.0))] > choice.table[(1, Weighting("power", 8.0))]
 
 
 @pytest.mark.slow
@@ -137,7 +137,14 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
 
     assert tuple(report["candidates"]) == NAMES
     assert not [name for name, c in report["candidates"].items() if "skipped" in c]  # --pairs gives every input
-    assert report["auto"]["weighting"]["kind"] in ("power", "softmax")
+    auto = report["auto"]
+    assert auto["weighting"]["kind"] in ("power", "softmax") and auto["seeds"] == [0, 1, 2]
+    assert len(auto["table"]) == len(auto["test_top1"]) == 2 * (2 + 4)  # ks x (ps + the softmax temperatures)
+    chosen = f"{auto['k']},{Weighting(**auto['weighting']).describe()}"
+    assert auto["table"][chosen] == max(auto["table"].values())
+    assert auto["test_top1_at_auto"] == auto["test_top1"][chosen]
+    assert auto["best_test_top1"] == max(auto["test_top1"].values()) == auto["test_top1"][auto["best_test_setting"]]
+    assert "held-out images' mrr" in (out / "report.md").read_text()
     from evaluation.compare import table
 
     side_by_side = table([report, report]).splitlines()

@@ -136,8 +136,9 @@ def test_key_matrix_scores_equal_dense_dot(rng):
     np.testing.assert_allclose(scores, reference.scores(qi, qt, qa, ta, k, p), atol=1e-5)
 
 
-def test_key_matrix_scores_large_batches_in_bounded_parts(rng, monkeypatch):
-    """Many queries against dense keys (every label on every anchor) are scored in halves, with the same result."""
+def test_key_matrix_scores_large_batches_as_one_sparse_product(rng, monkeypatch):
+    """Many queries against dense keys (every label on every anchor) are scored by one scipy sparse product instead of
+    expanding every (query, anchor, key) product, with the same result."""
     import asif.relrep
 
     qa, ta = random_unit(rng, 60, 12), random_unit(rng, 60, 10)
@@ -145,12 +146,18 @@ def test_key_matrix_scores_large_batches_in_bounded_parts(rng, monkeypatch):
     s_i, i_i = exact_topk(qi, qa, 60)
     s_t, i_t = exact_topk(qt, ta, 60)
     keys, queries = KeyMatrix.from_rr(sparsify(s_t, i_t, 2.0)), sparsify(s_i, i_i, 2.0)
-    calls = []
-    real = KeyMatrix.score
-    monkeypatch.setattr(asif.relrep, "SCORE_ENTRIES", 500)  # 37 x 60 x ~25 products: many halvings
-    monkeypatch.setattr(KeyMatrix, "score", lambda self, q: calls.append(len(q)) or real(self, q))
-    np.testing.assert_allclose(keys.score(queries), reference.scores(qi, qt, qa, ta, 60, 2.0), atol=1e-5)
-    assert len(calls) > 10 and min(calls) == 1
+    expected = reference.scores(qi, qt, qa, ta, 60, 2.0)
+    expanded = keys.score(queries)  # 37 x 60 x ~25 products: under SCORE_ENTRIES
+    built = []
+    real = asif.relrep.sp.csr_matrix
+    monkeypatch.setattr(asif.relrep.sp, "csr_matrix", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    assert not built and np.array_equal(keys.score(queries), expanded)
+    monkeypatch.setattr(asif.relrep, "SCORE_ENTRIES", 500)
+    product = keys.score(queries)
+    assert built  # the query batch became a sparse matrix
+    np.testing.assert_allclose(expanded, expected, atol=1e-5)
+    np.testing.assert_allclose(product, expanded, atol=1e-6)
+    assert product.dtype == np.float32 and product.shape == (37, 50)
 
 
 def test_shared_anchors_sum_to_score():
