@@ -103,7 +103,7 @@ class BuildConfig:
     weighting: str = "power"  # the served default weighting: power (p), softmax (t) or rank (r0)
     t: float | None = None  # softmax temperature (None: its default)
     r0: float | None = None  # rank offset (None: its default)
-    auto: bool = False  # choose k and the weighting from the pairs (held-out retrieval@1), over k/p/weighting
+    auto: bool = False  # choose k and the weighting from the pairs (held-out images' mrr), over k/p/weighting
     batch_size: int = 32
     shard_rows: int = SHARD_ROWS  # rows per shard of a pairs file
     image_column: str | None = None  # parquet: default "jpg"; pairs files: default "image"
@@ -143,7 +143,7 @@ class BuildReport:
     index_seconds: float = 0.0
     total_seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)
-    auto: dict[str, Any] = field(default_factory=dict)  # with --auto: the choice (k, weighting, retrieval@1, ...)
+    auto: dict[str, Any] = field(default_factory=dict)  # with --auto: the choice (k, weighting, mrr, ...)
 
     def lines(self) -> list[str]:
         st = self.stages
