@@ -12,7 +12,7 @@ the in-memory selection (:func:`auto_kp`) and the build's, streamed over shard f
 
 The criterion replaced retrieval@1 of held-out *rows*, whose image stayed an anchor through its other captions; over
 the k x p grid on Imagenette and CIFAR-10 that one's Spearman correlation with test top-1 was -0.27..+0.03, this
-one's +0.82..+0.93 (README, "Choosing k and the weighting without labels"; ``bench/criteria.py``).
+one's +0.80..+0.92 (README, "Choosing k and the weighting without labels"; ``bench/criteria.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def group_holdout_split(
     groups = np.asarray(groups)
     distinct = np.unique(groups)
     if len(distinct) < 3:
-        raise ValueError(f"{len(distinct)} distinct image(s): holding whole images out needs at least 3")
+        have = len(distinct)
+        raise ValueError(f"holding whole images out needs at least 3 distinct images; these anchors have {have}")
     perm = np.random.default_rng(seed).permutation(len(distinct))
     m = max(2, min(max_holdout, int(len(distinct) * fraction)))
     held = np.isin(groups, distinct[perm[:m]])

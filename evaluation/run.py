@@ -359,7 +359,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     # 5. k and the weighting chosen without test labels; the test top-1 of every setting of the grid it chose from.
     if cfg.auto:
         grid = [Weighting("power", p) for p in cfg.ps] + [Weighting("softmax", t) for t in cfg.ts]
-        choice = auto_kp(main.image, main.text, cfg.ks, grid, cfg.seed)
+        try:
+            choice = auto_kp(main.image, main.text, cfg.ks, grid, cfg.seed)
+        except ValueError as exc:
+            raise ValueError(f"--auto: {exc}") from None
         _log(f"auto: k={choice.k}, {choice.weighting.describe()} (held-out mrr {choice.score:.3f})")
         grid_top1 = {
             f"{k},{w.describe()}": float(evaluate(sweep_main.scores(k, w), truth, test.names).top1)

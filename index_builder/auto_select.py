@@ -99,7 +99,7 @@ def auto_select(
     try:
         chosen = holdouts(keys, seed, splits)
     except ValueError as exc:
-        raise BuildError(f"--auto needs more pairs: {exc}") from None
+        raise BuildError(f"--auto: {exc}") from None
     print(f"auto: choosing k and the weighting on {len(chosen[0].queries)} held-out images of "
           f"{len(np.unique(keys))} ({n_pairs} pairs), {splits} splits from seed {seed}", file=log)  # fmt: skip
     neighbours = held_out_neighbours(files, mode, chosen, max(ks))

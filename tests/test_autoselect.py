@@ -54,7 +54,7 @@ def test_holdouts_hold_out_whole_images_chosen_by_content():
     for a, b in zip(splits, again, strict=True):
         assert distinct_rows(image, a.held) == distinct_rows(image[perm], b.held)
 
-    with pytest.raises(ValueError, match="2 distinct image"):
+    with pytest.raises(ValueError, match="at least 3 distinct images; these anchors have 2"):
         holdouts(image_keys(np.eye(4, dtype=np.float32)[[0, 0, 1, 0]]))
 
 

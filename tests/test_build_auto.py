@@ -207,6 +207,18 @@ def test_cli_refuses_a_parameter_of_another_weighting(tmp_path, monkeypatch, cap
     assert not (tmp_path / "index").exists()  # refused before any work
 
 
+def test_cli_auto_refuses_too_few_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=1)
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines[:5]) + "\n")  # the header and two images' captions
+    assert cli_build(tmp_path, images, pairs, "--auto") == 2
+    assert "--auto: holding whole images out needs at least 3 distinct images; these anchors have 2" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "index" / "manifest.json").exists()
+
+
 def test_cli_auto_overrides_k_p_and_weighting(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
     images, pairs = write_pairs(tmp_path / "data", n_per_colour=6)
