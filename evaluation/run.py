@@ -364,10 +364,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         except ValueError as exc:
             raise ValueError(f"--auto: {exc}") from None
         _log(f"auto: k={choice.k}, {choice.weighting.describe()} (held-out mrr {choice.score:.3f})")
-        grid_top1 = {
-            f"{k},{w.describe()}": float(evaluate(sweep_main.scores(k, w), truth, test.names).top1)
-            for k, w in choice.table
-        }
+        swept = report["anchor_modes"][primary]["sweep_top1"]  # the power settings' top-1, scored in step 1
+
+        def top1_at(k: int, w: Weighting) -> float:
+            if w.kind == "power" and f"{k},{w.param:g}" in swept:
+                return swept[f"{k},{w.param:g}"]
+            return float(evaluate(sweep_main.scores(k, w), truth, test.names).top1)
+
+        grid_top1 = {f"{k},{w.describe()}": top1_at(k, w) for k, w in choice.table}
         best_key = max(grid_top1, key=grid_top1.get)
         report["auto"] = {
             "k": choice.k,
