@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 
 from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise
+from asif.encoders.runtime import RUNTIME_HELP, RUNTIMES, RuntimeOptions, requested_runtime
 
 __all__ = [
     "IMAGE_ENCODER_SPECS",
     "TEXT_ENCODER_SPECS",
+    "RUNTIMES",
+    "RUNTIME_HELP",
     "EncoderIdentity",
     "ImageEncoder",
     "TextEncoder",
     "l2_normalise",
     "load_image_encoder",
     "load_text_encoder",
+    "RuntimeOptions",
+    "requested_runtime",
 ]
 
 IMAGE_ENCODER_SPECS = ("effnet-lite0", "effnet-lite2", "hf:<model id or local path>")
@@ -36,40 +41,56 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def load_image_encoder(spec: str, device: str | None = None, batch_size: int | None = None) -> ImageEncoder:
+def _options(runtime: RuntimeOptions | str | None) -> RuntimeOptions:
+    options = runtime if isinstance(runtime, RuntimeOptions) else RuntimeOptions(runtime=runtime)
+    requested_runtime(options.runtime)  # an unknown runtime name fails before any model is loaded
+    return options
+
+
+def load_image_encoder(
+    spec: str,
+    device: str | None = None,
+    batch_size: int | None = None,
+    runtime: RuntimeOptions | str | None = None,
+) -> ImageEncoder:
     """``effnet-lite0``, ``effnet-lite2`` or ``hf:<model id or local path>``.
 
-    ``device``: None/"auto" picks CUDA when available; ``batch_size`` defaults to 32.
+    ``device``: None/"auto" picks CUDA when available; ``batch_size`` defaults to 32; ``runtime``: "auto" (default,
+    or ``$ASIF_RUNTIME``), "onnx" or "torch", or :class:`RuntimeOptions` with threads.
     """
     spec = spec.strip()
+    options = _options(runtime)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     if spec in ("effnet-lite0", "effnet-lite2"):
         _offline()
         from asif.encoders.efficientnet import EfficientNetLiteEncoder
 
-        return EfficientNetLiteEncoder(spec, device=device, batch_size=batch_size)
+        return EfficientNetLiteEncoder(spec, device=device, batch_size=batch_size, runtime=options)
     if spec.startswith("hf:") and len(spec) > len("hf:"):
         from asif.encoders.hf_vision import HFVisionEncoder
 
-        return HFVisionEncoder(spec, device=device, batch_size=batch_size)
+        return HFVisionEncoder(spec, device=device, batch_size=batch_size, runtime=options)
     if spec.startswith("py:"):
         return _plugin(spec, ImageEncoder)  # type: ignore[return-value]
     raise ValueError(f"unknown image encoder spec {spec!r}; valid choices: {', '.join(IMAGE_ENCODER_SPECS)}")
 
 
-def load_text_encoder(spec: str, device: str | None = None, batch_size: int | None = None) -> TextEncoder:
-    """``minilm``, ``mpnet`` or ``st:<model id or local path>``.
-
-    ``device``: None/"auto" picks CUDA when available; ``batch_size`` defaults to 32.
-    """
+def load_text_encoder(
+    spec: str,
+    device: str | None = None,
+    batch_size: int | None = None,
+    runtime: RuntimeOptions | str | None = None,
+) -> TextEncoder:
+    """``minilm``, ``mpnet`` or ``st:<model id or local path>``; arguments as for :func:`load_image_encoder`."""
     spec = spec.strip()
+    options = _options(runtime)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     if spec in ("minilm", "mpnet"):
         _offline()
     if spec in ("minilm", "mpnet") or (spec.startswith("st:") and len(spec) > len("st:")):
         from asif.encoders.sentence import SentenceTransformerEncoder
 
-        return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
+        return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size, runtime=options)
     if spec.startswith("py:"):
         return _plugin(spec, TextEncoder)  # type: ignore[return-value]
     raise ValueError(f"unknown text encoder spec {spec!r}; valid choices: {', '.join(TEXT_ENCODER_SPECS)}")

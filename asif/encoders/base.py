@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,11 +52,35 @@ class Encoder(ABC):
     def dim(self) -> int:
         return self.identity.dim
 
+    @property
+    def runtime(self) -> str:
+        """Where the network runs: "onnx" or "torch" (or the plugin's own)."""
+        return getattr(getattr(self, "forward", None), "runtime", "custom")
+
 
 class ImageEncoder(Encoder):
+    """Images in two steps, so the service and the build can split them across threads and processes:
+
+    - :meth:`prepare` one image (resize, crop; no model): thread-safe, run where the image is decoded;
+    - :meth:`encode_prepared` a batch of prepared images: the network, run by the encoder's own worker.
+
+    ``encode(images) == encode_prepared([prepare(im) for im in images])``. An encoder that does not split (a plugin)
+    keeps the defaults: ``prepare`` returns the image and ``encode_prepared`` calls ``encode``.
+    """
+
     @abstractmethod
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB PIL images -> (len(images), dim) float32, rows L2-normalised."""
+
+    def prepare(self, image: Image.Image) -> Any:
+        return image
+
+    def encode_prepared(self, prepared: Sequence[Any]) -> np.ndarray:
+        return self.encode(prepared)
+
+    def preparer(self) -> Callable[[Image.Image], Any] | None:
+        """A picklable ``prepare`` that imports no torch (for the build's decode processes), or None."""
+        return None
 
 
 class TextEncoder(Encoder):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from asif.encoders.base import EncoderIdentity, ImageEncoder, l2_normalise
 from asif.encoders.device import resolve_device
+from asif.encoders.runtime import ExportSpec, RuntimeOptions, forward_in_batches, load_forward
 
 # Image-processor fields worth recording in the identity (those present on the processor are kept).
 _PROCESSOR_FIELDS = (
@@ -44,13 +45,41 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _pooled_module(model: Any, pooling: str) -> Any:
+    """pixel_values -> pooled features, the pooling chosen at load: the module ONNX Runtime and torch both run."""
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return _pool(self.model(pixel_values=pixel_values), pooling).flatten(1).float()
+
+    return Pooled().eval()
+
+
+def _pool(outputs: Any, pooling: str) -> torch.Tensor:
+    if pooling == "pooler_output":
+        return outputs.pooler_output
+    if pooling == "spatial_mean":  # conv backbone without pooler: (B, C, H, W)
+        return outputs.last_hidden_state.mean(dim=(2, 3))
+    return outputs.last_hidden_state[:, 0]
+
+
 class HFVisionEncoder(ImageEncoder):
     """``pooler_output`` when the model gives one (with trained weights), else the CLS token.
 
     Conv backbones without a pooler (last_hidden_state of shape (B, C, H, W)) get a spatial mean instead.
     """
 
-    def __init__(self, spec: str, device: str | None = None, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        spec: str,
+        device: str | None = None,
+        batch_size: int = 32,
+        runtime: RuntimeOptions = RuntimeOptions(),  # noqa: B008 (frozen dataclass: a safe default)
+    ) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
         source = spec.removeprefix("hf:")
@@ -60,47 +89,44 @@ class HFVisionEncoder(ImageEncoder):
         self.batch_size = batch_size
         self.processor = AutoImageProcessor.from_pretrained(source)
         model, loading_info = AutoModel.from_pretrained(source, output_loading_info=True)
-        self.model = model.eval().to(self.device)
+        model = model.eval().to(self.device)
         # A checkpoint saved without its pooler (e.g. DINO ViTs) gets a *randomly initialised* pooler from
         # AutoModel: never use pooler_output then.
         missing = loading_info.get("missing_keys") or ()
         self.pooler_trusted = not any("pooler" in key.split(".") for key in missing)
-        # One forward pass on a blank image tells which pooling applies and the output dimension.
+        # One forward pass on blank images tells which pooling applies and the output dimension.
+        blank = self._pixels([Image.new("RGB", (64, 64), (128, 128, 128))] * 2)
         with torch.inference_mode():
-            probe, self.pooling = self._forward([Image.new("RGB", (64, 64), (128, 128, 128))], pooling=None)
+            outputs = model(pixel_values=torch.from_numpy(blank).to(self.device, dtype=next(model.parameters()).dtype))
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is not None and self.pooler_trusted:
+            self.pooling = "pooler_output"
+        else:
+            self.pooling = "spatial_mean" if outputs.last_hidden_state.ndim == 4 else "cls"
+        dim = int(_pool(outputs, self.pooling).flatten(1).shape[1])
         preprocessing: dict[str, Any] = {"processor": type(self.processor).__name__, "pooling": self.pooling}
         if not self.pooler_trusted:
             preprocessing["pooler_weights_missing"] = True
         for name in _PROCESSOR_FIELDS:
             if getattr(self.processor, name, None) is not None:
                 preprocessing[name] = _jsonable(getattr(self.processor, name))
-        self.identity = EncoderIdentity(
-            spec=spec, name=source, modality="image", dim=int(probe.shape[1]), preprocessing=preprocessing
-        )
+        self.identity = EncoderIdentity(spec=spec, name=source, modality="image", dim=dim, preprocessing=preprocessing)
+        export = ExportSpec({"pixel_values": blank}, {"pixel_values": {0: "batch"}})
+        module = _pooled_module(model, self.pooling)
+        self.forward = load_forward(module, self.device, self.identity.to_dict(), export, runtime, source)
 
-    def _forward(self, images: Sequence[Image.Image], pooling: str | None) -> tuple[torch.Tensor, str]:
-        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype)
-        outputs = self.model(pixel_values=pixel_values)
-        pooled = getattr(outputs, "pooler_output", None)
-        if pooling is None:
-            if pooled is not None and self.pooler_trusted:
-                pooling = "pooler_output"
-            else:
-                pooling = "spatial_mean" if outputs.last_hidden_state.ndim == 4 else "cls"
-        if pooling == "pooler_output":
-            features = pooled
-        elif pooling == "spatial_mean":  # conv backbone without pooler: (B, C, H, W)
-            features = outputs.last_hidden_state.mean(dim=(2, 3))
-        else:
-            features = outputs.last_hidden_state[:, 0]
-        return features.reshape(len(images), -1).float(), pooling
+    def _pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")
+        return np.asarray(inputs["pixel_values"], dtype=np.float32)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return self._pixels([image])[0]
+
+    def encode_prepared(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        if len(prepared) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        pixels = np.stack(list(prepared))
+        return l2_normalise(forward_in_batches(self.forward, {"pixel_values": pixels}, self.batch_size))
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = images[start : start + self.batch_size]
-                features, _ = self._forward(batch, self.pooling)
-                out[start : start + len(batch)] = features.cpu().numpy()
-        return l2_normalise(out)
+        return self.encode_prepared([self.prepare(im) for im in images])

