@@ -21,12 +21,17 @@ from app.metrics import Metrics
 from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
+from asif.encoders import RuntimeOptions
 from asif.live import LiveModel
 from asif.stores import set_faiss_threads
 
 log = logging.getLogger("asif.app")
 
 LiveFactory = Callable[[Settings], LiveModel]
+
+
+def runtime_options(settings: Settings) -> RuntimeOptions:
+    return RuntimeOptions(runtime=settings.runtime, threads=settings.encoder_threads)
 
 
 def load_live(settings: Settings) -> LiveModel:
@@ -40,6 +45,7 @@ def load_live(settings: Settings) -> LiveModel:
         verify=settings.verify_checksums,
         inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
         compact_ratio=settings.compact_ratio,
+        runtime=runtime_options(settings),
     )
 
 
@@ -59,8 +65,8 @@ def load_shared(settings: Settings) -> LiveModel:
     return open_shared(
         client,
         settings.milvus_prefix,
-        load_image_encoder(image_spec, settings.device),
-        load_text_encoder(text_spec, settings.device),
+        load_image_encoder(image_spec, settings.device, None, runtime_options(settings)),
+        load_text_encoder(text_spec, settings.device, None, runtime_options(settings)),
         index=MilvusIndex.parse(settings.milvus_index),
         inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
     )

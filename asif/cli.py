@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from asif.autoselect import AUTO_KS, AUTO_SPLITS, AUTO_WEIGHTINGS
-from asif.encoders import IMAGE_ENCODER_HELP, TEXT_ENCODER_HELP
+from asif.encoders import IMAGE_ENCODER_HELP, RUNTIME_HELP, RUNTIMES, TEXT_ENCODER_HELP
 from asif.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
 from asif.stores import RERANK_FACTOR
 from index_builder.sources import SHARD_ROWS
@@ -24,6 +24,10 @@ def _config(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """A config dataclass from the parsed arguments of the same names, plus overrides."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return cls(**{**values, **overrides})
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=RUNTIMES, default=None, help=f"where the encoders run: {RUNTIME_HELP}")
 
 
 def _rerank_kind(value: str) -> str | None:
@@ -132,6 +136,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    _add_runtime(p)
     p.add_argument("--force", action="store_true", help="rebuild over an existing index folder or Milvus prefix")
     p.add_argument(
         "--skip-existing",
@@ -189,6 +194,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
+    _add_runtime(p)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -198,7 +204,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from asif.persist import IndexFolderError, read_manifest
 
-    settings = Settings() if args.index is None else Settings(index=args.index)
+    given = {"index": args.index, "runtime": args.runtime}
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
     if settings.store == "faiss":  # the index folder must be there; Milvus mode reads shared state instead
         if args.index is None:
             print("asif serve: error: --index is required (or ASIF_STORE=milvus)", file=sys.stderr)
@@ -254,6 +261,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    _add_runtime(p)
 
 
 def _candidates(value: str) -> list[str]:

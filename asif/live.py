@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from asif.encoders import ImageEncoder, TextEncoder
+from asif.encoders import ImageEncoder, RuntimeOptions, TextEncoder
 from asif.labels import CachedLabels, LabelSet
 from asif.loading import open_index
 from asif.metadata import Edit, NewPair, StoredLabelSet
@@ -117,9 +117,10 @@ class LiveModel:
         verify: bool = True,
         inline_cache_bytes: int = INLINE_CACHE_BYTES,
         compact_ratio: float = COMPACT_RATIO,
+        runtime: RuntimeOptions | str | None = None,
     ) -> None:
         self.path = Path(path)
-        loaded = open_index(self.path, image_encoder, text_encoder, device=device, verify=verify)
+        loaded = open_index(self.path, image_encoder, text_encoder, device=device, verify=verify, runtime=runtime)
         self.verify = verify
         self._start(loaded.model, loaded.metadata, loaded.folder.manifest, inline_cache_bytes, compact_ratio)
 

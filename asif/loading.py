@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders import ImageEncoder, RuntimeOptions, TextEncoder, load_image_encoder, load_text_encoder
 from asif.metadata import PairMetadata
 from asif.model import AsifModel
 from asif.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
@@ -26,6 +26,7 @@ def open_index(
     load_encoders: bool = True,
     device: str | None = None,
     verify: bool = True,
+    runtime: RuntimeOptions | str | None = None,
 ) -> LoadedIndex:
     """Load an index folder. Encoders default to the specs in its manifest; others must match it.
 
@@ -35,9 +36,11 @@ def open_index(
     manifest = read_manifest(Path(path))
     if load_encoders:
         if image_encoder is None or isinstance(image_encoder, str):
-            image_encoder = load_image_encoder(image_encoder or manifest["image_encoder"]["spec"], device)
+            image_encoder = load_image_encoder(
+                image_encoder or manifest["image_encoder"]["spec"], device, None, runtime
+            )
         if text_encoder is None or isinstance(text_encoder, str):
-            text_encoder = load_text_encoder(text_encoder or manifest["text_encoder"]["spec"], device)
+            text_encoder = load_text_encoder(text_encoder or manifest["text_encoder"]["spec"], device, None, runtime)
     image_obj = image_encoder if isinstance(image_encoder, ImageEncoder) else None
     text_obj = text_encoder if isinstance(text_encoder, TextEncoder) else None
     check_encoders(manifest, image_obj.identity if image_obj else None, text_obj.identity if text_obj else None)

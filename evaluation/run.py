@@ -66,6 +66,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32
     device: str | None = None
+    runtime: str | None = None  # auto | onnx | torch (None: $ASIF_RUNTIME or auto)
     cache_dir: Path | None = None
     store: str = "faiss"  # the served path's anchor store (with --pairs): faiss, or milvus (its FLAT default)
     milvus_uri: str | None = None  # default: a milvus-lite database in the output folder
@@ -221,14 +222,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.store == "milvus" and cfg.index is not None:
         raise ValueError("--store milvus evaluates --pairs loaded into Milvus; an --index folder is FAISS's")
     if cfg.index is not None:
-        loaded = open_index(cfg.index, device=cfg.device)
+        loaded = open_index(cfg.index, device=cfg.device, runtime=cfg.runtime)
         img_enc, txt_enc = loaded.model.image_encoder, loaded.model.text_encoder
         assert img_enc is not None and txt_enc is not None
     else:
         if cfg.pairs is None or cfg.images_root is None:
             raise ValueError("give --index, or --pairs with --images-root")
-        img_enc = load_image_encoder(cfg.image_encoder, cfg.device, cfg.batch_size)
-        txt_enc = load_text_encoder(cfg.text_encoder, cfg.device, cfg.batch_size)
+        img_enc = load_image_encoder(cfg.image_encoder, cfg.device, cfg.batch_size, cfg.runtime)
+        txt_enc = load_text_encoder(cfg.text_encoder, cfg.device, cfg.batch_size, cfg.runtime)
     img_cache = EmbeddingCache(img_enc.identity, cfg.cache_dir)
     txt_cache = EmbeddingCache(txt_enc.identity, cfg.cache_dir)
 

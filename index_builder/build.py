@@ -112,6 +112,7 @@ class BuildConfig:
     decode_workers: int = field(default_factory=default_decode_workers)  # processes; 0 decodes in-process
     ray: str | None = None  # Ray address (or "auto", "local"): embed the shards with Ray Data
     device: str | None = None
+    runtime: str | None = None  # where the encoders run: auto | onnx | torch (None: $ASIF_RUNTIME or auto)
     max_pixels: int = DEFAULT_MAX_PIXELS
     force: bool = False
     seed: int = 0
@@ -268,8 +269,12 @@ def _build(
 
     if image_encoder is None or text_encoder is None:
         print(f"loading encoders {config.image_encoder!r} and {config.text_encoder!r}", file=log)
-    image_encoder = image_encoder or load_image_encoder(config.image_encoder, config.device, config.batch_size)
-    text_encoder = text_encoder or load_text_encoder(config.text_encoder, config.device, config.batch_size)
+    image_encoder = image_encoder or load_image_encoder(
+        config.image_encoder, config.device, config.batch_size, config.runtime
+    )
+    text_encoder = text_encoder or load_text_encoder(
+        config.text_encoder, config.device, config.batch_size, config.runtime
+    )
     image_id, text_id = image_encoder.identity.to_dict(), text_encoder.identity.to_dict()
 
     out.mkdir(parents=True, exist_ok=True)

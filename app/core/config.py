@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     image_encoder: str | None = Field(None, description="override the manifest's image encoder spec")
     text_encoder: str | None = Field(None, description="override the manifest's text encoder spec")
     device: str | None = Field(None, description="cuda | cpu; default: cuda when available")
+    runtime: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="where the encoders run: auto (ONNX Runtime on CPU, torch on CUDA), onnx or torch"
+    )
     verify_checksums: bool = True
 
     api_key: SecretStr | None = Field(None, description="when set, write endpoints need 'Authorization: Bearer <key>'")
@@ -52,6 +55,9 @@ class Settings(BaseSettings):
     compact_ratio: float = Field(
         0.25, gt=0, description="write a new base generation once snapshot deltas touch this fraction of the pairs"
     )
+    # Threads, chosen for small machines (README "Threads"): the encoders' intra-op pools use every core, one encoder
+    # call at a time per encoder; everything else (FAISS, BLAS) is one thread per request.
+    encoder_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1, description="ONNX Runtime / torch threads")
     torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
     # One FAISS thread per search: the service already runs searches of concurrent requests in parallel, and
     # FAISS's OpenMP threads fighting other busy threads made single-image searches ~9x slower (bench/run.py).

@@ -9,16 +9,16 @@ from asif.encoders.runtime import RUNTIME_HELP, RUNTIMES, RuntimeOptions, reques
 
 __all__ = [
     "IMAGE_ENCODER_SPECS",
-    "TEXT_ENCODER_SPECS",
     "RUNTIMES",
     "RUNTIME_HELP",
+    "TEXT_ENCODER_SPECS",
     "EncoderIdentity",
     "ImageEncoder",
+    "RuntimeOptions",
     "TextEncoder",
     "l2_normalise",
     "load_image_encoder",
     "load_text_encoder",
-    "RuntimeOptions",
     "requested_runtime",
 ]
 

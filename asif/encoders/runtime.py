@@ -201,7 +201,7 @@ def load_forward(
     device: Any,
     identity: dict[str, Any],
     export: ExportSpec,
-    options: RuntimeOptions = RuntimeOptions(),  # noqa: B008 (frozen dataclass: a safe default)
+    options: RuntimeOptions = RuntimeOptions(),
     name: str = "encoder",
 ) -> Forward:
     """The encoder's network under the runtime ``options`` asks for; torch (with one warning) when ONNX fails."""
