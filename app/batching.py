@@ -1,8 +1,14 @@
 """Dynamic micro-batching of encoder calls.
 
 Requests submit items and await futures; one worker thread per encoder gathers whatever is
-queued (up to ``max_batch``, waiting at most ``max_wait`` for more after the first item) and
-runs ONE encoder call for all of them. The event loop never runs model code.
+queued (up to ``max_batch``) and runs ONE encoder call for all of them. The event loop never
+runs model code.
+
+With ``max_wait_s=0`` (the service's default) the worker never waits for a batch to fill: a
+lone request is encoded at once, as fast as it would be alone, and requests that arrive while
+the encoder is busy form the next batch together (continuous batching). A request's items are
+queued at once, so the worker never splits a request that fits in a batch. A positive
+``max_wait_s`` waits that long after the first item for more.
 
 The worker survives any ``Exception`` from the encoder or the ``on_batch`` hook: the batch's
 requests get the error and the next batch runs as usual. Anything that does end the thread
@@ -17,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
@@ -26,6 +33,38 @@ import numpy as np
 T = TypeVar("T")
 _STOP = object()
 log = logging.getLogger(__name__)
+
+
+class _Queue:
+    """A FIFO whose ``put_many`` adds several items in one step (a waiting ``get`` sees all of them)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._ready = threading.Condition(threading.Lock())
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: Sequence[Any], cap: int | None = None) -> None:
+        """Append all items, or none (``Overloaded``) when that would make more than ``cap`` waiting."""
+        with self._ready:
+            if cap is not None and len(self._items) + len(items) > cap:
+                raise Overloaded(f"encoder queue full ({cap} items waiting)")
+            self._items.extend(items)
+            self._ready.notify()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item; waits up to ``timeout`` (None: forever, 0: not at all), else ``queue.Empty``."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            return self._items.popleft()
+
+    def get_nowait(self) -> Any:
+        return self.get(0)
 
 
 class Overloaded(RuntimeError):
@@ -64,7 +103,7 @@ class MicroBatcher(Generic[T]):
         # its own, other requests interleave between its chunks, and each chunk's timeout stays meaningful.
         self.chunk = max(1, min(max_queue // 2, max_batch * 8))
         self.restarts = 0
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue = _Queue()
         self._lock = threading.Lock()
         self._closed = False
         self._dying = False  # set by a worker on its way out, before it fails its batch
@@ -103,13 +142,8 @@ class MicroBatcher(Generic[T]):
             raise Overloaded(f"{self.name} encoder is shut down")
         if not self.ensure_alive():
             raise Overloaded(f"{self.name} encoder worker is not running")
-        if self._queue.qsize() + len(items) > self.max_queue:
-            raise Overloaded(f"encoder queue full ({self.max_queue} items waiting)")
-        futures: list[Future] = []
-        for item in items:
-            fut: Future = Future()
-            self._queue.put((item, fut))
-            futures.append(fut)
+        futures: list[Future] = [Future() for _ in items]
+        self._queue.put_many(list(zip(items, futures, strict=True)), cap=self.max_queue)
         return futures
 
     async def encode(self, items: Sequence[T]) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import UploadFile
 from PIL import Image
@@ -14,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import ApiError
 from app.schemas import WeightingOptions
+from asif.augment import image_view
+from asif.encoders import ImageEncoder
 from asif.images import open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet
 from asif.relrep import PARAM_NAMES, WEIGHTINGS, Weighting
@@ -46,22 +50,44 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-async def decode_images(blobs: list[bytes], settings: Settings) -> list[Image.Image]:
+def _check_count(blobs: list[bytes], settings: Settings) -> None:
     if not blobs:
         raise ApiError(422, "at least one image is required")
     if len(blobs) > settings.max_images:
         raise ApiError(422, f"too many images: {len(blobs)} > {settings.max_images}")
 
-    def decode_all() -> list[Image.Image]:
-        out = []
-        for i, blob in enumerate(blobs):
-            try:
-                out.append(open_image(blob, max_pixels=settings.max_pixels))
-            except ValueError as exc:
-                raise ApiError(400, f"image {i}: {exc}") from exc
-        return out
 
-    return await run_in_threadpool(decode_all)
+def _decode(blob: bytes, i: int, settings: Settings) -> Image.Image:
+    try:
+        return open_image(blob, max_pixels=settings.max_pixels)
+    except ValueError as exc:
+        raise ApiError(400, f"image {i}: {exc}") from exc
+
+
+async def decode_images(blobs: list[bytes], settings: Settings) -> list[Image.Image]:
+    """Decoded RGB images (off the event loop); 4xx for a bad or missing image."""
+    _check_count(blobs, settings)
+    return await run_in_threadpool(lambda: [_decode(blob, i, settings) for i, blob in enumerate(blobs)])
+
+
+async def prepare_images(
+    blobs: list[bytes], settings: Settings, encoder: ImageEncoder, views: Sequence[str] = ()
+) -> list[Any]:
+    """What the image encoder's network takes, for every image and then every view of every image (``views``
+    outer): decoding, the views and the encoder's preparation run in a worker thread, never on the event loop, and
+    each decoded image is dropped as soon as it is prepared."""
+    _check_count(blobs, settings)
+
+    def prepare_all() -> list[Any]:
+        originals, extra = [], [[] for _ in views]
+        for i, blob in enumerate(blobs):
+            image = _decode(blob, i, settings)
+            originals.append(encoder.prepare(image))
+            for out, view in zip(extra, views, strict=True):
+                out.append(encoder.prepare(image_view(image, view)))
+        return originals + [x for out in extra for x in out]
+
+    return await run_in_threadpool(prepare_all)
 
 
 def label_set_from(labels: list[str] | None, templates: list[str] | None, settings: Settings) -> LabelSet:

@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
             settings=settings,
             live=live,
             images=MicroBatcher(
-                live.image_encoder.encode,
+                live.image_encoder.encode_prepared,
                 settings.batch_max_size,
                 wait,
                 "image",

@@ -12,11 +12,13 @@ import hashlib
 import io
 import json
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,8 @@ class StageTimes:
     samples: int = 0
     read_seconds: float = 0.0
     images: int = 0
-    decode_seconds: float = 0.0  # summed over decode workers
+    decode_seconds: float = 0.0  # summed over decode workers (decoding, preparing, thumbnails)
+    wait_seconds: float = 0.0  # the image encoder waiting for the decode workers (0: they kept it fed)
     image_seconds: float = 0.0
     captions: int = 0
     caption_seconds: float = 0.0
@@ -106,13 +109,21 @@ class ShardEmbedding:
             )
 
 
-def stored_fingerprint(path: Path) -> str | None:
-    """The fingerprint a finished shard file was written for, or None (missing or unreadable file)."""
+def stored_meta(path: Path) -> dict[str, Any] | None:
+    """A finished shard file's metadata (fingerprint, counts, times; not the arrays), or None (missing or
+    unreadable file)."""
     try:
         with np.load(path) as z:
-            return json.loads(z["meta"].tobytes())["fingerprint"]
-    except (OSError, ValueError, KeyError):
+            meta = json.loads(z["meta"].tobytes())
+        return meta if isinstance(meta, dict) and "fingerprint" in meta else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    """The fingerprint a finished shard file was written for, or None (missing or unreadable file)."""
+    meta = stored_meta(path)
+    return None if meta is None else meta["fingerprint"]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -140,7 +151,10 @@ def embed_shard(
 ) -> ShardEmbedding:
     """Read, decode and embed one shard. Raises ShardError when the shard cannot be read (nothing is kept then).
 
-    Reading and decoding of the next batch overlap the encoding of this one (the decoders are processes).
+    Reading and decoding of the next batch overlap the encoding of this one (the decoders are processes). When the
+    decoder prepares the images (``decoder.prepare``, the encoder's ``preparer()``), only the encoder's network runs
+    here (``encode_prepared``); else ``encode`` gets the decoded images. ``on_images(n)`` after each encoder call
+    with the images it embedded (and once per read batch with its unreadable images, if any).
     """
     counts: Counter = Counter()
     times = StageTimes()
@@ -176,21 +190,27 @@ def embed_shard(
         times.samples += len(batch)
         return decoder.submit(sources)
 
+    run = image_encoder.encode if decoder.prepare is None else image_encoder.encode_prepared
+
     def encode(wait: Callable[[], list[Decoded]]) -> None:
+        t0 = time.perf_counter()
         decoded = wait()
+        times.wait_seconds += time.perf_counter() - t0
         rows = np.zeros((len(decoded), image_encoder.dim), dtype=np.float32)
         good = [i for i, (img, _) in enumerate(decoded) if img is not None]
-        t0 = time.perf_counter()
         for b in range(0, len(good), batch_size):
             part = good[b : b + batch_size]
-            rows[part] = image_encoder.encode([decoded[i][0] for i in part])
-        times.image_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows[part] = run([decoded[i][0] for i in part])
+            times.image_seconds += time.perf_counter() - t0
+            if on_images is not None:
+                on_images(len(part))
         times.images += len(decoded)
         image_rows.append(rows)
         image_ok.extend(img is not None for img, _ in decoded)
         thumbs.extend(t for _, t in decoded)
-        if on_images is not None:
-            on_images(len(decoded))
+        if on_images is not None and len(good) < len(decoded):
+            on_images(len(decoded) - len(good))
 
     current = read()
     while current is not None:

@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     max_p: float = Field(64.0, gt=0)
 
     batch_max_size: int = Field(32, ge=1, description="encoder micro-batch size")
-    batch_max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="how long a micro-batch waits to fill (0: never; requests queued meanwhile batch)"
+    )
     max_queue: int = Field(1024, ge=1, description="items waiting for an encoder before requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an encoder before a 503")
     inline_label_cache_mb: float = Field(

@@ -12,10 +12,10 @@ from app.core.errors import ApiError
 from app.inputs import (
     check_k_p,
     decode_base64,
-    decode_images,
     form_list,
     invalid_body,
     label_set_from,
+    prepare_images,
     read_upload,
     weighting_fields,
     weighting_from,
@@ -30,7 +30,7 @@ from app.schemas import (
     SimilarityJSON,
     SimilarityResponse,
 )
-from asif.augment import check_views, image_view
+from asif.augment import check_views
 from asif.live import NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
@@ -133,9 +133,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
         if opts.explain_label not in labels.classes:
             raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
         explain_label = labels.classes.index(opts.explain_label)
-    images = await decode_images(blobs, state.settings)
     augment = check_views(opts.augment)
-    encoded = await state.images.encode(images + [image_view(im, v) for v in augment for im in images])
+    prepared = await prepare_images(blobs, state.settings, state.live.image_encoder, augment)
+    encoded = await state.images.encode(prepared)
     embeddings, *views = np.split(encoded, 1 + len(augment))
     live = state.live
     try:
@@ -191,8 +191,7 @@ async def similarity(request: Request, state: State) -> SimilarityResponse:
         raise ApiError(422, "texts must be a non-empty list of non-empty strings")
     if len(texts) > state.settings.max_texts:
         raise ApiError(422, f"too many texts: {len(texts)} > {state.settings.max_texts}")
-    images = await decode_images(blobs, state.settings)
-    image_emb = await state.images.encode(images)
+    image_emb = await state.images.encode(await prepare_images(blobs, state.settings, state.live.image_encoder))
     text_emb = await state.texts.encode(texts)
     model = state.live.model
 

@@ -100,7 +100,8 @@ async def add_pairs(request: Request, state: State) -> PairIds:
     """Add image-caption pairs; the answer comes once they are durable and used by every later request."""
     items = await _parse_new_pairs(request, state)
     images = await decode_images([blob for blob, _, _ in items], state.settings)
-    image_emb = await state.images.encode(images)
+    encoder = state.live.image_encoder
+    image_emb = await state.images.encode(await run_in_threadpool(lambda: [encoder.prepare(im) for im in images]))
     per_caption = state.live.manifest.get("anchors") == "caption"
     all_captions = [c for _, caps, _ in items for c in caps]
     caption_emb = await state.texts.encode(all_captions)

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
 from app.core.errors import ApiError
-from app.inputs import decode_base64, decode_images, invalid_body, read_upload
+from app.inputs import decode_base64, invalid_body, prepare_images, read_upload
 from app.schemas import SearchHit, SearchJSON, SearchResponse
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -67,8 +67,9 @@ async def search(request: Request, state: State) -> SearchResponse:
     if (text is None or not text.strip()) == (blob is None):
         raise ApiError(422, "give exactly one of text (non-empty) and image")
     if blob is not None:
-        images = await decode_images([blob], state.settings)
-        role, vectors = "image", await state.images.encode(images)
+        role, vectors = "image", await state.images.encode(
+            await prepare_images([blob], state.settings, state.live.image_encoder)
+        )
     else:
         assert text is not None
         if len(text) > state.settings.max_caption_chars:
