@@ -292,6 +292,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     assert sweep_main is not None
     dense_pred = predictions(dense_scores_main, cfg.threshold)
     report["metrics"] = report["anchor_modes"][primary]["metrics"]
+    report["predictions"] = dense_pred.tolist()  # per readable test image, in file order (-1: unknown)
     report["confusion"] = confusion_matrix(truth, dense_pred, len(test.names)).tolist()
 
     # 2. The served path (the stores as built) against the dense exact reference.
