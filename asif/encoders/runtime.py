@@ -183,6 +183,7 @@ def export_onnx(module: Any, spec: ExportSpec, path: Path) -> None:
                 output_names=["features"],
                 dynamic_axes={**spec.dynamic_axes, "features": {0: "batch"}},
             )
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide the cache from a server running as another user
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
