@@ -222,11 +222,17 @@ def _duplicated_anchors(rng, n_distinct=1500, copies=5, singles=3000, dim=32):
     return x, ids
 
 
-def _grouped_and_flat(x, ids):
-    # 8-bit codes of one dimension each: PQ ranks almost exactly, so the candidates hold the true
+GROUPED_KINDS = ["IVF16,PQ32x8", "flat"]
+
+
+def _grouped_and_flat(x, ids, kind="IVF16,PQ32x8"):
+    # IVF: 8-bit codes of one dimension each: PQ ranks almost exactly, so the candidates hold the true
     # neighbours and the comparison with the flat index can be exact, on both search paths.
-    grouped = build_store(x, ids, choose_index_spec(len(x), x.shape[1], "IVF16,PQ32x8"))
+    # flat: told how many distinct vectors there are, the Flat index groups them too (exact candidates).
+    distinct = len(np.unique(x, axis=0))
+    grouped = build_store(x, ids, choose_index_spec(len(x), x.shape[1], kind, distinct=distinct))
     flat = build_store(x, ids, choose_index_spec(len(x), x.shape[1], "flat"))
+    assert grouped.groups_duplicates and not flat.groups_duplicates
     return grouped, flat
 
 
@@ -237,9 +243,10 @@ def _assert_same_search(a, b, q, k):
     np.testing.assert_allclose(sa, sb, atol=1e-5)
 
 
-def test_identical_vectors_are_indexed_once_and_search_like_a_flat_index(rng):
+@pytest.mark.parametrize("kind", GROUPED_KINDS)
+def test_identical_vectors_are_indexed_once_and_search_like_a_flat_index(rng, kind):
     x, ids = _duplicated_anchors(rng)
-    grouped, flat = _grouped_and_flat(x, ids)
+    grouped, flat = _grouped_and_flat(x, ids, kind)
     assert grouped.ntotal == flat.ntotal == 10_500
     assert grouped.nvectors == grouped.refine.ntotal == 4500  # 1,500 groups of 5 + 3,000 singletons
     q = np.concatenate([_lattice(rng, 4, 32), x[:2]])
@@ -250,9 +257,10 @@ def test_identical_vectors_are_indexed_once_and_search_like_a_flat_index(rng):
     np.testing.assert_array_equal(grouped.reconstruct(np.array([member]))[0], x[1])
 
 
-def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path):
+@pytest.mark.parametrize("kind", GROUPED_KINDS)
+def test_grouped_store_edits_keep_searching_like_flat(rng, tmp_path, kind):
     x, ids = _duplicated_anchors(rng)
-    grouped, flat = _grouped_and_flat(x, ids)
+    grouped, flat = _grouped_and_flat(x, ids, kind)
     q = _lattice(rng, 5, 32)
     groups_of_first = ids[:5]  # the five pairs sharing vector 0
     key = int(groups_of_first.min())
@@ -520,3 +528,30 @@ def test_a_mapped_table_answers_like_a_read_one_through_edits_and_leaves_its_fil
     again = VectorTable.read(tmp_path / "again.npz", 8, kind)
     np.testing.assert_array_equal(again.get(alive[:500]), read.get(alive[:500]))
     assert again.ntotal == read.ntotal == n - 4 + 3
+
+
+def test_flat_index_over_repeated_images_scans_each_image_once_and_equals_the_dense_reference(rng):
+    """Per-caption anchors repeat each image vector (Flickr8k: 40,450 pairs, 8,090 images): the auto index keeps one
+    vector per image, and its search (through removals and adds) equals the dense reference over all pairs."""
+    spec = choose_index_spec(40_450, 1280, distinct=8_090)
+    assert (spec.kind, spec.factory, spec.refine) == ("flat", "IDMap2,Flat", "Flat")
+    assert choose_index_spec(40_450, 384, distinct=40_450).refine is None  # nothing to group: no extra table
+    x, ids = _duplicated_anchors(rng, n_distinct=600, copies=5, singles=300, dim=24)
+    store = build_store(x, ids, choose_index_spec(len(x), 24, distinct=900))
+    assert store.nvectors == 900 and store.ntotal == 3300
+    keep = np.ones(len(ids), dtype=bool)
+    q = np.concatenate([_lattice(rng, 3, 24), x[:1]])
+    for step in range(4):
+        for k in (1, 40, 800, len(ids)):
+            sims, got = store.search(q, k)
+            ref_s, rows = reference.topk(q, x[keep], min(k, int(keep.sum())), ids[keep])
+            assert got.tolist() == ids[keep][rows].tolist()
+            np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+        drop = rng.choice(np.flatnonzero(keep), 150, replace=False)
+        store.remove(ids[drop])
+        keep[drop] = False
+        if step == 1:  # three captions of a new image, and a caption of an old image again
+            new_ids = np.array([10**6, 10**6 + 1, 10**6 + 2, 10**6 + 3])
+            new = np.concatenate([np.repeat(_lattice(rng, 1, 24), 3, axis=0), x[:1]])
+            store.add(new_ids, new)
+            x, ids, keep = np.concatenate([x, new]), np.concatenate([ids, new_ids]), np.concatenate([keep, [True] * 4])

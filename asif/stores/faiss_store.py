@@ -245,6 +245,13 @@ class FaissStore:
             short = (ids < 0).any(axis=1)
         return sims, ids.astype(np.int64)
 
+    def _search_index(self, x: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's candidates: from the IVF lists (PQ similarities), or from a Flat index (exact similarities)."""
+        if self._ivf is None:
+            sims, ids = self.index.search(x, fetch)
+            return sims, ids.astype(np.int64)
+        return self._search_ivf(x, fetch)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
         apply_faiss_threads()
@@ -302,8 +309,9 @@ class FaissStore:
         ids = np.empty((len(x), k), dtype=np.int64)
         todo = np.arange(len(x))
         k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
+        least = RERANK_MIN if self._ivf is not None else 1  # a Flat index's candidates are exact already
         for want in dict.fromkeys((k_vec, k, None)):  # without groups k_vec == k: one PQ pass
-            fetch = self.nvectors if want is None else max(RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
+            fetch = self.nvectors if want is None else max(least, math.ceil(want * self.spec.rerank_factor))
             s, keys = self._candidates(x[todo], fetch, k)
             s, i, ok = self._expand(s, keys, k)
             sims[todo[ok]], ids[todo[ok]] = s[ok], i[ok]
@@ -369,7 +377,7 @@ class FaissStore:
         if fetch >= nvectors:  # the candidates would be the whole table: exact
             return self._exact_all(x, min(k, nvectors))
         wide = min(nvectors, fetch + TIE_MARGIN)
-        pq, cand = self._search_ivf(x, wide)
+        pq, cand = self._search_index(x, wide)
         cells = np.floor(pq[:, fetch - 1 :] / TIE_GRID)
         same = cells[:, 1:] == cells[:, :1]  # the rest of the fetch-th one's cell: a prefix (FAISS lists best first)
         # Rows whose last candidate fetched (not a -1: more vectors exist) is still in that cell.
