@@ -269,3 +269,17 @@ def test_eval_top1_agrees_between_runtimes_on_imagenette(tmp_path: Path) -> None
     assert agreement >= 0.999, agreement
     top1 = [reports[n]["metrics"]["top1"] for n in ("onnx", "torch")]
     assert abs(top1[0] - top1[1]) <= 0.002
+
+
+def test_onnx_on_cuda_without_a_cuda_provider_is_refused_not_run_on_the_cpu(cache: Path) -> None:
+    """A CPU-only onnxruntime would quietly run a `--device cuda` model on the CPU; it is refused instead (so
+    load_forward falls back to torch on the GPU, with its warning)."""
+    import onnxruntime
+
+    from asif.encoders.runtime import OrtForward
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    _forward(Tiny().eval())
+    with pytest.raises(RuntimeError, match="no CUDA provider"):
+        OrtForward(next(cache.glob("*.onnx")), "cuda", RuntimeOptions())

@@ -112,6 +112,9 @@ class OrtForward(Forward):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
         providers = ["CPUExecutionProvider"]
         if device_type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                # ONNX Runtime would quietly run on the CPU instead: fail, and let the caller use torch on the GPU
+                raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
         self.path = path
         self.session = ort.InferenceSession(str(path), so, providers=providers)
