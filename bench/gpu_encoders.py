@@ -28,7 +28,8 @@ BATCHES = (1, 32, 128)
 
 
 def ms_per_image(encoder, batch: int, seconds: float = 3.0) -> float:
-    x = [np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)] * batch
+    size = encoder.image_size
+    x = [np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)] * batch
     encoder.encode_prepared(x)  # warm-up (CUDA kernels, ORT arena)
     encoder.encode_prepared(x)
     n, t0 = 0, time.perf_counter()

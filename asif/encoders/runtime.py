@@ -113,7 +113,6 @@ class OrtForward(Forward):
         providers = ["CPUExecutionProvider"]
         if device_type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                # ONNX Runtime would quietly run on the CPU instead: fail, and let the caller use torch on the GPU
                 raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
         self.path = path
@@ -164,7 +163,7 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]  # input name -> {axis: name}; the output gets a dynamic batch
 
 
-def export_onnx(module: Any, spec: ExportSpec, path: Path) -> None:
+def export_onnx(module: Any, spec: ExportSpec, path: Path, device: Any = None) -> None:
     """Export ``module`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
     import torch
 
@@ -173,7 +172,7 @@ def export_onnx(module: Any, spec: ExportSpec, path: Path) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        example = tuple(torch.from_numpy(v) for v in spec.example.values())
+        example = tuple(torch.from_numpy(v).to(device or "cpu") for v in spec.example.values())
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's TracerWarnings about shapes are expected
             torch.onnx.export(
@@ -215,12 +214,18 @@ def load_forward(
     if resolve_runtime(options.runtime, device.type) == "torch":
         return torch_forward
     try:
+        if device.type == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                # ONNX Runtime would quietly run on the CPU instead: torch on the GPU is the better fallback
+                raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         key = cache_key(identity, weights_digest(module), {"device": device.type})
         path = onnx_cache_dir() / f"{name.replace('/', '_')}-{key}.onnx"
         fresh = not path.is_file()
         if fresh:
             log.info("exporting %s to ONNX (once): %s", name, path)
-            export_onnx(module.cpu() if device.type == "cpu" else module, export, path)
+            export_onnx(module, export, path, device)
         forward = OrtForward(path, device.type, options)
         if fresh:
             _check_agreement(forward, torch_forward, export, name)
