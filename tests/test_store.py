@@ -536,6 +536,7 @@ def test_flat_index_over_repeated_images_scans_each_image_once_and_equals_the_de
     spec = choose_index_spec(40_450, 1280, distinct=8_090)
     assert (spec.kind, spec.factory, spec.refine) == ("flat", "IDMap2,Flat", "Flat")
     assert choose_index_spec(40_450, 384, distinct=40_450).refine is None  # nothing to group: no extra table
+    assert choose_index_spec(40_450, 384, distinct=40_300).refine is None  # a few repeated captions: not worth it
     x, ids = _duplicated_anchors(rng, n_distinct=600, copies=5, singles=300, dim=24)
     store = build_store(x, ids, choose_index_spec(len(x), 24, distinct=900))
     assert store.nvectors == 900 and store.ntotal == 3300
