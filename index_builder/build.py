@@ -54,7 +54,7 @@ from index_builder.auto_select import auto_select
 from index_builder.decode import Decoder
 from index_builder.errors import AlreadyBuiltError, BuildError
 from index_builder.milvus_out import check_target, load_milvus, open_client
-from index_builder.shard_embed import ShardEmbedding, StageTimes, embed_shard, stored_fingerprint, write_atomic
+from index_builder.shard_embed import ShardEmbedding, StageTimes, embed_shard, stored_meta, write_atomic
 from index_builder.sources import SHARD_ROWS, Shard, ShardError, SourceOptions, list_shards
 
 WORK_DIR = ".build"
@@ -70,6 +70,19 @@ SKIP_REASONS = (
 
 
 def default_decode_workers() -> int:
+    """Decode processes: cores - 1, at least 1, at most 8.
+
+    Measured on 2 cores (bench/build_runtime.py and 2,000-5,000-row Flickr8k builds, a quiet machine): one worker
+    decodes, thumbnails and prepares a photo in 1.6-2.2 ms of CPU while ONNX Runtime's effnet-lite0 (2 intra-op
+    threads) embeds 135-165 img/s, so the one worker this gives keeps the encoder fed: it waited 0.2-0.3 s of a
+    7-20 s embedding step (``StageTimes.wait_seconds``, the report's decode line; mostly the first batch of each
+    shard and the worker's start). With 0 workers the encoder alone runs faster (~185 img/s: no process shares its
+    cores) but decoding then runs in series with it: the same wall time on Flickr8k's 224 px photos, and slower on
+    larger ones. A second worker on 2 cores only competes with the encoder's threads. Larger photos (img2dataset at
+    384-512 px, camera photos of several megapixels: 20-100 ms to decode) need more workers on larger machines, up
+    to 8; workers not needed stay idle (the build decodes one read batch ahead: at most 16 tasks of 16 images) and
+    cost only their memory.
+    """
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
@@ -135,6 +148,7 @@ class BuildReport:
     shards: int = 0
     shards_embedded_now: int = 0
     shards_resumed: int = 0
+    images_resumed: int = 0  # distinct images of the resumed shards
     failed_shards: dict[str, str] = field(default_factory=dict)  # shard -> why it was skipped
     images_embedded_now: int = 0
     captions_embedded_now: int = 0
@@ -154,6 +168,7 @@ class BuildReport:
 
         skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v) or "none"
         workers = max(1, self.decode_workers)
+        waited = f"; the encoder waited {st.wait_seconds:.1f} s for it" if st.images else ""
         out = [
             f"rows read:         {self.rows}",
             f"captions used:     {self.captions}",
@@ -166,7 +181,7 @@ class BuildReport:
         out += [f"  failed {name}: {why}" for name, why in self.failed_shards.items()]
         out += [
             f"read:              {rate(st.samples, st.read_seconds, 'samples')}",
-            f"decode:            {rate(st.images, st.decode_seconds / workers, 'img', f', {workers} workers')}",
+            f"decode:            {rate(st.images, st.decode_seconds / workers, 'img', f', {workers} workers')}{waited}",
             f"images embedded:   {rate(self.images_embedded_now, st.image_seconds, 'img')}",
             f"captions embedded: {rate(self.captions_embedded_now, st.caption_seconds, 'captions')}",
             f"embedding wall:    {rate(self.images_embedded_now, self.embed_seconds, 'img')}",
@@ -280,8 +295,14 @@ def _build(
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK_DIR
     _prepare_work_dir(work, _fingerprint(config, kind, image_id, text_id), log)
-    todo = [s for s in shards if stored_fingerprint(shard_file(work, s)) != s.fingerprint()]
-    report.shards_resumed = len(shards) - len(todo)
+    todo = []
+    for shard in shards:
+        meta = stored_meta(shard_file(work, shard))
+        if meta is not None and meta["fingerprint"] == shard.fingerprint():
+            report.shards_resumed += 1
+            report.images_resumed += int(meta.get("times", {}).get("images", 0))
+        else:
+            todo.append(shard)
     _embed(config, options, todo, work, image_encoder, text_encoder, [image_id, text_id], report, log, after_shard)
     files = [shard_file(work, s) for s in shards if s.name not in report.failed_shards]
     if not files:
@@ -368,7 +389,7 @@ def _embed(
 ) -> None:
     """Embed the shards not embedded yet, writing one file per shard as each finishes."""
     by_name = {s.name: s for s in todo}
-    bar = tqdm(total=report.shards, initial=report.shards_resumed, desc="shards", unit="shard", file=sys.stderr)
+    progress = Progress(report.shards, report.shards_resumed, report.images_resumed, log)
     t0 = time.perf_counter()
 
     def finished(name: str, emb: ShardEmbedding | None, data: bytes | None, problem: str) -> None:
@@ -386,9 +407,7 @@ def _embed(
             report.shards_embedded_now += 1
             report.images_embedded_now += emb.times.images
             report.captions_embedded_now += emb.times.captions
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix_str(f"{report.images_embedded_now / max(elapsed, 1e-9):.1f} img/s")
-        bar.update(1)
+        progress.shard_done(emb.times.images if emb is not None else 0)
         if after_shard is not None:
             after_shard(name)
 
@@ -400,21 +419,55 @@ def _embed(
             embed_with_ray(
                 config.ray, todo, options, config.image_encoder, config.text_encoder, identity, config.device,
                 config.batch_size, config.max_pixels,
-                lambda name, data, problem: finished(name, None, data, problem), log,
+                lambda name, data, problem: finished(name, None, data, problem), log, runtime=config.runtime,
             )  # fmt: skip
         else:
             report.decode_workers = config.decode_workers
-            with Decoder(config.decode_workers if todo else 0, config.max_pixels) as decoder:
+            # the workers decode, thumbnail and prepare; this process runs the encoder's network only
+            decoder = Decoder(config.decode_workers if todo else 0, config.max_pixels, image_encoder.preparer())
+            with decoder:
                 for shard in todo:
                     try:
-                        emb = embed_shard(shard, options, image_encoder, text_encoder, decoder, config.batch_size)
+                        emb = embed_shard(
+                            shard, options, image_encoder, text_encoder, decoder, config.batch_size,
+                            on_images=progress.images,
+                        )  # fmt: skip
                     except ShardError as exc:
                         finished(shard.name, None, None, str(exc))
                         continue
                     finished(shard.name, emb, None, "")
     finally:
-        bar.close()
+        progress.close()
         report.embed_seconds = time.perf_counter() - t0
+
+
+class Progress:
+    """The embedding step's progress bar: images embedded so far (those of resumed shards included), moved after
+    every encoder batch, with tqdm's img/s and the shards done out of all in the postfix.
+
+    A shard embedded elsewhere (Ray) moves the bar by its images when its file arrives."""
+
+    def __init__(self, shards: int, resumed: int, resumed_images: int, file: TextIO) -> None:
+        self.shards, self.done, self.in_shard = shards, resumed, 0
+        self.bar = tqdm(initial=resumed_images, desc="embedding", unit="img", file=file, postfix=self._shards())
+
+    def _shards(self) -> str:
+        return f"{self.done}/{self.shards} shards"
+
+    def images(self, n: int) -> None:
+        self.in_shard += n
+        self.bar.update(n)
+
+    def shard_done(self, images: int) -> None:
+        """A shard finished (or failed: ``images`` 0) with ``images`` images, some perhaps counted already."""
+        self.done += 1
+        self.bar.set_postfix_str(self._shards(), refresh=False)
+        self.bar.update(max(0, images - self.in_shard))
+        self.bar.refresh()
+        self.in_shard = 0
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _count(files: list[Path], mode: str, report: BuildReport, skipped: Counter) -> tuple[int, dict[str, int]]:

@@ -2,9 +2,10 @@
 
 The shards are a Ray dataset of descriptors; ``map_batches`` runs :class:`ShardEmbedder`, an actor that loads the
 two encoders once and embeds a shard per call with the same :func:`embed_shard` as a single-process build. One
-actor per GPU (or per CPU slot when the cluster has no GPU). The shard files travel back through Ray's object store
-and the driver writes them, so the workers need no shared filesystem; the driver then builds the index from them
-as usual.
+actor per GPU (or per CPU slot when the cluster has no GPU, its encoders on one thread each: the actors fill the
+cores, not the threads of one actor). The encoders run on ``--runtime`` (auto: ONNX Runtime on CPU, torch on
+CUDA). The shard files travel back through Ray's object store and the driver writes them, so the workers need no
+shared filesystem; the driver then builds the index from them as usual.
 
 ``--ray local`` starts a Ray instance on this machine (what the tests run); ``--ray auto`` joins the cluster this
 machine belongs to; anything else is a Ray address (``ray://head:10001`` or ``head:6379``).
@@ -43,18 +44,22 @@ class ShardEmbedder:
         batch_size: int,
         max_pixels: int,
         options: dict[str, Any],
+        runtime: str | None = None,
+        threads: int | None = None,
     ) -> None:
         from pathlib import Path
 
-        from asif.encoders import load_image_encoder, load_text_encoder
+        from asif.encoders import RuntimeOptions, load_image_encoder, load_text_encoder
         from index_builder.decode import Decoder
 
-        self.image_encoder = load_image_encoder(image_encoder, device, batch_size)
-        self.text_encoder = load_text_encoder(text_encoder, device, batch_size)
+        run = RuntimeOptions(runtime=runtime, threads=threads)
+        self.image_encoder = load_image_encoder(image_encoder, device, batch_size, run)
+        self.text_encoder = load_text_encoder(text_encoder, device, batch_size, run)
         root = options.get("images_root")
         self.options = SourceOptions(**{**options, "images_root": Path(root) if root else None})
         self.batch_size = batch_size
-        self.decoder = Decoder(0, max_pixels)  # Ray runs one actor per slot: decode in the actor
+        # Ray runs one actor per slot: decode (and prepare) in the actor
+        self.decoder = Decoder(0, max_pixels, self.image_encoder.preparer())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from index_builder.shard_embed import embed_shard
@@ -106,9 +111,11 @@ def embed_with_ray(
     max_pixels: int,
     on_shard: Callable[[str, bytes | None, str], None],
     log: TextIO = sys.stderr,
+    runtime: str | None = None,
 ) -> None:
     """Embed ``shards`` on a Ray cluster; ``on_shard(name, shard file bytes or None, problem)`` per shard, as the
-    results arrive (the caller writes the files, so an interrupted job keeps the shards already finished)."""
+    results arrive (the caller writes the files, so an interrupted job keeps the shards already finished).
+    ``runtime``: the encoders' runtime on the workers (None: their ``$ASIF_RUNTIME`` or auto)."""
     if not shards:
         return
     ray = connect(address)
@@ -133,6 +140,8 @@ def embed_with_ray(
             "batch_size": batch_size,
             "max_pixels": max_pixels,
             "options": opts,
+            "runtime": runtime,
+            "threads": None if gpus else 1,  # a CPU actor holds one CPU slot: one encoder thread
         },
     )
     try:

@@ -151,10 +151,11 @@ def embed_shard(
 ) -> ShardEmbedding:
     """Read, decode and embed one shard. Raises ShardError when the shard cannot be read (nothing is kept then).
 
-    Reading and decoding of the next batch overlap the encoding of this one (the decoders are processes). When the
-    decoder prepares the images (``decoder.prepare``, the encoder's ``preparer()``), only the encoder's network runs
-    here (``encode_prepared``); else ``encode`` gets the decoded images. ``on_images(n)`` after each encoder call
-    with the images it embedded (and once per read batch with its unreadable images, if any).
+    Reading and decoding of the next batch overlap the encoding of this one, its images then its captions (the
+    decoders are processes). When the decoder prepares the images (``decoder.prepare``, the encoder's
+    ``preparer()``), only the encoder's network runs here (``encode_prepared``); else ``encode`` gets the decoded
+    images. ``on_images(n)`` after each encoder call with the images it embedded (and once per read batch with its
+    unreadable images, if any).
     """
     counts: Counter = Counter()
     times = StageTimes()
@@ -166,12 +167,14 @@ def embed_shard(
     captions: list[str] = []
     sample_refs: list[str] = []
     image_rows: list[np.ndarray] = []
+    caption_rows: list[np.ndarray] = []
     image_ok: list[bool] = []
     thumbs: list[bytes] = []
     decoder_busy = decoder.busy_seconds
 
-    def read() -> Callable[[], list[Decoded]] | None:
-        """Read the next batch of samples; start decoding its new images. None at the end of the shard."""
+    def read() -> tuple[Callable[[], list[Decoded]], list[str]] | None:
+        """Read the next batch of samples; start decoding its new images. Returns the wait for them and the batch's
+        captions; None at the end of the shard."""
         t0 = time.perf_counter()
         batch = list(islice(samples, READ_BATCH))
         times.read_seconds += time.perf_counter() - t0
@@ -188,11 +191,11 @@ def embed_shard(
             captions.append(sample.caption)
             sample_refs.append(sample.ref)
         times.samples += len(batch)
-        return decoder.submit(sources)
+        return decoder.submit(sources), [sample.caption for sample in batch]
 
     run = image_encoder.encode if decoder.prepare is None else image_encoder.encode_prepared
 
-    def encode(wait: Callable[[], list[Decoded]]) -> None:
+    def encode(wait: Callable[[], list[Decoded]], texts: list[str]) -> None:
         t0 = time.perf_counter()
         decoded = wait()
         times.wait_seconds += time.perf_counter() - t0
@@ -211,21 +214,19 @@ def embed_shard(
         thumbs.extend(t for _, t in decoded)
         if on_images is not None and len(good) < len(decoded):
             on_images(len(decoded) - len(good))
+        t0 = time.perf_counter()
+        caption_rows.append(text_encoder.encode(texts))  # one call per read batch: sorted by length within it
+        times.caption_seconds += time.perf_counter() - t0
+        times.captions += len(texts)
 
     current = read()
     while current is not None:
         upcoming = read()  # read and decode ahead while this batch is encoded
-        encode(current)
+        encode(*current)
         current = upcoming
     times.decode_seconds = decoder.busy_seconds - decoder_busy
 
-    caption_emb = np.zeros((len(captions), text_encoder.dim), dtype=np.float32)
-    t0 = time.perf_counter()
-    step = batch_size * 4
-    for b in range(0, len(captions), step):
-        caption_emb[b : b + step] = text_encoder.encode(captions[b : b + step])
-    times.caption_seconds = time.perf_counter() - t0
-    times.captions = len(captions)
+    caption_emb = np.concatenate(caption_rows) if caption_rows else np.zeros((0, text_encoder.dim), np.float32)
     return ShardEmbedding(
         name=shard.name,
         fingerprint=fingerprint,

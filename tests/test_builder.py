@@ -128,7 +128,10 @@ def test_existing_index_needs_force_and_rebuild_is_clean(tmp_path, pixel_encoder
     manifest = read_manifest(out)
     assert manifest["generation"] == 2 and manifest["counts"]["pairs"] == 40
     names = sorted(p.name for p in out.iterdir() if not p.name.endswith(("-wal", "-shm")))
-    assert names == sorted(["manifest.json", "image-g000002.faiss", "text-g000002.faiss", manifest["metadata"]])
+    current = [name for role in ("image", "text") for name in manifest["indices"][role]["sha256"]]
+    assert {"image-g000002.faiss", "text-g000002.faiss"} <= set(current)
+    assert all("-g000002." in name for name in current)  # nothing of generation 1 is left
+    assert names == sorted(["manifest.json", *current, manifest["metadata"]])
     assert PairMetadata(out / manifest["metadata"]).count() == 40
 
 
