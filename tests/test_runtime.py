@@ -283,3 +283,15 @@ def test_onnx_on_cuda_without_a_cuda_provider_is_refused_not_run_on_the_cpu(cach
     _forward(Tiny().eval())
     with pytest.raises(RuntimeError, match="no CUDA provider"):
         OrtForward(next(cache.glob("*.onnx")), "cuda", RuntimeOptions())
+
+
+def test_threads_of_an_onnx_encoder_leave_torch_alone(cache: Path) -> None:
+    """torch's thread count is process-wide: only an encoder that runs on torch may set it."""
+    before = torch.get_num_threads()
+    try:
+        fwd = load_forward(Tiny().eval(), CPU, IDENTITY, SPEC, RuntimeOptions("onnx", threads=1), "tiny")
+        assert fwd.runtime == "onnx" and torch.get_num_threads() == before
+        load_forward(Tiny().eval(), CPU, IDENTITY, SPEC, RuntimeOptions("torch", threads=1), "tiny")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -83,12 +83,16 @@ class Forward(ABC):
 class TorchForward(Forward):
     runtime = "torch"
 
-    def __init__(self, module: Any, device: Any, threads: int | None = None) -> None:
+    def __init__(self, module: Any, device: Any) -> None:
+        self.module, self.device = module, device
+
+    def serve(self, threads: int | None) -> TorchForward:
+        """This forward as the encoder's runtime: torch's (process-wide) CPU threads set to ``threads``."""
         import torch
 
-        if threads and device.type == "cpu":
+        if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.module, self.device = module, device
+        return self
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         import torch
@@ -210,9 +214,9 @@ def load_forward(
     name: str = "encoder",
 ) -> Forward:
     """The encoder's network under the runtime ``options`` asks for; torch (with one warning) when ONNX fails."""
-    torch_forward = TorchForward(module, device, options.threads)
+    torch_forward = TorchForward(module, device)
     if resolve_runtime(options.runtime, device.type) == "torch":
-        return torch_forward
+        return torch_forward.serve(options.threads)
     try:
         if device.type == "cuda":
             import onnxruntime as ort
@@ -234,7 +238,7 @@ def load_forward(
         message = f"{name}: ONNX Runtime unavailable ({type(exc).__name__}: {exc}); running it with torch"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         log.warning(message)
-        return torch_forward
+        return torch_forward.serve(options.threads)
 
 
 def forward_in_batches(forward: Forward, inputs: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
