@@ -30,7 +30,9 @@ LiveFactory = Callable[[Settings], LiveModel]
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
-    return RuntimeOptions(runtime=settings.runtime, threads=settings.encoder_threads)
+    return RuntimeOptions(
+        runtime=settings.runtime, threads=settings.encoder_threads, spinning=settings.encoder_spinning
+    )
 
 
 def load_live(settings: Settings) -> LiveModel:

@@ -247,6 +247,19 @@ class VectorTable:
         used = self.blocks[: (self.n + BLOCK_ROWS - 1) >> BLOCK_SHIFT]
         return self._decode(np.concatenate(used)[: self.n]), self.ids[: self.n]
 
+    def products(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inner products (b, n) of every query with every stored row, ids (n,)), in row order. float32 tables
+        multiply block by block in place (BLAS), never copying the table; other kinds decode it first."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.dtype != np.float32 or self.codec is not None:
+            vectors, ids = self.all()
+            return x @ vectors.T, ids
+        out = np.empty((len(x), self.n), dtype=np.float32)
+        for start in range(0, self.n, BLOCK_ROWS):
+            rows = self.blocks[start >> BLOCK_SHIFT][: min(BLOCK_ROWS, self.n - start)]
+            np.matmul(x, rows.T, out=out[:, start : start + len(rows)])
+        return out, self.ids[: self.n]
+
     def any_id(self) -> int:
         """Some stored id (for padding a gather); the table must not be empty."""
         if self.n == 0:

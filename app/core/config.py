@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Threads, chosen for small machines (README "Threads"): the encoders' intra-op pools use every core, one encoder
     # call at a time per encoder; everything else (FAISS, BLAS) is one thread per request.
     encoder_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1, description="ONNX Runtime / torch threads")
+    encoder_spinning: bool = Field(
+        False, description="ONNX Runtime's threads spin between parallel sections (lower latency alone, CPU burnt)"
+    )
     torch_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1)
     # One FAISS thread per search: the service already runs searches of concurrent requests in parallel, and
     # FAISS's OpenMP threads fighting other busy threads made single-image searches ~9x slower (bench/run.py).

@@ -245,13 +245,6 @@ class FaissStore:
             short = (ids < 0).any(axis=1)
         return sims, ids.astype(np.int64)
 
-    def _search_index(self, x: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's candidates: from the IVF lists (PQ similarities), or from a Flat index (exact similarities)."""
-        if self._ivf is None:
-            sims, ids = self.index.search(x, fetch)
-            return sims, ids.astype(np.int64)
-        return self._search_ivf(x, fetch)
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-min(k, ntotal) neighbours by inner product, sorted descending: (sims, ids)."""
         apply_faiss_threads()
@@ -309,9 +302,8 @@ class FaissStore:
         ids = np.empty((len(x), k), dtype=np.int64)
         todo = np.arange(len(x))
         k_vec = min(k, math.ceil(k * self.nvectors / max(self.ntotal, 1)))
-        least = RERANK_MIN if self._ivf is not None else 1  # a Flat index's candidates are exact already
         for want in dict.fromkeys((k_vec, k, None)):  # without groups k_vec == k: one PQ pass
-            fetch = self.nvectors if want is None else max(least, math.ceil(want * self.spec.rerank_factor))
+            fetch = self.nvectors if want is None else max(RERANK_MIN, math.ceil(want * self.spec.rerank_factor))
             s, keys = self._candidates(x[todo], fetch, k)
             s, i, ok = self._expand(s, keys, k)
             sims[todo[ok]], ids[todo[ok]] = s[ok], i[ok]
@@ -359,10 +351,10 @@ class FaissStore:
         return out_s, out_i, ok
 
     def _exact_all(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search over every vector of the re-ranking table (small stores only)."""
+        """Exact search over every vector of the re-ranking table: small stores, and Flat ones grouping identical
+        vectors (a BLAS product over the table took 0.8 ms a query at 8,090 x 1280, FAISS's Flat scan 1.8 ms)."""
         assert self.refine is not None
-        vectors, ids = self.refine.all()
-        sims = x @ vectors.T
+        sims, ids = self.refine.products(x)
         return top_sorted(sims, np.broadcast_to(ids, sims.shape), k)
 
     def _candidates(self, x: np.ndarray, fetch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,10 +366,10 @@ class FaissStore:
         many, up to the whole table (then exact). No candidate set depends on the order of insertion.
         """
         nvectors = self.nvectors
-        if fetch >= nvectors:  # the candidates would be the whole table: exact
+        if fetch >= nvectors or self._ivf is None:  # the whole table (a Flat index's is exact anyway): BLAS
             return self._exact_all(x, min(k, nvectors))
         wide = min(nvectors, fetch + TIE_MARGIN)
-        pq, cand = self._search_index(x, wide)
+        pq, cand = self._search_ivf(x, wide)
         cells = np.floor(pq[:, fetch - 1 :] / TIE_GRID)
         same = cells[:, 1:] == cells[:, :1]  # the rest of the fetch-th one's cell: a prefix (FAISS lists best first)
         # Rows whose last candidate fetched (not a -1: more vectors exist) is still in that cell.
