@@ -19,6 +19,7 @@ requests get the error and the next batch runs as usual. Anything that does end 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -155,6 +156,23 @@ class MicroBatcher(Generic[T]):
             raise ValueError("nothing to encode")
         parts = [await self._encode_chunk(items[i : i + self.chunk]) for i in range(0, len(items), self.chunk)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def encode_blocking(self, items: Sequence[T]) -> np.ndarray:
+        """``encode`` for a worker thread (never the event loop): it waits on the rows itself, so a request that
+        prepares, encodes and scores in one worker thread pays no trips through the event loop in between."""
+        if not items:
+            raise ValueError("nothing to encode")
+        parts = [self._wait_chunk(items[i : i + self.chunk]) for i in range(0, len(items), self.chunk)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _wait_chunk(self, items: Sequence[T]) -> np.ndarray:
+        futures = self.submit(items)
+        _, pending = concurrent.futures.wait(futures, timeout=self.timeout_s)
+        if pending:
+            for f in futures:
+                f.cancel()
+            raise Overloaded(f"encoder did not answer within {self.timeout_s:g} s")
+        return np.stack([f.result() for f in futures])
 
     async def _encode_chunk(self, items: Sequence[T]) -> np.ndarray:
         futures = self.submit(items)

@@ -70,24 +70,27 @@ async def decode_images(blobs: list[bytes], settings: Settings) -> list[Image.Im
     return await run_in_threadpool(lambda: [_decode(blob, i, settings) for i, blob in enumerate(blobs)])
 
 
-async def prepare_images(
+def prepare_blobs(
     blobs: list[bytes], settings: Settings, encoder: ImageEncoder, views: Sequence[str] = ()
 ) -> list[Any]:
     """What the image encoder's network takes, for every image and then every view of every image (``views``
-    outer): decoding, the views and the encoder's preparation run in a worker thread, never on the event loop, and
-    each decoded image is dropped as soon as it is prepared."""
+    outer). Decoding, the views and the encoder's preparation: call it in a worker thread, never on the event loop.
+    Each decoded image is dropped as soon as it is prepared."""
     _check_count(blobs, settings)
+    originals, extra = [], [[] for _ in views]
+    for i, blob in enumerate(blobs):
+        image = _decode(blob, i, settings)
+        originals.append(encoder.prepare(image))
+        for out, view in zip(extra, views, strict=True):
+            out.append(encoder.prepare(image_view(image, view)))
+    return originals + [x for out in extra for x in out]
 
-    def prepare_all() -> list[Any]:
-        originals, extra = [], [[] for _ in views]
-        for i, blob in enumerate(blobs):
-            image = _decode(blob, i, settings)
-            originals.append(encoder.prepare(image))
-            for out, view in zip(extra, views, strict=True):
-                out.append(encoder.prepare(image_view(image, view)))
-        return originals + [x for out in extra for x in out]
 
-    return await run_in_threadpool(prepare_all)
+async def prepare_images(
+    blobs: list[bytes], settings: Settings, encoder: ImageEncoder, views: Sequence[str] = ()
+) -> list[Any]:
+    """:func:`prepare_blobs` in a worker thread."""
+    return await run_in_threadpool(prepare_blobs, blobs, settings, encoder, views)
 
 
 def label_set_from(labels: list[str] | None, templates: list[str] | None, settings: Settings) -> LabelSet:

@@ -15,6 +15,7 @@ from app.inputs import (
     form_list,
     invalid_body,
     label_set_from,
+    prepare_blobs,
     prepare_images,
     read_upload,
     weighting_fields,
@@ -31,7 +32,7 @@ from app.schemas import (
     SimilarityResponse,
 )
 from asif.augment import check_views
-from asif.live import NoPairsError
+from asif.live import Answer, NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
 
@@ -134,13 +135,13 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
         explain_label = labels.classes.index(opts.explain_label)
     augment = check_views(opts.augment)
-    prepared = await prepare_images(blobs, state.settings, state.live.image_encoder, augment)
-    encoded = await state.images.encode(prepared)
-    embeddings, *views = np.split(encoded, 1 + len(augment))
     live = state.live
-    try:
-        answer = await run_in_threadpool(
-            live.classify,
+
+    def run() -> Answer:
+        """Prepare, encode (batched with other requests) and score in one worker thread."""
+        prepared = prepare_blobs(blobs, state.settings, live.image_encoder, augment)
+        embeddings, *views = np.split(state.images.encode_blocking(prepared), 1 + len(augment))
+        return live.classify(
             embeddings,
             labels,
             k=opts.k or live.model.k,
@@ -151,6 +152,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             explain_label=explain_label,
             views=views,
         )
+
+    try:
+        answer = await run_in_threadpool(run)
     except NoPairsError as exc:
         raise ApiError(409, "the model holds no pairs") from exc
     results = [
