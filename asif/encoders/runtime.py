@@ -116,8 +116,7 @@ class OrtForward(Forward):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
         providers = ["CPUExecutionProvider"]
         if device_type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+            _require_cuda_provider()
             providers.insert(0, "CUDAExecutionProvider")
         self.path = path
         self.session = ort.InferenceSession(str(path), so, providers=providers)
@@ -126,6 +125,14 @@ class OrtForward(Forward):
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: inputs[name] for name in self.input_names}
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+
+
+def _require_cuda_provider() -> None:
+    """ONNX Runtime without its CUDA provider would quietly run a CUDA model on the CPU: refuse instead."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
 
 
 def onnx_cache_dir() -> Path:
@@ -219,11 +226,7 @@ def load_forward(
         return torch_forward.serve(options.threads)
     try:
         if device.type == "cuda":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                # ONNX Runtime would quietly run on the CPU instead: torch on the GPU is the better fallback
-                raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+            _require_cuda_provider()  # checked before any export: torch on the GPU is the fallback
         key = cache_key(identity, weights_digest(module), {"device": device.type})
         path = onnx_cache_dir() / f"{name.replace('/', '_')}-{key}.onnx"
         fresh = not path.is_file()
@@ -232,7 +235,11 @@ def load_forward(
             export_onnx(module, export, path, device)
         forward = OrtForward(path, device.type, options)
         if fresh:
-            _check_agreement(forward, torch_forward, export, name)
+            try:
+                _check_agreement(forward, torch_forward, export, name)
+            except RuntimeError:
+                path.unlink(missing_ok=True)  # never reused unchecked by a later load
+                raise
         return forward
     except Exception as exc:  # any export or load failure: the encoder still works, on torch
         message = f"{name}: ONNX Runtime unavailable ({type(exc).__name__}: {exc}); running it with torch"
