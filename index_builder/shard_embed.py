@@ -120,12 +120,6 @@ def stored_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def stored_fingerprint(path: Path) -> str | None:
-    """The fingerprint a finished shard file was written for, or None (missing or unreadable file)."""
-    meta = stored_meta(path)
-    return None if meta is None else meta["fingerprint"]
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:

@@ -143,18 +143,14 @@ def onnx_cache_dir() -> Path:
 
 def weights_digest(module: Any) -> str:
     """A hash of every parameter and buffer of a torch module (names, shapes, dtypes and values)."""
+    import torch
+
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(-1).view(_byte_dtype()).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def cache_key(identity: dict[str, Any], digest: str, extra: dict[str, Any] | None = None) -> str:
