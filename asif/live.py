@@ -14,8 +14,9 @@ writes a new base generation from the files, also without any model lock.
 
 Concurrency: edits run one at a time (an edit mutex: the log's order is the order of application). An
 edit writes the log (an fsync) holding only that mutex, then takes the write side of a phase-fair
-readers-writer lock just to apply itself to the two stores; registered label sets follow in a background
-thread (a classification that gets there first brings its label set up to date itself). Searches take
+readers-writer lock just to apply itself to the two stores; then, under the read side, it brings the
+registered label sets up to date before it answers (its cost is the label rows it changed), so the next
+classification finds them current (one that gets there first brings its label set up to date itself). Searches take
 the read side, so readers never see half an edit. Anything an unauthenticated request can trigger (an
 ad-hoc label list) runs under the read side only, in short steps, and its cache is bounded in bytes.
 """
@@ -224,6 +225,7 @@ class LiveModel:
             except Exception:
                 self.metadata.revert_add(ids)  # never replayed
                 raise
+        self.model.sync_registered()  # the edit pays its label upkeep, not the next classification
         return ids
 
     def delete_pairs(self, ids: Sequence[int]) -> list[int]:
@@ -239,6 +241,8 @@ class LiveModel:
                     self.model.remove_pairs(present)
                     self._seq = seq
                 self._remember_deleted(kept)
+        if len(present):
+            self.model.sync_registered()  # the edit pays its label upkeep, not the next classification
         return [int(i) for i in present]
 
     def _remember_deleted(self, kept: dict[int, NewPair]) -> None:

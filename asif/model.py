@@ -402,7 +402,7 @@ class AsifModel:
             best_rows = np.argmax(scores, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
             if explain_label is not None:
                 best_rows = np.full(len(image_rr), explain_label, dtype=np.int64)
-            best_ids, best_weights = scorer.ids[best_rows].copy(), scorer.weights[best_rows].copy()
+            best_ids, best_weights = np.maximum(scorer.ids[best_rows], 0), scorer.row_weights(best_rows)
         top = max(1, min(int(top), scores.shape[1]))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
         wanted_ids: list[int] = []
@@ -519,8 +519,10 @@ class AsifModel:
             self._sync_pending = False
             with self._shared_lock:
                 self._sync_shared_locked()
-            others = [c for c in self.label_sets.values() if not c.shared]
-        for cached in others:
+            sets = list(self.label_sets.values())
+        for cached in sets:  # under the guard no edit lands: the shared table stays as synced above
             with self.guard(), cached.lock:
-                self._sync(cached, self.k)
+                if not cached.shared:
+                    self._sync(cached, self.k)
+                cached.flush()  # the scorers take what changed now, not on the next classification
                 self._maybe_rebuild(cached)

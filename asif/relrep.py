@@ -126,6 +126,29 @@ class Weighting:
             w = np.broadcast_to(1.0 / (np.arange(s.shape[1], dtype=np.float64) + self.param), s.shape).copy()
         return np.where(s > 0, w, 0.0)
 
+    def reference(self, sims: np.ndarray) -> np.ndarray:
+        """Each row's reference similarity for :meth:`relative`: its largest, at least 0."""
+        return np.maximum(np.asarray(sims, dtype=np.float64).max(axis=1, initial=0.0), 0.0)
+
+    def relative(self, sims: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """:meth:`weights` scaled by a constant per row, fixed by ``ref`` (one similarity per row), in float64.
+
+        Each row is proportional to its :meth:`weights`, so it has the same L2-normalised form; for ``power`` and
+        ``softmax`` an entry's value depends on its own similarity and ``ref`` only, not on the other entries, so
+        an edit that moves one anchor in or out of a row leaves every other entry's value as it was.
+        """
+        s = np.asarray(sims)
+        ref = np.asarray(ref, dtype=np.float64)[:, None]
+        if self.kind == "rank":  # a rank moves with every entry above it: nothing to keep
+            return self.weights(s)
+        if self.kind == "power":
+            base = np.maximum(s.astype(np.float32), 0.0).astype(np.float64)
+            w = np.power(base / np.where(ref > 0, ref, 1.0), self.param)
+        else:
+            with np.errstate(over="ignore"):
+                w = np.exp((s.astype(np.float64) - ref) / self.param)
+        return np.where(s > 0, w, 0.0)
+
 
 WeightingLike = Weighting | float  # a Weighting, or a bare number: the power weighting's p
 
@@ -321,22 +344,39 @@ class KeyMatrix:
     def from_rr(cls, rr: SparseRR) -> KeyMatrix:
         n_keys, k = rr.ids.shape
         keep = rr.weights > 0
-        ids = rr.ids[keep]
         cols = np.broadcast_to(np.arange(n_keys)[:, None], (n_keys, k))[keep]
+        return cls.from_entries(rr.ids[keep], cols, rr.weights[keep], n_keys)
+
+    @classmethod
+    def from_entries(cls, ids: np.ndarray, cols: np.ndarray, weights: np.ndarray, n_keys: int) -> KeyMatrix:
+        """Entries ``(anchor id, key, weight)``, any sign; entries repeated for one (anchor, key) add up."""
+        ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and ids.min() >= 0 and ids.max() < 4 * len(ids) + 4096:  # dense enough: no sort
             present = np.zeros(int(ids.max()) + 1, dtype=bool)
             present[ids] = True
             universe, rows = np.flatnonzero(present), (np.cumsum(present) - 1)[ids]
         else:
             universe, rows = np.unique(ids, return_inverse=True)
-        matrix = sp.csr_matrix((rr.weights[keep].astype(np.float32), (rows, cols)), shape=(len(universe), n_keys))
+        matrix = sp.csr_matrix((np.asarray(weights, dtype=np.float32), (rows, cols)), shape=(len(universe), n_keys))
         return cls(universe=universe.astype(np.int64), matrix=matrix, n_keys=n_keys)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    def nbytes(self) -> int:
+        m = self.matrix
+        return int(self.universe.nbytes + m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
 
     def score(self, queries: SparseRR) -> np.ndarray:
         """(len(queries), n_keys) dot products between query and key representations."""
+        return self.raw_score(queries).astype(np.float32)
+
+    def raw_score(self, queries: SparseRR) -> np.ndarray:
+        """:meth:`score`, summed and returned in float64."""
         b, k = queries.ids.shape
         if len(self.universe) == 0 or b == 0:
-            return np.zeros((b, self.n_keys), dtype=np.float32)
+            return np.zeros((b, self.n_keys), dtype=np.float64)
         pos = np.searchsorted(self.universe, queries.ids)
         pos_c = np.minimum(pos, len(self.universe) - 1)
         hit = (self.universe[pos_c] == queries.ids) & (queries.weights > 0)
@@ -348,12 +388,12 @@ class KeyMatrix:
         lens = self.matrix.indptr[pos_c[hit] + 1] - starts
         if int(lens.sum()) > SCORE_ENTRIES:  # many queries x dense keys: one sparse product, nothing expanded
             q = sp.csr_matrix((weights, (rows, pos_c[hit])), shape=(b, len(self.universe)))
-            return (q @ self.matrix.astype(np.float64)).toarray().astype(np.float32)
+            return (q @ self.matrix.astype(np.float64)).toarray()
         offsets = np.repeat(starts - np.cumsum(lens) + lens, lens)
         entries = np.arange(int(lens.sum())) + offsets
         cells = np.repeat(rows * self.n_keys, lens) + self.matrix.indices[entries]
         values = np.repeat(weights, lens) * self.matrix.data[entries]
-        return np.bincount(cells, weights=values, minlength=b * self.n_keys).reshape(b, self.n_keys).astype(np.float32)
+        return np.bincount(cells, weights=values, minlength=b * self.n_keys).reshape(b, self.n_keys)
 
 
 def shared_anchors(

@@ -90,7 +90,7 @@ def test_a_scorer_patched_row_by_row_scores_like_a_fresh_one(rng):
             rr, clock = scorer.rebuild_inputs()
         if step == 4:
             scorer.install(KeyMatrix.from_rr(rr), clock)
-            assert 0 < scorer.n_stale <= 14  # the rows changed after the copy stay patched
+            assert 0 < scorer.n_patched <= 2 * 20 * 14  # what changed after the copy stays in patches
         np.testing.assert_allclose(scorer.score(query), LabelScorer(20, P, sims, ids).score(query), atol=1e-6)
 
 
@@ -98,7 +98,8 @@ def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, mon
     data = small_world.pairs(400, n_queries=12)
     img, txt = data.image_anchors, data.text_anchors
     deferred: list = []
-    monkeypatch.setattr(asif.scoring, "STALE_MIN", 3)  # rebuilds are due after a few stale rows
+    monkeypatch.setattr(asif.scoring, "PATCH_MIN", 3)  # rebuilds are due after a few patched entries
+    monkeypatch.setattr(asif.scoring, "PATCH_FRACTION", 10**9)
     model = model_of(img, txt)
     model.schedule = deferred.append  # rebuilds wait: the patched state must be exact on its own
     pairs = Pairs(img, txt)
@@ -123,10 +124,10 @@ def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, mon
         np.testing.assert_allclose(
             scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
         )
-    assert cached.scorers[(K, Weighting("power", P))].n_stale > 0 and deferred
+    assert cached.scorers[(K, Weighting("power", P))].n_patched > 0 and deferred
     for job in deferred:  # the background rebuilds, run late: same answers, nothing stale left
         job()
-    assert cached.scorers[(K, Weighting("power", P))].n_stale == 0
+    assert cached.scorers[(K, Weighting("power", P))].n_patched == 0
     preds = model.classify(data.image_queries, cached, top=len(cached.classes))
     np.testing.assert_allclose(
         scores_of(preds, cached.classes), pairs.reference(data.image_queries, data.label_queries), atol=2e-5
@@ -209,3 +210,83 @@ def test_registered_sets_share_one_table_through_edits_replacement_removal_and_a
     pairs.add(model, rng, 2)
     check("a", sets["a"], k=60)
     check("b", sets["b"])
+
+
+def _shifted(rng, sims: np.ndarray, ids: np.ndarray, row: int, new_sim: float, new_id: int) -> None:
+    """Row ``row`` of top-k neighbours takes a newcomer at its place; the last entry drops out (in place)."""
+    pos = int((sims[row] > new_sim).sum())
+    sims[row] = np.insert(sims[row], pos, new_sim)[:-1]
+    ids[row] = np.insert(ids[row], pos, new_id)[:-1]
+
+
+@pytest.mark.parametrize(
+    "weighting", [Weighting("power", P), Weighting("softmax", 0.05), Weighting("rank", 10.0), Weighting("power", 200.0)]
+)
+def test_a_scorer_that_takes_newcomers_and_losses_scores_like_a_fresh_one(rng, weighting):
+    """Entry-level patches, a rebuild installed mid-way, and (power 200) rows re-referenced when a newcomer's weight
+    leaves float range against the row's best at creation: every state scores like a scorer made from scratch."""
+    n, k = 40, 30
+    sims = np.sort(rng.uniform(0.05, 0.5, (n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    ids = np.stack([rng.choice(1000, k, replace=False) for _ in range(n)])
+    scorer = LabelScorer(k, weighting, sims, ids)
+    pool = np.union1d(ids, np.arange(1000, 1100))  # the anchors of the rows and of the newcomers
+    query_ids = np.stack([rng.choice(pool, 200, replace=False) for _ in range(3)])
+    query = SparseRR(query_ids, rng.random((3, 200)).astype(np.float32))
+    next_id = 1000
+    for step in range(8):
+        rows = rng.choice(n, 6, replace=False)
+        for r in rows:
+            if step % 3 == 2:  # a loss: the row's entries close up, a far anchor comes in last
+                j = int(rng.integers(k))
+                sims[r] = np.append(np.delete(sims[r], j), 0.01)
+                ids[r] = np.append(np.delete(ids[r], j), next_id)
+            else:
+                _shifted(rng, sims, ids, r, float(rng.uniform(0.3, 0.99)), next_id)
+            next_id += 1
+        scorer.update(rows, sims[rows], ids[rows])
+        if step == 3:
+            rr, clock = scorer.rebuild_inputs()
+        if step == 5:
+            scorer.install(KeyMatrix.from_rr(rr), clock)
+        np.testing.assert_allclose(scorer.score(query), LabelScorer(k, weighting, sims, ids).score(query), atol=2e-6)
+    if weighting.param == 200.0:
+        assert scorer.n_detached > 0  # the newcomers (up to 0.99 against a best of 0.5) took those rows out of range
+    scorer.rebuild()
+    assert scorer.n_patched == 0 and scorer.n_detached == 0
+    np.testing.assert_allclose(scorer.score(query), LabelScorer(k, weighting, sims, ids).score(query), atol=2e-6)
+
+
+def test_an_edit_costs_the_entries_it_changes_and_the_next_classification_rebuilds_nothing(
+    small_world, rng, monkeypatch
+):
+    """One anchor entering label rows patches two entries per row it enters (itself and the one it pushes out),
+    never whole rows, and the classification after it neither scores rows directly nor builds a key matrix."""
+    data = small_world.pairs(400, n_queries=6)
+    model = model_of(data.image_anchors, data.text_anchors)
+    pairs = Pairs(data.image_anchors, data.text_anchors)
+    n_labels = 200
+    emb = random_unit(rng, n_labels, data.text_anchors.shape[1])
+    cached = model.register_labels("big", labels(n_labels), emb)
+    scorer = cached.scorers[(K, Weighting("power", P))]
+    direct, built = [], []
+    real_rows, real_entries = asif.scoring.score_rows, KeyMatrix.from_entries.__func__
+    monkeypatch.setattr(asif.scoring, "score_rows", lambda *a: direct.append(1) or real_rows(*a))
+    counted = classmethod(lambda cls, *a: built.append(len(a[0])) or real_entries(cls, *a))
+    monkeypatch.setattr(asif.scoring.KeyMatrix, "from_entries", counted)
+    for step in range(6):
+        before = cached.neighbours.ids[:, :K].copy()
+        near = emb[step] + 0.3 * random_unit(rng, 1, emb.shape[1])[0]  # a caption that enters many rows
+        ids = np.array([max(pairs.vectors) + 1])
+        model.add_pairs(ids, random_unit(rng, 1, data.image_anchors.shape[1]), (near / np.linalg.norm(near))[None, :])
+        pairs.vectors[int(ids[0])] = (model.image_store.reconstruct(ids)[0], model.text_store.reconstruct(ids)[0])
+        entered = int((cached.neighbours.ids[:, :K] == ids[0]).any(axis=1).sum())
+        assert entered > 10  # the edit reached many rows
+        assert (cached.neighbours.ids[:, :K] != before).any(axis=1).sum() == entered
+        assert built and built[0] <= 2 * entered  # two entries per row entered, not K per row (then level merges)
+        built.clear()
+        preds = model.classify(data.image_queries, cached, top=n_labels)
+        assert not direct and not built  # nothing rebuilt or scored row by row on the classification path
+        np.testing.assert_allclose(
+            scores_of(preds, cached.classes), pairs.reference(data.image_queries, emb), atol=2e-5
+        )
+    assert 0 < scorer.n_patched <= 2 * 6 * n_labels
