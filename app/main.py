@@ -85,7 +85,7 @@ def _set_threads(settings: Settings) -> None:
 async def _snapshot_loop(state: AppState) -> None:
     while True:
         await asyncio.sleep(state.settings.snapshot_interval_s)
-        if state.live.pending_edits() > 0:
+        if await run_in_threadpool(state.live.pending_edits) > 0:
             info = await run_in_threadpool(state.live.snapshot)
             log.info(
                 "snapshot: generation %d, %d edits written, %d pairs%s",

@@ -29,7 +29,7 @@ class AppState:
         return combine_prompt_embeddings(prompts, len(label_set.classes))
 
     async def inline_labels(self, label_set: LabelSet) -> CachedLabels:
-        cached = self.live.cached_inline(label_set)
+        cached = await run_in_threadpool(self.live.cached_inline, label_set)
         if cached is None:
             embeddings = await self.embed_labels(label_set)
             cached = await run_in_threadpool(self.live.add_inline, label_set, embeddings)

@@ -124,7 +124,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     if opts.label_set is not None and opts.labels:
         raise ApiError(422, "give either labels or label_set, not both")
     if opts.label_set is not None:
-        labels = state.live.label_set(opts.label_set)
+        labels = await run_in_threadpool(state.live.label_set, opts.label_set)
         if labels is None:
             raise ApiError(404, f"unknown label set {opts.label_set!r}")
     else:

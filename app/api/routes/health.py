@@ -1,4 +1,8 @@
-"""GET /healthz, /readyz, /metrics and /v1/info."""
+"""GET /healthz, /readyz, /metrics and /v1/info.
+
+Handlers that read the model are plain functions: FastAPI runs them in its thread pool, so a lock, a SQLite read or
+a Milvus query never runs on the event loop (``/healthz`` reads nothing).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["health"])
-async def readyz(state: State) -> dict:
+def readyz(state: State) -> dict:
     """Index and encoders are loaded, and both encoder workers run (a dead one is restarted here)."""
     if not state.ready:
         raise ApiError(503, "loading")
@@ -29,13 +33,13 @@ async def readyz(state: State) -> dict:
 
 
 @router.get("/metrics", tags=["health"], response_class=Response)
-async def metrics(state: State) -> Response:
+def metrics(state: State) -> Response:
     state.refresh_gauges()
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/info", response_model=Info, tags=["info"])
-async def info(state: State) -> Info:
+def info(state: State) -> Info:
     live = state.live
     model = live.model
     return Info(

@@ -34,12 +34,12 @@ async def put_label_set(state: State, body: LabelSetBody, name: str = NamePath) 
 
 
 @router.get("", response_model=LabelSetList)
-async def list_label_sets(state: State) -> LabelSetList:
+def list_label_sets(state: State) -> LabelSetList:
     return LabelSetList(label_sets=[_out(n, c) for n, c in sorted(state.live.stored_label_sets().items())])
 
 
 @router.get("/{name}", response_model=LabelSetOut)
-async def get_label_set(state: State, name: str = NamePath) -> LabelSetOut:
+def get_label_set(state: State, name: str = NamePath) -> LabelSetOut:
     cached = state.live.label_set(name)
     if cached is None:
         raise ApiError(404, f"unknown label set {name!r}")
@@ -48,6 +48,7 @@ async def get_label_set(state: State, name: str = NamePath) -> LabelSetOut:
 
 @router.delete("/{name}", response_model=Deleted | dict, dependencies=[WriteAccess])
 async def delete_label_set(state: State, name: str = NamePath) -> dict:
-    if state.live.label_set(name) is None or not await run_in_threadpool(state.live.delete_label_set, name):
+    live = state.live
+    if not await run_in_threadpool(lambda: live.label_set(name) is not None and live.delete_label_set(name)):
         raise ApiError(404, f"unknown label set {name!r}")
     return {"deleted": name}

@@ -117,7 +117,7 @@ async def add_pairs(request: Request, state: State) -> PairIds:
         else:
             new.append(NewPair(name, caps, thumb, vec, l2_normalise(text.mean(axis=0, keepdims=True))[0]))
     ids = await run_in_threadpool(state.live.add_pairs, new)
-    state.refresh_gauges()
+    await run_in_threadpool(state.refresh_gauges)
     return PairIds(ids=ids)
 
 
@@ -140,12 +140,12 @@ def _record(state: State, pair_id: int) -> PairRecord:
 
 
 @router.get("/{pair_id}", response_model=PairOut)
-async def get_pair(state: State, pair_id: int = PairId) -> PairOut:
+def get_pair(state: State, pair_id: int = PairId) -> PairOut:
     return _pair_out(_record(state, pair_id))
 
 
 @router.get("/{pair_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-async def get_thumbnail(state: State, pair_id: int = PairId) -> Response:
+def get_thumbnail(state: State, pair_id: int = PairId) -> Response:
     jpeg = state.live.metadata.thumbnail(_record(state, pair_id).image)
     if jpeg is None:
         raise ApiError(404, f"pair {pair_id} has no thumbnail")
@@ -158,7 +158,7 @@ async def delete_pair(state: State, pair_id: int = PairId) -> Deleted:
     deleted = await run_in_threadpool(state.live.delete_pairs, np.array([pair_id]))
     if not deleted:
         raise ApiError(404, f"unknown pair id {pair_id}")
-    state.refresh_gauges()
+    await run_in_threadpool(state.refresh_gauges)
     return Deleted(deleted=pair_id)
 
 
@@ -176,5 +176,5 @@ async def restore_pairs(state: State, body: RestoreBody) -> Restored:
         raise ApiError(
             404, f"not restorable: {missing[:10]} (only the last {RESTORABLE} pairs deleted since the server started)"
         ) from exc
-    state.refresh_gauges()
+    await run_in_threadpool(state.refresh_gauges)
     return Restored(restored=restored)

@@ -76,9 +76,14 @@ async def search(request: Request, state: State) -> SearchResponse:
             raise ApiError(422, f"text must be at most {state.settings.max_caption_chars} characters")
         role, vectors = "text", await state.texts.encode([" ".join(text.split())])
     live = state.live
-    sims, ids = await run_in_threadpool(live.search, role, vectors, top)
-    found = [(int(i), float(s)) for i, s in zip(ids[0].tolist(), sims[0].tolist(), strict=True) if i >= 0]
-    records = {i: live.metadata.get(i) for i, _ in found}
+
+    def run() -> tuple[list[tuple[int, float]], dict]:
+        """The search and the hits' records (SQLite or Milvus), off the event loop."""
+        sims, ids = live.search(role, vectors, top)
+        found = [(int(i), float(s)) for i, s in zip(ids[0].tolist(), sims[0].tolist(), strict=True) if i >= 0]
+        return found, {i: live.metadata.get(i) for i, _ in found}
+
+    found, records = await run_in_threadpool(run)
     return SearchResponse(
         index=role,
         results=[
