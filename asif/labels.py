@@ -392,6 +392,8 @@ class CachedLabels:
     scorers: OrderedDict[tuple[int, Weighting], LabelScorer] = field(default_factory=OrderedDict)
     shared: bool = False  # neighbours are rows of the model's shared table of registered label sets
     pending: np.ndarray | None = None  # (L,) rows whose neighbours changed since the scorers last saw them
+    watchers: list[np.ndarray] = field(default_factory=list)  # masks of rows changed, for scorers being built
+    inline: bool = False  # an ad-hoc label list in the service's byte-bounded cache
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -415,14 +417,32 @@ class CachedLabels:
             self.scorers.move_to_end(key)
             return found
         sims, ids = self.neighbours.topk(key[0])
-        made = LabelScorer(key[0], key[1], sims, ids)
-        self.scorers[key] = made
+        return self.add_scorer(key, LabelScorer(key[0], key[1], sims, ids), pinned)
+
+    def add_scorer(
+        self, key: tuple[int, Weighting], scorer: LabelScorer, pinned: tuple[int, Weighting] | None = None
+    ) -> LabelScorer:
+        """Keep a scorer made for ``key`` (current with the neighbours), evicting the least recently used beyond
+        MAX_SCORERS (never ``pinned``)."""
+        self.scorers[key] = scorer
+        self.scorers.move_to_end(key)
         for old in list(self.scorers):
             if len(self.scorers) <= MAX_SCORERS:
                 break
             if old != pinned and old != key:
                 del self.scorers[old]
-        return made
+        return scorer
+
+    def watch(self) -> np.ndarray:
+        """A mask of the rows that change from now on (a scorer being built from a copy needs them): pass it to
+        :meth:`unwatch` to stop."""
+        mask = np.zeros(len(self.embeddings), dtype=bool)
+        self.watchers.append(mask)
+        return mask
+
+    def unwatch(self, mask: np.ndarray) -> np.ndarray:
+        self.watchers = [m for m in self.watchers if m is not mask]
+        return mask
 
     def mark_changed(self, rows: np.ndarray) -> None:
         """Neighbour rows changed: note them; scorers are patched by :meth:`flush` (when the set is next used)."""
@@ -443,6 +463,8 @@ class CachedLabels:
         if len(rows) == 0:
             return
         rows = np.unique(rows)
+        for mask in self.watchers:
+            mask[rows] = True
         for s in self.scorers.values():
             sims, ids = self.neighbours.topk(s.k)
             s.update(rows, sims[rows], ids[rows])
@@ -453,6 +475,8 @@ class CachedLabels:
         self.synced = synced
         self.scorers.clear()
         self.pending = None
+        for mask in self.watchers:
+            mask[:] = True
 
 
 def labels_from_names(names: Sequence[str], templates: Sequence[str] | None = None) -> LabelSet:

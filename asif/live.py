@@ -199,13 +199,18 @@ class LiveModel:
     ) -> Answer:
         """Classify under the read lock; ``k`` is capped at the pairs held (0 pairs: StoreError). ``p``: the
         weighting (a number: the power p)."""
+        # A new (k, weighting) or a deeper k is made ready in bounded steps, never in one long hold of the read lock.
+        self.model.prepare_scorer(labels, min(int(k), self.model.n_pairs), p, guard=self.lock.read)
         with self.lock.read():
             model = self.model
             k_eff = min(int(k), model.n_pairs)
             if k_eff == 0:
                 raise NoPairsError("the model holds no pairs")
             preds = model.classify(embeddings, labels, k=k_eff, p=p, **options)  # type: ignore[arg-type]
-            return Answer(preds, k_eff, as_weighting(p), model.n_pairs, self._seq)
+            answer = Answer(preds, k_eff, as_weighting(p), model.n_pairs, self._seq)
+        if labels.inline:
+            self._trim_inline()  # a use can grow an entry (a scorer for a new k, deeper neighbours)
+        return answer
 
     # -- edits -------------------------------------------------------------------------------------
     def add_pairs(self, pairs: Sequence[NewPair]) -> list[int]:
@@ -340,15 +345,25 @@ class LiveModel:
         """An ad-hoc label list's state. It is not registered (edits do not update it): it catches up from
         the model's edit journal when next used. Cached least-recently-used within ``inline_cache_bytes``."""
         cached = self.make_labels(label_set, embeddings)
+        cached.inline = True
         key = self.inline_key(label_set)
         with self._inline_lock:
             self._inline[key] = cached
             self._inline.move_to_end(key)
-            total = sum(c.nbytes() for c in self._inline.values())
-            while self._inline and total > self.inline_cache_bytes:
-                _, old = self._inline.popitem(last=False)
-                total -= old.nbytes()
+        self._trim_inline()
         return cached
+
+    def _trim_inline(self) -> None:
+        """Count the inline cache's bytes as they are now: drop an entry over the cap on its own (the request that
+        grew it still has it), then the least recently used ones while the total is over."""
+        with self._inline_lock:
+            sizes = {key: c.nbytes() for key, c in self._inline.items()}
+            for key in [key for key, size in sizes.items() if size > self.inline_cache_bytes]:
+                del self._inline[key], sizes[key]
+            total = sum(sizes.values())
+            while self._inline and total > self.inline_cache_bytes:
+                key, _ = self._inline.popitem(last=False)
+                total -= sizes[key]
 
     def inline_cache_usage(self) -> tuple[int, int]:
         """(label lists cached, bytes they hold)."""

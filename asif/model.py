@@ -188,29 +188,96 @@ class AsifModel:
     ) -> CachedLabels:
         """Label set -> cached representation over the caption anchors (not registered).
 
-        ``guard`` is entered around each step that reads the stores (the service passes its read lock):
-        the neighbours are searched ``chunk`` labels at a time, so a large label set never holds the
-        guard for long, and the chunks are then brought up to the same version from the journal.
+        ``guard`` is entered around each step that reads the stores (the service passes its read lock): the
+        neighbours are searched a bounded number of entries at a time (:meth:`neighbours_in_steps`), and the default
+        scorer is built outside the guard (the state is private until it is registered, which catches it up).
         """
         emb = self._checked_label_embeddings(label_set, embeddings)
-        depth = cache_depth(self.k)
+        cache, synced = self.neighbours_in_steps(emb, cache_depth(self.k), guard, chunk)
+        cached = CachedLabels(label_set, emb, cache, synced=synced)
+        if self.n_pairs:
+            cached.scorer(*self._kp(None, None))  # the default scorer, so the first classify finds it
+        return cached
+
+    def neighbours_in_steps(
+        self, emb: np.ndarray, depth: int, guard: Guard = nullcontext, chunk: int = LABEL_CHUNK
+    ) -> tuple[NeighbourCache, int]:
+        """Caption-anchor neighbours of ``emb`` to ``depth``, and the model version they reflect.
+
+        Each step searches ``chunk`` labels' worth of entries at the default depth (fewer labels at a deeper depth)
+        under ``guard``; the steps are then brought to one version from the journal under it, joined outside it, and
+        the joined table caught up with the edits made meanwhile.
+        """
+        step = max(1, chunk * cache_depth(self.k) // depth)
         parts: list[tuple[NeighbourCache, int]] = []
-        for start in range(0, len(emb), max(1, chunk)):
+        for start in range(0, len(emb), step):
             with guard():
-                part = NeighbourCache(emb[start : start + chunk], depth=depth)
+                part = NeighbourCache(emb[start : start + step], depth=depth)
                 part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
                 parts.append((part, self.version))
         with guard():
-            caches = []
-            for part, synced in parts:
-                if self._catch_up(part, synced, self.k) is None:  # the journal no longer reaches back
+            synced = self.version
+            for part, version in parts:
+                if self._catch_up(part, version, self.k) is None:  # the journal no longer reaches back
                     part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
-                caches.append(part)
-            cache = caches[0] if len(caches) == 1 else NeighbourCache.concat(caches)
-            cached = CachedLabels(label_set, emb, cache, synced=self.version)
-            if self.n_pairs:
-                cached.scorer(*self._kp(None, None))  # the default scorer, so the first classify finds it
-        return cached
+        if len(parts) == 1:
+            return parts[0][0], synced
+        cache = NeighbourCache.concat([part for part, _ in parts])  # a copy: outside the guard
+        with guard():
+            if self._catch_up(cache, synced, self.k) is None:
+                cache.fill(np.arange(len(cache.queries)), self.text_store.search, self.n_pairs)
+            return cache, self.version
+
+    def prepare_scorer(self, labels: CachedLabels, k: int, p: WeightingLike, guard: Guard = nullcontext) -> None:
+        """Make the label set's scorer for (k, weighting) ready without holding ``guard`` (a read lock) for long.
+
+        A deeper k than the neighbours hold is searched in steps (:meth:`neighbours_in_steps`); a new scorer is built
+        outside the guard from a copy of the rows, then brought up to date under it with the rows that changed
+        meanwhile. A classification then finds everything ready, or catches up the few edits made since.
+        """
+        key = self._kp(k, p)
+        if key[0] == 0:
+            return
+        need = max(key[0], self.k)
+        with labels.lock:
+            if key in labels.scorers and labels.neighbours.depth >= need:
+                return
+            deeper = labels.neighbours.depth < max(need, labels.max_k())
+        if deeper:
+            fresh, synced = self.neighbours_in_steps(labels.embeddings, cache_depth(max(need, labels.max_k())), guard)
+            with guard(), self._current(labels, None) as _:
+                if self._catch_up(fresh, synced, need) is None:
+                    fresh.fill(np.arange(len(fresh.queries)), self.text_store.search, self.n_pairs)
+                # The same anchor set, deeper: the scorers' rows (top-k of fewer) are unchanged and stay.
+                labels.neighbours, labels.shared, labels.synced = fresh, False, self.version
+        with guard(), self._current(labels, key[0]) as _:
+            if key in labels.scorers:
+                return
+            sims, ids = (a.copy() for a in labels.neighbours.topk(key[0]))
+            watch = labels.watch()
+        scorer = LabelScorer(key[0], key[1], sims, ids)  # the costly part, outside every lock
+        with guard(), self._current(labels, key[0]) as _:
+            changed = np.flatnonzero(labels.unwatch(watch))
+            if len(changed):
+                sims, ids = labels.neighbours.topk(key[0])
+                scorer.update(changed, sims[changed], ids[changed])
+            labels.add_scorer(key, scorer, pinned=self._kp(None, None))
+
+    @contextmanager
+    def _current(self, labels: CachedLabels, k: int | None) -> Iterator[None]:
+        """Hold the label set's lock with its neighbours and scorers current with the model (call under the guard);
+        ``k`` None: without deepening its neighbours."""
+        k = self.k if k is None else k  # None: the depth already covers self.k
+        if labels.shared:
+            with self._shared_lock:
+                self._sync_shared_locked()
+                with labels.lock:
+                    self._sync(labels, k)
+        with labels.lock:
+            if not labels.shared:
+                self._sync(labels, k)
+            labels.flush()
+            yield
 
     def register_labels(
         self,
@@ -361,15 +428,7 @@ class AsifModel:
     @contextmanager
     def label_scorer(self, labels: CachedLabels, k: int, p: WeightingLike) -> Iterator[LabelScorer]:
         """The label set's scorer for (k, weighting), current with the model, used under the label set's lock."""
-        if labels.shared:
-            with self._shared_lock:
-                self._sync_shared_locked()
-                with labels.lock:
-                    self._sync(labels, k)
-        with labels.lock:
-            if not labels.shared:
-                self._sync(labels, k)
-            labels.flush()
+        with self._current(labels, k):
             scorer = labels.scorer(k, p, pinned=self._kp(None, None) if self.n_pairs else None)
             self._maybe_rebuild(labels)
             yield scorer

@@ -272,3 +272,23 @@ def test_other_bad_input(served_index):
         assert client.delete("/v1/pairs/999999").status_code == 404
         assert client.get("/v1/pairs/abc").status_code == 422
         assert client.post("/v1/similarity", json={"images": [b64(jpeg())], "texts": []}).status_code == 422
+
+
+def test_k_times_labels_is_capped_with_a_clear_422(built_index):
+    """A request may not make more label entries (k x labels) than max_label_entries; a stored set at the default k
+    is exempt (its representations were made when it was stored)."""
+    labels = [f"colour {i}" for i in range(30)]
+    with make_client(built_index[0], max_label_entries=200) as client:  # the index: 20 pairs, default k 10
+        image = b64(jpeg())
+        r = client.post("/v1/classify", json={"images": [image], "labels": labels[:20], "k": 10})
+        assert r.status_code == 200, r.text  # 20 x 10 = 200
+        r = client.post("/v1/classify", json={"images": [image], "labels": labels[:21]})
+        assert r.status_code == 422 and "k x labels = 10 x 21" in r.json()["detail"], r.text
+        r = client.post("/v1/classify", json={"images": [image], "labels": labels[:11], "k": 19})
+        assert r.status_code == 422 and "19 x 11" in r.json()["detail"]
+        assert client.put("/v1/label-sets/many", json={"labels": labels}).status_code == 200
+        r = client.post("/v1/classify", json={"images": [image], "label_set": "many"})
+        assert r.status_code == 200, r.text  # the default k: made when stored
+        r = client.post("/v1/classify", json={"images": [image], "label_set": "many", "k": 12})
+        assert r.status_code == 422 and "12 x 30" in r.json()["detail"]
+        assert client.post("/v1/classify", json={"images": [image], "label_set": "many", "k": 6}).status_code == 200

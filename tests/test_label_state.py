@@ -152,7 +152,7 @@ def test_labels_made_in_steps_catch_up_with_edits_between_the_steps(small_world,
         yield
 
     cached = model.make_labels(labels(40), emb, guard=guard, chunk=8)
-    assert len(entered) == 6  # five steps of eight labels, then the catch-up
+    assert len(entered) == 7  # five steps of eight labels, the catch-up, the catch-up of the joined table
     q = random_unit(rng, 5, img.shape[1])
     preds = model.classify(q, cached, top=40)
     np.testing.assert_allclose(scores_of(preds, cached.classes), pairs.reference(q, emb), atol=2e-5)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
+import asif.labels
 import asif.live
+import asif.model
 from asif.labels import LabelSet
 from asif.live import LiveModel
 from asif.metadata import NewPair
@@ -355,3 +358,81 @@ def test_a_thumbnail_goes_with_the_last_pair_that_shows_its_image(tmp_path):
     assert meta.thumbnail("same.jpg") is None and meta.thumbnail("other.jpg") == b"jpeg2"
     meta.revert_add([other])
     assert meta.thumbnail("other.jpg") is None and meta.count() == 0
+
+
+class HeldReads:
+    """Wraps a live model's read lock: records what runs while it is held (searches' entries, scorers built)."""
+
+    def __init__(self, live: LiveModel, monkeypatch) -> None:
+        import asif.labels
+        import asif.model
+
+        self.held = 0
+        self.searches: list[tuple[int, bool]] = []  # (queries x depth, under the read lock)
+        self.scorers: list[bool] = []  # a LabelScorer made under the read lock?
+        real_read, real_search = live.lock.read, live.model.text_store.search
+
+        @contextmanager
+        def read():
+            with real_read():
+                self.held += 1
+                try:
+                    yield
+                finally:
+                    self.held -= 1
+
+        def search(queries, k):
+            self.searches.append((len(queries) * int(k), self.held > 0))
+            return real_search(queries, k)
+
+        real_scorer = asif.model.LabelScorer
+
+        def scorer(*args, **kw):
+            self.scorers.append(self.held > 0)
+            return real_scorer(*args, **kw)
+
+        live.lock.read = read
+        live.model.guard = read
+        live.model.text_store.search = search
+        monkeypatch.setattr(asif.model, "LabelScorer", scorer)
+        monkeypatch.setattr(asif.labels, "LabelScorer", scorer)
+
+
+def test_a_deep_k_is_searched_in_bounded_steps_and_scorers_are_built_outside_the_read_lock(tmp_path, monkeypatch):
+    img, txt = write_synthetic_index(tmp_path / "index", n=3000, k=K, p=P)
+    live = open_live(tmp_path / "index")
+    history = History(live, img, txt)
+    watch = HeldReads(live, monkeypatch)
+    rng = np.random.default_rng(3)
+    emb = random_unit(rng, 300, 64)
+    cached = live.add_inline(labels(300), emb)
+    deep = 2_500  # 300 labels x 2,500: 750,000 entries, each step searches ~256 labels' worth at the default depth
+    for step in range(3):
+        q = random_unit(rng, 2, 48)
+        ans = live.classify(q, cached, k=deep, p=P, top=300)
+        got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
+        np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, deep), atol=2e-5)
+        live.add_pairs([new_pair(rng, f"n{step}")])  # the next one catches up (rows changed since the copy)
+    step_entries = asif.model.LABEL_CHUNK * asif.labels.cache_depth(K)
+    under_lock = [n for n, held in watch.searches if held]
+    assert under_lock and max(under_lock) <= step_entries + asif.labels.cache_depth(deep)
+    assert watch.scorers and not any(watch.scorers)  # every scorer (default, deep) built with the lock free
+    assert sum(n for n, _ in watch.searches) >= 300 * deep  # the deep search did happen, in steps
+
+
+def test_the_inline_cache_is_counted_after_every_use(tmp_path):
+    write_synthetic_index(tmp_path / "index", n=1000, k=K, p=P)
+    cap = 4 << 20
+    live = open_live(tmp_path / "index", inline_cache_bytes=cap)
+    rng = np.random.default_rng(4)
+    small = live.add_inline(labels(20, "small"), random_unit(rng, 20, 64))
+    big = live.add_inline(labels(500), random_unit(rng, 500, 64))
+    count, used = live.inline_cache_usage()
+    assert count == 2 and used <= cap
+    # As the route does: look the list up (most recently used now), then classify.
+    live.classify(random_unit(rng, 1, 48), live.cached_inline(labels(20, "small")), k=K, p=P)
+    live.classify(random_unit(rng, 1, 48), live.cached_inline(labels(500)), k=900, p=P)  # big grows: a k=900 scorer
+    assert big.nbytes() > cap  # over the cap on its own now
+    count, used = live.inline_cache_usage()
+    assert used <= cap and count == 1  # big is dropped from the cache (this request still had it); small stays
+    assert live.cached_inline(labels(20, "small")) is small and live.cached_inline(labels(500)) is None

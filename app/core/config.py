@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_pairs_per_request: int = Field(256, ge=1)
     max_k: int = Field(10_000, ge=1, description="largest k a request may ask (k is also capped at the pairs)")
     max_p: float = Field(64.0, gt=0)
+    max_label_entries: int = Field(
+        2_000_000,
+        ge=1,
+        description="largest k x labels a classification may ask (its label representations' entries, ~30 bytes "
+        "each); a stored label set at the index's default k is exempt (it was made when stored)",
+    )
 
     batch_max_size: int = Field(32, ge=1, description="encoder micro-batch size")
     batch_max_wait_ms: float = Field(

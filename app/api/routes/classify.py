@@ -123,19 +123,34 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     weighting = weighting_from(opts, state.live.model.weighting, state.live.model.p)
     if opts.label_set is not None and opts.labels:
         raise ApiError(422, "give either labels or label_set, not both")
+    live = state.live
     if opts.label_set is not None:
-        labels = await run_in_threadpool(state.live.label_set, opts.label_set)
+        labels = await run_in_threadpool(live.label_set, opts.label_set)
         if labels is None:
             raise ApiError(404, f"unknown label set {opts.label_set!r}")
+        inline = None
     else:
-        labels = await state.inline_labels(label_set_from(opts.labels, opts.templates, state.settings))
+        inline = label_set_from(opts.labels, opts.templates, state.settings)
+    n_pairs = await run_in_threadpool(lambda: live.model.n_pairs)  # a Milvus count: off the event loop
+    k_wanted, k_default = (effective_k(k, n_pairs) for k in (opts.k or live.model.k, live.model.k))
+    # The label representations a request makes: an inline list's at the default k and at its own; a stored set's
+    # at its own k unless that is the default (made when the set was stored).
+    n_labels = len(inline.classes) if inline is not None else len(labels.classes)
+    made = max(k_wanted, k_default) if inline is not None else (0 if k_wanted == k_default else k_wanted)
+    if made * n_labels > state.settings.max_label_entries:
+        raise ApiError(
+            422,
+            f"k x labels = {made} x {n_labels} is over the limit of {state.settings.max_label_entries:,} label "
+            "entries per request: ask a smaller k or fewer labels (or store the label set, at the default k)",
+        )
+    if inline is not None:
+        labels = await state.inline_labels(inline)
     explain_label = None
     if opts.explain_label is not None:
         if opts.explain_label not in labels.classes:
             raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
         explain_label = labels.classes.index(opts.explain_label)
     augment = check_views(opts.augment)
-    live = state.live
 
     def run() -> Answer:
         """Prepare, encode (batched with other requests) and score in one worker thread."""
