@@ -129,7 +129,9 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
             metrics=metrics,
         )
         app.state.asif = state
-        state.refresh_gauges()
+        live.lock.on_read_hold = metrics.read_hold.observe
+        metrics.longest_read_hold.set_function(lambda: live.lock.longest_read_s)
+        await run_in_threadpool(state.refresh_gauges)
         state.ready = True
         snapshots = asyncio.create_task(_snapshot_loop(state))
         source = (

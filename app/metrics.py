@@ -25,6 +25,17 @@ class Metrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
+        self.read_hold = Histogram(
+            "asif_read_lock_hold_seconds",
+            "how long each reader (a classification, a step of making a label set, ...) held the model's read lock",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.longest_read_hold = Gauge(
+            "asif_read_lock_longest_hold_seconds",
+            "the longest hold of the read lock since start",
+            registry=self.registry,
+        )
         self.pairs = Gauge("asif_pairs", "pairs in the model", registry=self.registry)
         self.pending_edits = Gauge("asif_pending_edits", "edits not yet in a snapshot", registry=self.registry)
 

@@ -17,6 +17,7 @@ set take turns on its (short) scoring step while image searches run in parallel.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -47,7 +48,8 @@ from asif.stores import StoreError, VectorStore, as_matrix
 
 UNKNOWN = "unknown"
 JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
-LABEL_CHUNK = 256  # labels searched per step when a label set is made under a guard (a read lock)
+LABEL_CHUNK = 256  # labels searched per step when a label set is made under a guard (a read lock), at most
+STEP_SECONDS = 0.05  # ... and as many as take about this long
 
 CaptionLookup = Callable[[Sequence[int]], dict[int, str]]
 Guard = Callable[[], AbstractContextManager[object]]
@@ -204,17 +206,23 @@ class AsifModel:
     ) -> tuple[NeighbourCache, int]:
         """Caption-anchor neighbours of ``emb`` to ``depth``, and the model version they reflect.
 
-        Each step searches ``chunk`` labels' worth of entries at the default depth (fewer labels at a deeper depth)
-        under ``guard``; the steps are then brought to one version from the journal under it, joined outside it, and
-        the joined table caught up with the edits made meanwhile.
+        Each step searches at most ``chunk`` labels' worth of entries at the default depth (fewer labels at a deeper
+        depth), and as many as fit in about STEP_SECONDS at the pace of the steps so far (a large index searches
+        slower), under ``guard``; the steps are then brought to one version from the journal under it, joined
+        outside it, and the joined table caught up with the edits made meanwhile.
         """
-        step = max(1, chunk * cache_depth(self.k) // depth)
+        most = max(1, chunk * cache_depth(self.k) // depth)
+        step, start = min(most, 16), 0
         parts: list[tuple[NeighbourCache, int]] = []
-        for start in range(0, len(emb), step):
+        while start < len(emb):
+            t0 = time.perf_counter()
             with guard():
                 part = NeighbourCache(emb[start : start + step], depth=depth)
                 part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
                 parts.append((part, self.version))
+            start += step
+            per_label = (time.perf_counter() - t0) / len(part.queries)
+            step = int(min(most, max(1, STEP_SECONDS / max(per_label, 1e-9))))
         with guard():
             synced = self.version
             for part, version in parts:
@@ -235,9 +243,9 @@ class AsifModel:
         outside the guard from a copy of the rows, then brought up to date under it with the rows that changed
         meanwhile. A classification then finds everything ready, or catches up the few edits made since.
         """
+        if k <= 0 or self.n_pairs == 0:
+            return  # nothing to prepare: the classification answers that the model holds no pairs
         key = self._kp(k, p)
-        if key[0] == 0:
-            return
         need = max(key[0], self.k)
         with labels.lock:
             if key in labels.scorers and labels.neighbours.depth >= need:

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -23,6 +24,8 @@ class RWLock:
         self._waiting_readers = 0
         self._admitted = 0  # readers let in by the last writer to finish that have not entered yet
         self._phase = 0  # bumped each time a writer finishes
+        self.longest_read_s = 0.0  # the longest a reader has held the lock
+        self.on_read_hold: Callable[[float], None] | None = None  # told how long each read hold lasted (s)
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -36,13 +39,18 @@ class RWLock:
                 if self._phase != phase:
                     self._admitted -= 1
             self._readers += 1
+        start = time.perf_counter()
         try:
             yield
         finally:
+            held = time.perf_counter() - start
             with self._cond:
                 self._readers -= 1
                 if self._readers == 0:
                     self._cond.notify_all()
+                self.longest_read_s = max(self.longest_read_s, held)
+            if self.on_read_hold is not None:
+                self.on_read_hold(held)
 
     @contextmanager
     def write(self) -> Iterator[None]:
