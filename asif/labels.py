@@ -307,19 +307,30 @@ class NeighbourCache:
         return rows
 
     def _insert_one(self, rows: np.ndarray, new_id: int, sims: np.ndarray) -> None:
-        """The common live add: one anchor, inserted at its place in each row without sorting."""
-        old_s, old_i, exact = self.sims[rows], self.ids[rows], self.exact[rows]
+        """The common live add: one anchor, inserted at its place in each row (found by a binary search over the
+        rows' known-exact prefixes, which are sorted), the entries after it shifted one place."""
+        exact = self.exact[rows]
+        q_new = np.floor(sims / TIE_GRID)
+        lo, hi = np.zeros(len(rows), dtype=np.int64), exact.copy()
+        while (open_ := lo < hi).any():  # ~log2(depth) rounds of one gather per row
+            mid = np.where(open_, (lo + hi) // 2, 0)
+            q_mid = np.floor(self.sims[rows, mid] / TIE_GRID)
+            first = (q_mid > q_new) | ((q_mid == q_new) & (self.ids[rows, mid] < new_id))  # sorts before the new one
+            lo = np.where(open_ & first, mid + 1, lo)
+            hi = np.where(open_ & ~first, mid, hi)
+        pos = lo[:, None]
         col = np.arange(self.depth)[None, :]
-        q_old, q_new = np.floor(old_s / TIE_GRID), np.floor(sims / TIE_GRID)[:, None]
-        before = (col < exact[:, None]) & ((q_old > q_new) | ((q_old == q_new) & (old_i < new_id)))
-        pos = before.sum(axis=1)[:, None]  # the valid prefix is sorted, so these come first
-        src = np.clip(np.where(col < pos, col, col - 1), 0, self.depth - 1)
-        out_s = np.where(col == pos, sims[:, None], np.take_along_axis(old_s, src, axis=1))
-        out_i = np.where(col == pos, new_id, np.take_along_axis(old_i, src, axis=1))
-        untrusted = col > exact[:, None]  # shifted-in leftovers past the new exact prefix
-        self.sims[rows] = np.where(untrusted, -np.inf, out_s)
-        self.ids[rows] = np.where(untrusted, -1, out_i)
-        self.exact[rows] = np.minimum(self.depth, exact + 1)
+        after = col > pos
+        new_exact = np.minimum(self.depth, exact + 1)
+        untrusted = col >= new_exact[:, None] if (new_exact < self.depth).any() else None  # past the new prefix
+        for table, value, empty in ((self.sims, sims, -np.inf), (self.ids, new_id, -1)):
+            old = table[rows]
+            moved = np.empty_like(old)
+            moved[:, 1:], moved[:, 0] = old[:, :-1], old[:, 0]
+            out = np.where(after, moved, old)
+            out[np.arange(len(rows)), lo] = value
+            table[rows] = out if untrusted is None else np.where(untrusted, empty, out)
+        self.exact[rows] = new_exact
 
     def remove(self, removed_ids: np.ndarray, removed_vectors: np.ndarray | None = None) -> np.ndarray:
         """Drop removed anchors from every row that holds them; returns those rows.

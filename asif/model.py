@@ -118,6 +118,7 @@ class AsifModel:
         self.journal_bytes = int(journal_bytes)
         self._journal: deque[JournalEntry] = deque()
         self._journal_size = 0
+        self._journal_lock = threading.Lock()  # the journal is read without the read lock (label upkeep)
         # Background work (scorer rebuilds, bringing registered label sets up to date after an edit):
         # None = done at once by the caller; the service passes an executor, and ``guard`` (its read lock),
         # which background jobs enter around every step that reads the stores.
@@ -128,7 +129,8 @@ class AsifModel:
         # one vectorised pass; each set's ``neighbours`` is a view of its rows (``_shared_sets``: set, start, stop).
         self._shared: NeighbourCache | None = None
         self._shared_sets: list[tuple[CachedLabels, int, int]] = []
-        self._shared_synced = 0
+        self._shared_synced = 0  # the version the table reflects, its rows' top-k searched again where needed
+        self._shared_replayed = 0  # the version whose journal entries the table has taken (>= _shared_synced)
         self._shared_lock = threading.Lock()
 
     @property
@@ -347,46 +349,79 @@ class AsifModel:
                     cached.neighbours, cached.shared = table.view(start, stop), True
                 spans.append((cached, start, stop))
                 start = stop
-            self._shared, self._shared_sets, self._shared_synced = table, spans, self.version
+            self._shared, self._shared_sets = table, spans
+            self._shared_synced = self._shared_replayed = self.version
 
     def _sync_shared_locked(self) -> None:
         """Bring the shared table up to the current version in one pass (hold ``_shared_lock``)."""
         table = self._shared
         if table is None or self._shared_synced == self.version:
             return
-        rows = self._catch_up(table, self._shared_synced, self.k)
+        rows = self._catch_up(table, self._shared_replayed, self.k)
         if rows is None:  # the journal no longer reaches back: recompute every row
             rows = table.fill(np.arange(len(table.queries)), self.text_store.search, self.n_pairs)
-        self._shared_synced = self.version
+        self._shared_synced = self._shared_replayed = self.version
+        self._mark_shared(rows, synced=True)
+
+    def _replay_shared_locked(self) -> None:
+        """Replay the journal on the shared table without the guard (hold ``_shared_lock``): the heavy part of
+        following an edit, which reads no store. Rows that ran out of neighbours wait for the guarded sync."""
+        table = self._shared
+        missed = self._missed(self._shared_replayed) if table is not None else None
+        if not missed:
+            return
+        self._mark_shared(self._replay(table, missed), synced=False)
+        self._shared_replayed = missed[-1].version
+
+    def _mark_shared(self, rows: np.ndarray, synced: bool) -> None:
+        """Note changed rows of the shared table in the label sets that own them (hold ``_shared_lock``)."""
         for cached, start, stop in self._shared_sets:
             lo, hi = np.searchsorted(rows, [start, stop])
             with cached.lock:
                 if cached.shared:
                     cached.mark_changed(rows[lo:hi] - start)
-                    cached.synced = self.version
+                    if synced:
+                        cached.synced = self.version
 
-    def _catch_up(self, cache: NeighbourCache, synced: int, k: int) -> np.ndarray | None:
-        """Replay the edits after version ``synced`` on ``cache`` and make its rows know their top-k.
+    def _missed(self, synced: int) -> list[JournalEntry] | None:
+        """The journal's entries after version ``synced``, oldest first; None when it no longer holds them all."""
+        with self._journal_lock:
+            if synced == self.version:
+                return []
+            if synced > self.version or not self._journal or self._journal[0].version > synced + 1:
+                return None
+            missed = []
+            for entry in reversed(self._journal):  # the newest first: costs the edits missed, not the journal
+                if entry.version <= synced:
+                    break
+                missed.append(entry)
+            return missed[::-1]
 
-        Returns the rows that changed, or None when the journal no longer holds those edits.
-        """
-        if synced == self.version:
-            return NO_ROWS
-        if synced > self.version or not self._journal or self._journal[0].version > synced + 1:
-            return None
-        missed = []
-        for entry in reversed(self._journal):  # the newest first: costs the edits missed, not the journal
-            if entry.version <= synced:
-                break
-            missed.append(entry)
-        changed = []
-        for entry in reversed(missed):
+    @staticmethod
+    def _replay(cache: NeighbourCache, entries: Sequence[JournalEntry]) -> np.ndarray:
+        """Apply journal entries to a neighbour cache (their ids and caption vectors only: no store is read);
+        returns the rows changed."""
+        changed = [NO_ROWS]
+        for entry in entries:
             if entry.op == "add":
                 changed.append(cache.add(entry.ids, entry.vectors, entry.n_before, known=entry.followed))
             else:
                 changed.append(cache.remove(entry.ids, entry.vectors))
-        changed.append(cache.ensure(k, self.text_store.search, self.n_pairs))
         return np.unique(np.concatenate(changed))
+
+    def _catch_up(self, cache: NeighbourCache, synced: int, k: int) -> np.ndarray | None:
+        """Replay the edits after version ``synced`` on ``cache`` and make its rows know their top-k (call under the
+        guard: rows that ran out of neighbours are searched again).
+
+        Returns the rows that changed, or None when the journal no longer holds those edits.
+        """
+        missed = self._missed(synced)
+        if missed is None:
+            return None
+        if not missed:
+            return NO_ROWS
+        rows = self._replay(cache, missed)
+        return np.union1d(rows, cache.ensure(k, self.text_store.search, self.n_pairs))
 
     def _sync(self, labels: CachedLabels, k: int) -> None:
         """Bring a label set up to the current version with neighbours for ``k`` (hold its lock; for a set in
@@ -566,11 +601,12 @@ class AsifModel:
         self._edited(JournalEntry(self.version + 1, kind, ids.copy(), text_vectors, self.n_pairs, followed=True))
 
     def _edited(self, entry: JournalEntry) -> None:
-        self.version = entry.version
-        self._journal.append(entry)
-        self._journal_size += entry.nbytes
-        while len(self._journal) > 1 and self._journal_size > self.journal_bytes:
-            self._journal_size -= self._journal.popleft().nbytes
+        with self._journal_lock:
+            self.version = entry.version
+            self._journal.append(entry)
+            self._journal_size += entry.nbytes
+            while len(self._journal) > 1 and self._journal_size > self.journal_bytes:
+                self._journal_size -= self._journal.popleft().nbytes
         if self.schedule is None:
             self.sync_registered()
         elif not self._sync_pending:  # the edit returns now; registered label sets follow in the background
@@ -578,12 +614,21 @@ class AsifModel:
             self.schedule(self.sync_registered)
 
     def sync_registered(self) -> None:
-        """Bring every registered label set up to the current version, one at a time under ``guard``.
+        """Bring every registered label set up to the current version.
 
-        A classification that uses a set before this reaches it brings the set up to date itself.
+        The shared table takes the journal's new entries and its sets' scorers are patched without the guard (that
+        reads no store; ``_shared_lock`` keeps it from readers of the table); then, under the guard, the edits that
+        came meanwhile and the rows that ran out of neighbours, and the sets outside the table, one at a time. A
+        classification that uses a set before this reaches it brings the set up to date itself.
         """
+        self._sync_pending = False
+        with self._shared_lock:
+            self._replay_shared_locked()
+            for cached, _, _ in self._shared_sets:
+                with cached.lock:
+                    if cached.shared:
+                        cached.flush()
         with self.guard():
-            self._sync_pending = False
             with self._shared_lock:
                 self._sync_shared_locked()
             sets = list(self.label_sets.values())

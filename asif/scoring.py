@@ -32,7 +32,7 @@ from asif.relrep import KeyMatrix, SparseRR, Weighting, as_weighting
 PATCH_MIN = 4096  # patch entries tolerated before a rebuild, at least
 PATCH_FRACTION = 8  # ... or 1/8 of the base's entries, whichever is larger
 DETACHED_MIN = 32  # detached rows tolerated before a rebuild
-SHIFT = 2  # entries are matched with their old selves up to this many places away (an edit shifts a row)
+SHIFT = 1  # entries are matched with their old selves up to this many places away (one edit shifts a row by one)
 SCALE = 1e20  # a row's weights must stay within [1/SCALE, SCALE] of its reference, else it is re-referenced
 
 

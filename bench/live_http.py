@@ -6,11 +6,12 @@ For each index, ``asif serve`` runs as a subprocess (as in ``bench/e2e.py``) and
 turn (labels drawn from Flickr8k caption words, one template ``a photo of a {}.``; the set is PUT, measured, then
 deleted):
 
-1. idle: single-image ``POST /v1/classify`` against the stored set, back to back (p50/p99);
-2. ``--rounds`` edit rounds: ``POST /v1/pairs`` (a real photo, a real caption), then at once a classification;
-   ``DELETE /v1/pairs/{id}`` of that pair, then at once a classification. Reported: the add and delete latencies
-   (they include the label upkeep: an edit brings the stored sets up to date before it answers) and the first
-   classification after each, as a ratio to the idle p50 (target <= 1.3).
+``--rounds`` rounds of: a pause (``--settle``), ``--idle-per-round`` idle single-image ``POST /v1/classify`` against
+the stored set; ``POST /v1/pairs`` (a real photo, a real caption), then at once a classification (and a second);
+``DELETE /v1/pairs/{id}`` of that pair, then at once a classification. Reported: the add and delete latencies (they
+include the label upkeep: an edit brings the stored sets up to date before it answers) and the first classification
+after each, as a ratio to the idle p50 (target <= 1.3); idle and edits interleave, so that a slow or fast spell of
+the machine falls on both alike.
 
 Indices: ``f2k`` (the first 2,000 rows of Flickr8k, built into ``runs/f2k`` if missing), ``demo`` (Flickr8k,
 40,450 pairs, ``runs/demo``), and synthetic sizes (``1m``): seeded synthetic anchors whose manifest names the real
@@ -138,9 +139,12 @@ def measure_set(
     photo = iter(photos * 4)
     for _ in range(args.warmup):
         send_ok(client, classify([next(photo)], fields))
-    idle = [send_ok(client, classify([next(photo)], fields))[0] for _ in range(args.idle)]
-    adds, deletes, after_add, after_delete, second = [], [], [], [], []
+    idle, adds, deletes, after_add, after_delete, second = [], [], [], [], [], []
     for r in range(args.rounds):
+        # Idle: classifications well after the last edit (its background work done), taken between the edit rounds
+        # so that a slow or fast spell of the machine falls on both sides alike.
+        time.sleep(args.settle)
+        idle += [send_ok(client, classify([next(photo)], fields))[0] for _ in range(args.idle_per_round)]
         blob, caption = material[r % len(material)]
         b64 = base64.b64encode(blob).decode()
         pair = json.dumps({"pairs": [{"image": b64, "caption": caption}]}).encode()
@@ -265,7 +269,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--indices", default="f2k,demo,1m", help="comma-separated: f2k, demo, 1m, 100k, ...")
     ap.add_argument("--label-sets", default="10,2000,10000", help="stored label set sizes, comma-separated")
     ap.add_argument("--rounds", type=int, default=20, help="add + delete rounds per label set")
-    ap.add_argument("--idle", type=int, default=40, help="idle classifications per label set")
+    ap.add_argument("--idle-per-round", type=int, default=3, help="idle classifications before each round")
+    ap.add_argument("--settle", type=float, default=0.3, help="seconds between a round's last edit and idle")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quiet-wait", type=float, default=30.0)
     ap.add_argument("--ready-timeout", type=float, default=1800.0)
@@ -285,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     t0 = time.perf_counter()
-    photos = load_photos(DATA / "imagenette" / "val", args.seed)[: args.warmup + args.idle + 3 * args.rounds]
+    photos = load_photos(DATA / "imagenette" / "val", args.seed)[
+        : args.warmup + (args.idle_per_round + 3) * args.rounds
+    ]
     material = edit_material(DATA / "flickr8k" / "captions.csv", DATA / "flickr8k" / "images", args.rounds)
     runs = [run_index(name, args, photos, material) for name in args.indices]
     results = {
