@@ -98,7 +98,16 @@ def label_set_from(labels: list[str] | None, templates: list[str] | None, settin
         raise ApiError(422, "labels must be a non-empty list of class names (or name a stored label_set)")
     if len(labels) > settings.max_labels:
         raise ApiError(422, f"too many labels: {len(labels)} > {settings.max_labels}")
-    return LabelSet(tuple(labels), tuple(templates) if templates else DEFAULT_TEMPLATES)
+    templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
+    if len(templates) > settings.max_templates:
+        raise ApiError(422, f"too many templates: {len(templates)} > {settings.max_templates}")
+    if len(labels) * len(templates) > settings.max_prompts:
+        raise ApiError(
+            422,
+            f"labels x templates = {len(labels)} x {len(templates)} prompts, over the limit of "
+            f"{settings.max_prompts:,} (each prompt is one text encoding)",
+        )
+    return LabelSet(tuple(labels), tuple(templates))
 
 
 def check_k_p(k: int | None, p: float | None, settings: Settings) -> None:

@@ -1,5 +1,6 @@
 """The service's one middleware, as plain ASGI (Starlette's ``BaseHTTPMiddleware`` costs every request a task group
-and a body stream): refuse bodies over the limit by their Content-Length, and count and time every request."""
+and a body stream): refuse bodies over the limit, by their Content-Length and by the bytes received (a chunked body
+has no length), and count and time every request."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from typing import Any
 
 from app.core.config import Settings
+from app.core.errors import ApiError
 from app.metrics import Metrics
 
 Scope = dict[str, Any]
@@ -29,6 +31,16 @@ class LimitsAndMetrics:
             return
         start = time.perf_counter()
         status = 500  # what the client gets when the app raises before answering
+        received = 0
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # the route answers 413 (the ApiError handler)
+                    raise ApiError(413, f"request body larger than the limit of {self.max_bytes} bytes")
+            return message
 
         async def send_status(message: dict[str, Any]) -> None:
             nonlocal status
@@ -37,7 +49,7 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, counted_receive, send_status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()

@@ -204,27 +204,37 @@ class AsifModel:
         return cached
 
     def neighbours_in_steps(
-        self, emb: np.ndarray, depth: int, guard: Guard = nullcontext, chunk: int = LABEL_CHUNK
+        self,
+        emb: np.ndarray,
+        depth: int,
+        guard: Guard = nullcontext,
+        chunk: int = LABEL_CHUNK,
+        step_seconds: float = STEP_SECONDS,
     ) -> tuple[NeighbourCache, int]:
         """Caption-anchor neighbours of ``emb`` to ``depth``, and the model version they reflect.
 
-        Each step searches at most ``chunk`` labels' worth of entries at the default depth (fewer labels at a deeper
-        depth), and as many as fit in about STEP_SECONDS at the pace of the steps so far (a large index searches
-        slower), under ``guard``; the steps are then brought to one version from the journal under it, joined
-        outside it, and the joined table caught up with the edits made meanwhile.
+        The labels are searched in batches under ``guard``, each hold of it ending once ``step_seconds`` have passed
+        (so a large index, where one label's search can take tens of ms, holds it no longer than a small one). A
+        batch starts at one label and doubles while batches stay quick, up to ``chunk`` labels' worth of entries at
+        the default depth (fewer labels at a deeper depth). The batches are then brought to one version from the
+        journal under the guard, joined outside it, and the joined table caught up with the edits made meanwhile.
         """
         most = max(1, chunk * cache_depth(self.k) // depth)
-        step, start = min(most, 16), 0
+        batch, start = 1, 0
         parts: list[tuple[NeighbourCache, int]] = []
         while start < len(emb):
-            t0 = time.perf_counter()
             with guard():
-                part = NeighbourCache(emb[start : start + step], depth=depth)
-                part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
-                parts.append((part, self.version))
-            start += step
-            per_label = (time.perf_counter() - t0) / len(part.queries)
-            step = int(min(most, max(1, STEP_SECONDS / max(per_label, 1e-9))))
+                held = time.perf_counter()
+                while start < len(emb):
+                    t0 = time.perf_counter()
+                    part = NeighbourCache(emb[start : start + batch], depth=depth)
+                    part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
+                    parts.append((part, self.version))
+                    start += len(part.queries)
+                    took, now = time.perf_counter() - t0, time.perf_counter()
+                    batch = min(most, batch * 2) if took < step_seconds / 4 else max(1, batch // 2)
+                    if now - held >= step_seconds:
+                        break
         with guard():
             synced = self.version
             for part, version in parts:

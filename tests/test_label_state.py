@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import asif.scoring
-from asif.labels import LabelSet
+from asif.labels import CachedLabels, LabelSet, cache_depth
 from asif.model import AsifModel
 from asif.relrep import KeyMatrix, SparseRR, Weighting
 from asif.scoring import LabelScorer, score_rows
@@ -151,8 +151,10 @@ def test_labels_made_in_steps_catch_up_with_edits_between_the_steps(small_world,
             pairs.remove(model, [sorted(pairs.vectors)[len(entered)]])
         yield
 
-    cached = model.make_labels(labels(40), emb, guard=guard, chunk=8)
-    assert len(entered) == 7  # five steps of eight labels, the catch-up, the catch-up of the joined table
+    # One batch per hold of the guard (no time budget), edits between the holds.
+    cache, synced = model.neighbours_in_steps(emb, cache_depth(K), guard=guard, chunk=8, step_seconds=0.0)
+    cached = CachedLabels(labels(40), emb, cache, synced=synced)
+    assert len(entered) == 42  # no time to spare: a label per hold (40), the catch-up, that of the joined table
     q = random_unit(rng, 5, img.shape[1])
     preds = model.classify(q, cached, top=40)
     np.testing.assert_allclose(scores_of(preds, cached.classes), pairs.reference(q, emb), atol=2e-5)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_images: int = Field(64, ge=1, description="images per classify/similarity request")
     max_texts: int = Field(1024, ge=1, description="texts per similarity request")
     max_labels: int = Field(10_000, ge=1, le=10_000, description="labels per label set")
+    max_templates: int = Field(100, ge=1, description="prompt templates per label set (CLIP's ImageNet set has 80)")
+    max_prompts: int = Field(
+        70_000, ge=1, description="labels x templates per label set: each prompt is one text encoding"
+    )
     max_caption_chars: int = Field(2_000, ge=1)
     max_pairs_per_request: int = Field(256, ge=1)
     max_k: int = Field(10_000, ge=1, description="largest k a request may ask (k is also capped at the pairs)")
