@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from app.core.errors import ApiError
 from app.schemas import WeightingOptions
 from asif.augment import image_view
 from asif.encoders import ImageEncoder
-from asif.images import open_image
+from asif.images import decoded_pixels, open_image
 from asif.labels import DEFAULT_TEMPLATES, LabelSet
 from asif.relrep import PARAM_NAMES, WEIGHTINGS, Weighting
 
@@ -57,9 +58,37 @@ def _check_count(blobs: list[bytes], settings: Settings) -> None:
         raise ApiError(422, f"too many images: {len(blobs)} > {settings.max_images}")
 
 
+def _check_pixels(blobs: list[bytes], settings: Settings) -> None:
+    """The pixels a request's images decode to (read from their headers, JPEG draft scale applied), within
+    ``max_request_pixels``: 413 before any is decoded."""
+    total = 0
+    for i, blob in enumerate(blobs):
+        try:
+            total += decoded_pixels(blob, SHRINK_SIDE)
+        except ValueError as exc:
+            raise ApiError(400, f"image {i}: {exc}") from exc
+    if total > settings.max_request_pixels:
+        raise ApiError(
+            413, f"the images decode to {total:,} pixels, over the limit of {settings.max_request_pixels:,} a request"
+        )
+
+
+SHRINK_SIDE = 1024  # served images whose shorter side is over twice this are decoded smaller (4x the input sizes)
+_decode_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _slots(settings: Settings) -> threading.BoundedSemaphore:
+    """The process's decode slots: at most ``max_concurrent_decodes`` images are decoded at once."""
+    with _slots_lock:
+        n = settings.max_concurrent_decodes
+        return _decode_slots.setdefault(n, threading.BoundedSemaphore(n))
+
+
 def _decode(blob: bytes, i: int, settings: Settings) -> Image.Image:
     try:
-        return open_image(blob, max_pixels=settings.max_pixels)
+        with _slots(settings):
+            return open_image(blob, max_pixels=settings.max_pixels, shrink_to=SHRINK_SIDE)
     except ValueError as exc:
         raise ApiError(400, f"image {i}: {exc}") from exc
 
@@ -67,7 +96,12 @@ def _decode(blob: bytes, i: int, settings: Settings) -> Image.Image:
 async def decode_images(blobs: list[bytes], settings: Settings) -> list[Image.Image]:
     """Decoded RGB images (off the event loop); 4xx for a bad or missing image."""
     _check_count(blobs, settings)
-    return await run_in_threadpool(lambda: [_decode(blob, i, settings) for i, blob in enumerate(blobs)])
+
+    def run() -> list[Image.Image]:
+        _check_pixels(blobs, settings)
+        return [_decode(blob, i, settings) for i, blob in enumerate(blobs)]
+
+    return await run_in_threadpool(run)
 
 
 def prepare_blobs(
@@ -77,6 +111,7 @@ def prepare_blobs(
     outer). Decoding, the views and the encoder's preparation: call it in a worker thread, never on the event loop.
     Each decoded image is dropped as soon as it is prepared."""
     _check_count(blobs, settings)
+    _check_pixels(blobs, settings)
     originals, extra = [], [[] for _ in views]
     for i, blob in enumerate(blobs):
         image = _decode(blob, i, settings)

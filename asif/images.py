@@ -16,8 +16,15 @@ class ImageError(ValueError):
     """The input is not a readable image (empty, truncated, not an image, too many pixels)."""
 
 
-def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image fully into RGB, checking the pixel count from the header before decoding."""
+def open_image(
+    source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, shrink_to: int | None = None
+) -> Image.Image:
+    """Decode an image into RGB, checking the pixel count from the header before decoding.
+
+    ``shrink_to``: an image whose shorter side is over twice this is shrunk while it is decoded (a JPEG decodes at
+    1/2, 1/4 or 1/8 scale) and then by a whole factor, to a shorter side of at least ``shrink_to``; smaller images
+    are decoded as they are.
+    """
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageError("empty file")
@@ -31,8 +38,13 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+                big = shrink_to is not None and min(width, height) > 2 * shrink_to
+                if big:
+                    img.draft("RGB", (shrink_to, shrink_to))  # JPEG only; a no-op for other formats
                 img.load()
-                return img.convert("RGB")
+                out = img.convert("RGB")
+                factor = min(out.size) // shrink_to if big and shrink_to else 1
+                return out.reduce(factor) if factor >= 2 else out
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -43,6 +55,20 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageError(f"file not found: {fp}") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageError(f"corrupt or truncated image: {exc}") from exc
+
+
+def decoded_pixels(source: bytes, shrink_to: int | None = None) -> int:
+    """How many pixels :func:`open_image` would decode (from the header, after a JPEG's draft scale); ImageError for
+    what is not an image."""
+    try:
+        with Image.open(io.BytesIO(source)) as img:
+            width, height = img.size
+            if shrink_to is not None and min(width, height) > 2 * shrink_to:
+                img.draft("RGB", (shrink_to, shrink_to))
+                width, height = img.size
+            return int(width) * int(height)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"not a readable image: {exc}") from exc
 
 
 def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_SIZE, quality: int = 80) -> bytes:

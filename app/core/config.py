@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest accepted request body (bytes)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
     max_images: int = Field(64, ge=1, description="images per classify/similarity request")
+    max_request_pixels: int = Field(
+        256_000_000, ge=1, description="pixels a request's images may decode to, together (large JPEGs count shrunk)"
+    )
+    max_concurrent_decodes: int = Field(
+        2, ge=1, description="images decoded at once, process-wide (each may take up to max_pixels x 3 bytes)"
+    )
     max_texts: int = Field(1024, ge=1, description="texts per similarity request")
     max_labels: int = Field(10_000, ge=1, le=10_000, description="labels per label set")
     max_templates: int = Field(100, ge=1, description="prompt templates per label set (CLIP's ImageNet set has 80)")
