@@ -138,6 +138,11 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
             settings.index if settings.store == "faiss" else f"Milvus {settings.milvus_uri} ({settings.milvus_prefix})"
         )
         log.info("ready: %d pairs from %s (%d edits replayed)", live.model.n_pairs, source, live.replayed)
+        if settings.api_key is None:
+            log.warning(
+                "ASIF_API_KEY is not set: anyone who can reach this port can add and delete pairs and label sets "
+                "(set it to require 'Authorization: Bearer <key>' on every write)"
+            )
         try:
             yield
         finally:

@@ -76,3 +76,13 @@ def test_a_request_whose_images_decode_to_too_many_pixels_is_refused(built_index
         with make_client(built_index[0], max_request_pixels=3_100_000) as other:
             r = other.post("/v1/classify", json={"images": [b64(_image_bytes((4000, 3000), "JPEG"))], "labels": ["x"]})
             assert r.status_code == 200, r.text
+
+
+def test_the_server_warns_when_writes_are_open(built_index, caplog):
+    with caplog.at_level("WARNING", logger="asif.app"), make_client(built_index[0]):
+        pass
+    assert any("ASIF_API_KEY is not set" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="asif.app"), make_client(built_index[0], api_key="s3cret"):
+        pass
+    assert not any("ASIF_API_KEY" in r.getMessage() for r in caplog.records)
