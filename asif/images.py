@@ -42,8 +42,10 @@ def open_image(
                 if big:
                     img.draft("RGB", (shrink_to, shrink_to))  # JPEG only; a no-op for other formats
                 img.load()
+                factor = min(img.size) // shrink_to if big and shrink_to else 1
+                if factor >= 2 and img.mode in ("RGB", "RGBA", "L", "LA"):
+                    return img.reduce(factor).convert("RGB")  # before the RGB copy: one large buffer, not two
                 out = img.convert("RGB")
-                factor = min(out.size) // shrink_to if big and shrink_to else 1
                 return out.reduce(factor) if factor >= 2 else out
     except ImageError:
         raise
