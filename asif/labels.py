@@ -318,6 +318,9 @@ class NeighbourCache:
             first = (q_mid > q_new) | ((q_mid == q_new) & (self.ids[rows, mid] < new_id))  # sorts before the new one
             lo = np.where(open_ & first, mid + 1, lo)
             hi = np.where(open_ & ~first, mid, hi)
+        inside = lo < self.depth  # a row holding every anchor, full to its depth: a newcomer sorting last stays out
+        if not inside.all():
+            rows, sims, exact, lo = rows[inside], sims[inside], exact[inside], lo[inside]
         pos = lo[:, None]
         col = np.arange(self.depth)[None, :]
         after = col > pos

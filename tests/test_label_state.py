@@ -292,3 +292,22 @@ def test_an_edit_costs_the_entries_it_changes_and_the_next_classification_rebuil
             scores_of(preds, cached.classes), pairs.reference(data.image_queries, emb), atol=2e-5
         )
     assert 0 < scorer.n_patched <= 2 * 6 * n_labels
+
+
+def test_a_row_full_to_its_depth_with_every_anchor_keeps_a_newcomer_that_sorts_last_out(rng):
+    """Depth == anchors held: a newcomer less similar than all of them falls past the depth (it used to index past
+    the row and fail the edit's label upkeep)."""
+    from asif.labels import NeighbourCache
+
+    txt = random_unit(rng, 20, 8)
+    q = random_unit(rng, 3, 8)
+    store = build_store(txt, np.arange(20), choose_index_spec(20, 8))
+    cache = NeighbourCache(q, depth=20)
+    cache.fill(np.arange(3), store.search, store.ntotal)
+    far = -q[:1] / np.linalg.norm(q[:1])  # the least similar vector to query 0; nearer to the others
+    cache.add(np.array([20]), far, n_before=20)
+    both = build_store(np.concatenate([txt, far]), np.arange(21), choose_index_spec(21, 8))
+    fresh = NeighbourCache(q, depth=20)
+    fresh.fill(np.arange(3), both.search, both.ntotal)
+    np.testing.assert_array_equal(cache.ids, fresh.ids)
+    np.testing.assert_allclose(cache.sims, fresh.sims, atol=1e-6)
