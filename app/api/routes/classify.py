@@ -32,6 +32,7 @@ from app.schemas import (
     SimilarityResponse,
 )
 from asif.augment import check_views
+from asif.labels import CachedLabels
 from asif.live import Answer, NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
@@ -124,18 +125,20 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     if opts.label_set is not None and opts.labels:
         raise ApiError(422, "give either labels or label_set, not both")
     live = state.live
-    if opts.label_set is not None:
-        labels = await run_in_threadpool(live.label_set, opts.label_set)
-        if labels is None:
-            raise ApiError(404, f"unknown label set {opts.label_set!r}")
-        inline = None
-    else:
-        inline = label_set_from(opts.labels, opts.templates, state.settings)
-    n_pairs = await run_in_threadpool(lambda: live.model.n_pairs)  # a Milvus count: off the event loop
+    inline = None if opts.label_set is not None else label_set_from(opts.labels, opts.templates, state.settings)
+
+    def lookup() -> tuple[CachedLabels | None, int]:
+        """The stored set (or the cached inline list) and the pairs held: locks, SQLite or Milvus, off the loop."""
+        found = live.label_set(opts.label_set) if inline is None else live.cached_inline(inline)
+        return found, live.model.n_pairs
+
+    labels, n_pairs = await run_in_threadpool(lookup)
+    if inline is None and labels is None:
+        raise ApiError(404, f"unknown label set {opts.label_set!r}")
     k_wanted, k_default = (effective_k(k, n_pairs) for k in (opts.k or live.model.k, live.model.k))
     # The label representations a request makes: an inline list's at the default k and at its own; a stored set's
     # at its own k unless that is the default (made when the set was stored).
-    n_labels = len(inline.classes) if inline is not None else len(labels.classes)
+    n_labels = len(inline.classes) if inline is not None else len(labels.classes)  # type: ignore[union-attr]
     made = max(k_wanted, k_default) if inline is not None else (0 if k_wanted == k_default else k_wanted)
     if made * n_labels > state.settings.max_label_entries:
         raise ApiError(
@@ -143,7 +146,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             f"k x labels = {made} x {n_labels} is over the limit of {state.settings.max_label_entries:,} label "
             "entries per request: ask a smaller k or fewer labels (or store the label set, at the default k)",
         )
-    if inline is not None:
+    if labels is None:
         labels = await state.inline_labels(inline)
     explain_label = None
     if opts.explain_label is not None:
