@@ -38,9 +38,7 @@ def open_image(
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
-                big = shrink_to is not None and min(width, height) > 2 * shrink_to
-                if big:
-                    img.draft("RGB", (shrink_to, shrink_to))  # JPEG only; a no-op for other formats
+                big = _draft_if_big(img, shrink_to)
                 img.load()
                 factor = min(img.size) // shrink_to if big and shrink_to else 1
                 if factor >= 2 and img.mode in ("RGB", "RGBA", "L", "LA"):
@@ -59,15 +57,22 @@ def open_image(
         raise ImageError(f"corrupt or truncated image: {exc}") from exc
 
 
+def _draft_if_big(img: Image.Image, shrink_to: int | None) -> bool:
+    """Whether the (not yet loaded) image's shorter side is over twice ``shrink_to``; if so a JPEG is set to decode
+    at the smallest 1/2, 1/4 or 1/8 scale that keeps it at least ``shrink_to`` (other formats are left as they are)."""
+    big = shrink_to is not None and min(img.size) > 2 * shrink_to
+    if big:
+        img.draft("RGB", (shrink_to, shrink_to))
+    return big
+
+
 def decoded_pixels(source: bytes, shrink_to: int | None = None) -> int:
     """How many pixels :func:`open_image` would decode (from the header, after a JPEG's draft scale); ImageError for
     what is not an image."""
     try:
         with Image.open(io.BytesIO(source)) as img:
+            _draft_if_big(img, shrink_to)
             width, height = img.size
-            if shrink_to is not None and min(width, height) > 2 * shrink_to:
-                img.draft("RGB", (shrink_to, shrink_to))
-                width, height = img.size
             return int(width) * int(height)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"not a readable image: {exc}") from exc

@@ -100,8 +100,12 @@ class _Patch:
         return cls(ids, cols, weights, clocks, KeyMatrix.from_entries(ids, cols, weights, n_keys))
 
     @classmethod
-    def merged(cls, parts: list[_Patch], n_keys: int) -> _Patch:
+    def merged(cls, parts: list[_Patch], n_keys: int, after: int | None = None) -> _Patch:
+        """One patch of the parts' entries (only those stamped later than ``after``, when given)."""
         ids, cols, weights, clocks = (np.concatenate([getattr(p, f) for p in parts]) for f in _Patch.FIELDS)
+        if after is not None:
+            keep = clocks > after
+            ids, cols, weights, clocks = ids[keep], cols[keep], weights[keep], clocks[keep]
         return cls.of(ids, cols, weights, clocks, n_keys)
 
     def __len__(self) -> int:
@@ -205,12 +209,7 @@ class LabelScorer:
         """Adopt a base built from the rows as of ``clock``; what changed since stays in patches."""
         self.base = base
         later = [p for p in self.patches if (p.clocks > clock).any()]
-        if later:
-            merged = _Patch.merged(later, self.n_labels)
-            keep = merged.clocks > clock
-            fields = (merged.ids[keep], merged.cols[keep], merged.weights[keep], merged.clocks[keep])
-            later = [_Patch.of(*fields, self.n_labels)]
-        self.patches = later
+        self.patches = [_Patch.merged(later, self.n_labels, after=clock)] if later else []
         self.detached &= self.stamp > clock
 
     def rebuild(self) -> None:

@@ -783,10 +783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "wall_s": time.perf_counter() - t0,
     }
-    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(report(results))
-    print(f"\nwrote {args.json} ({results['wall_s']:.0f} s)")
+    write_results(args.json, results, report(results))
     return 0
+
+
+def write_results(path: Path, results: dict[str, Any], table: str) -> None:
+    """A bench's results as JSON, and its table on stdout."""
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table)
+    print(f"\nwrote {path} ({results['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from bench.e2e import (
     real_identities,
     server_env,
     wait_for_quiet,
+    write_results,
 )
 from bench.live_traffic import code_version, percentiles
 
@@ -303,9 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "wall_s": time.perf_counter() - t0,
     }
-    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(report(runs))
-    print(f"\nwrote {args.json} ({results['wall_s']:.0f} s)")
+    write_results(args.json, results, report(runs))
     return 0
 
 
