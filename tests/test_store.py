@@ -578,3 +578,42 @@ def test_vector_table_products_cover_every_row_across_blocks(rng, kind):
     np.testing.assert_allclose(sims, q.astype(np.float64) @ stored.T.astype(np.float64), atol=1e-5)
     if kind == "Flat":
         np.testing.assert_allclose(stored, x[got_ids // 2], atol=0)
+
+
+def test_long_pq_cells_of_distinct_vectors_end_the_candidates_without_a_cascade(rng, monkeypatch):
+    # Fast-scan similarities are quantised: deep in the ranking, dozens of distinct vectors share one. The
+    # candidates must end at a cell boundary, not be fetched again with twice as many until the whole table
+    # is scanned exactly (0.6-0.8 s a query at 1M), and still not depend on the order of insertion.
+    import asif.stores.faiss_store as store_module
+
+    monkeypatch.setattr(store_module, "RERANK_MIN", 1)
+    x = random_unit(rng, 20_000, 8)
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    spec = choose_index_spec(len(x), 8, "IVF8,PQ2x4fs", rerank_factor=2.0)  # coarse PQ: cells of 60-160 at 2k
+    base = 4000
+    stores = [build_store(x[:base], ids[:base], spec) for _ in range(2)]
+    for store, order in zip(stores, [np.arange(base, len(x)), rng.permutation(np.arange(base, len(x)))], strict=True):
+        for part in np.array_split(order, 7):
+            store.add(ids[part], x[part])
+    widest: list[int] = []
+    exact_calls: list[int] = []
+    reranked: list[np.ndarray] = []
+    search_ivf, exact_all, rerank = FaissStore._search_ivf, FaissStore._exact_all, FaissStore._rerank
+    monkeypatch.setattr(FaissStore, "_search_ivf", lambda s, q, f: (widest.append(f), search_ivf(s, q, f))[1])
+    monkeypatch.setattr(FaissStore, "_exact_all", lambda s, q, k: (exact_calls.append(len(q)), exact_all(s, q, k))[1])
+    monkeypatch.setattr(
+        FaissStore, "_rerank", lambda s, q, c, k: (reranked.append((c >= 0).sum(1)), rerank(s, q, c, k))[1]
+    )
+    q = random_unit(rng, 40, 8)
+    cut_off = 0
+    for k in (300, 1000):
+        widest.clear()
+        reranked.clear()
+        results = [store.search(q, k) for store in stores]
+        assert not exact_calls and max(widest) == 2 * k + store_module.TIE_MARGIN  # one PQ pass per store
+        np.testing.assert_array_equal(results[0][1], results[1][1])
+        np.testing.assert_array_equal(results[0][0], results[1][0])
+        counts = np.concatenate(reranked)
+        assert counts.min() >= k  # never more than half the 2k candidates wanted are cut off
+        cut_off += int((counts < 2 * k).sum())
+    assert cut_off  # cells that ran past the candidates fetched were left out

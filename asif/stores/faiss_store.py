@@ -17,8 +17,9 @@ are counted in distinct vectors. Duplicates added by different calls stay separa
 Ties at the k-th place go to the smallest pair ids on every path (``asif.relrep.top_sorted``). FAISS
 keeps equal similarities in insertion order, so TIE_MARGIN more neighbours are fetched than needed and
 a row whose last one is in the similarity cell of the last one needed is fetched again with twice as
-many: the k-th neighbour without re-ranking (flat, IVF), the last PQ candidate with it, whose whole PQ
-cell is then re-ranked.
+many: the k-th neighbour without re-ranking (flat, IVF). With re-ranking, PQ candidates end at a PQ cell
+boundary (``_candidates``): the last one's whole cell is re-ranked, or, when it runs past those fetched,
+none of it.
 
 Searches always return ``min(k, ntotal)`` real neighbours, never FAISS's ``-1`` padding:
 the IVF ``nprobe`` is chosen per call (``SearchParametersIVF``) so the probed lists hold
@@ -361,26 +362,34 @@ class FaissStore:
         """The best k indexed vectors among about ``fetch`` PQ candidates re-ranked exactly (``-inf``/``-1`` padded).
 
         FAISS keeps equal PQ similarities in insertion order, and identical vectors added by different calls
-        (not grouped) share a PQ code. So TIE_MARGIN more candidates are fetched and the PQ cell of the
-        fetch-th one is re-ranked whole; rows where it goes on past them are fetched again with twice as
-        many, up to the whole table (then exact). No candidate set depends on the order of insertion.
+        (not grouped) share a PQ code; fast-scan's quantised similarities also tie for dozens of distinct
+        vectors deep in the ranking. So TIE_MARGIN more candidates are fetched, and the candidates end at a
+        PQ cell boundary: after the fetch-th one's whole cell when it ends within them, else before that cell
+        (every vector scored above it was fetched). Only when that would leave fewer than half the candidates
+        wanted (a long run of identical vectors) is the row fetched again with twice as many, up to the whole
+        table (then exact). No candidate set depends on the order of insertion.
         """
         nvectors = self.nvectors
         if fetch >= nvectors or self._ivf is None:  # the whole table (a Flat index's is exact anyway): BLAS
             return self._exact_all(x, min(k, nvectors))
         wide = min(nvectors, fetch + TIE_MARGIN)
         pq, cand = self._search_ivf(x, wide)
-        cells = np.floor(pq[:, fetch - 1 :] / TIE_GRID)
-        same = cells[:, 1:] == cells[:, :1]  # the rest of the fetch-th one's cell: a prefix (FAISS lists best first)
+        cells = np.floor(pq / TIE_GRID)
+        at = cells[:, fetch - 1 : fetch]
+        same = cells[:, fetch:] == at  # the rest of the fetch-th one's cell: a prefix (FAISS lists best first)
         # Rows whose last candidate fetched (not a -1: more vectors exist) is still in that cell.
         cut = same[:, -1] & (cand[:, -1] >= 0) if wide < nvectors else np.zeros(len(x), dtype=bool)
-        extra = same.sum(axis=1)
-        most = int(extra.max())
-        cand = cand[:, : fetch + most]
-        if len(x) > 1 and (extra < most).any():
-            cand = np.where(np.arange(cand.shape[1]) < fetch + extra[:, None], cand, -1)
+        ends = fetch + same.sum(axis=1)
+        if cut.any():
+            before = np.argmax(cells[:, :fetch] == at, axis=1)  # where the fetch-th one's cell begins
+            ends = np.where(cut, before, ends)
+            cut &= before < max(fetch // 2, min(k, fetch))
+        most = int(ends.max())
+        cand = cand[:, :most]
+        if len(x) > 1 and (ends < most).any():
+            cand = np.where(np.arange(most) < ends[:, None], cand, -1)
         sims, keys = self._rerank(x, cand, k)
-        if cut.any():  # a cell longer than TIE_MARGIN at the cut (a run of identical vectors)
+        if cut.any():  # the cell is longer than TIE_MARGIN and starts early: a run of identical vectors
             rows = np.flatnonzero(cut)
             s, i = self._candidates(x[rows], 2 * wide, k)
             width = max(sims.shape[1], s.shape[1])
