@@ -70,6 +70,7 @@ def load_shared(settings: Settings) -> LiveModel:
         load_text_encoder(text_spec, settings.device, None, runtime_options(settings)),
         index=MilvusIndex.parse(settings.milvus_index),
         inline_cache_bytes=int(settings.inline_label_cache_mb * 2**20),
+        pending_timeout_s=settings.milvus_pending_timeout_s,
     )
 
 

@@ -145,7 +145,7 @@ class LiveModel:
         self.compact_ratio = float(compact_ratio)
         self.replayed = self._replay(int(self.manifest.get("applied_seq", 0)))
         self._seq = self.metadata.last_seq()  # every logged edit is applied now
-        for stored in self.metadata.label_sets():
+        for stored in self._stored_label_sets():
             self.model.register_labels(
                 stored.name, LabelSet(tuple(stored.classes), tuple(stored.templates)), stored.embeddings, restack=False
             )
@@ -154,6 +154,10 @@ class LiveModel:
         self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asif-labels")
         self.model.schedule = self._schedule
         self.model.guard = self.lock.read
+
+    def _stored_label_sets(self) -> list[StoredLabelSet]:
+        """The label sets to register on start."""
+        return self.metadata.label_sets()
 
     def _schedule(self, job) -> None:
         def run() -> None:

@@ -70,6 +70,7 @@ class StoredLabelSet:
     classes: list[str]
     templates: list[str]
     embeddings: np.ndarray
+    version: int = 0  # shared (Milvus) label sets: which write of the set these rows are
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,29 @@
 """Pair metadata, the edit log and label sets in Milvus collections, so that API replicas share all state.
 
-The Milvus counterpart of ``asif.metadata.PairMetadata`` (same methods, same records). Collections, named
-``{prefix}_{what}`` (Milvus needs a vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
+The Milvus counterpart of ``asif.metadata.PairMetadata``. Collections, named ``{prefix}_{what}`` (Milvus needs a
+vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
 
 - ``pairs``: ``id`` (the pair id), ``image`` (reference), ``captions`` (JSON list), ``thumb`` (base64 JPEG on one
   pair per image, '' on the others).
-- ``edits``: ``id`` (the edit id: the order replicas follow edits in), ``op`` ('add' or 'delete'), ``pair_id``.
-- ``label_sets``: ``name``, ``templates`` (JSON), ``n`` (classes); ``label_rows``: one row per class, ``set``,
-  ``row``, ``label`` and the class embedding ``vec``.
+- ``edits``: the edit log. ``id`` is ``writer << 40 | n``: each process that edits (a *writer*) registers an id of
+  its own in ``writers`` and numbers its records 1, 2, 3...; ``op`` ('add', 'delete' or 'labels'), ``pair_id``,
+  ``name`` (the label set of a 'labels' record).
+- ``writers``: ``writer`` -> ``committed``, the last of its records whose store changes are final. A record is
+  written *before* the stores change (an intent) and counts once ``committed`` reaches it, so a process killed in
+  between leaves a visible intent that followers settle from the stores' state (``asif.shared_live``).
+- ``label_sets``: ``name``, ``templates`` (JSON), ``n`` (classes), ``version``; ``label_rows``: one row per class,
+  ``set``, ``version``, ``row``, ``label`` and the class embedding ``vec``. A write adds rows under a new version,
+  then points the header at it: readers never see a mix, and two concurrent writes leave one whole set.
+- ``trash``: the last deleted pairs (records and both vectors), so that any replica can restore them.
 - ``meta``: ``key`` -> JSON ``value`` (the manifest: encoders, k, p, anchor mode).
 
-**Ids without coordination.** Pair and edit ids are ``ms << 22 | tag << 6 | counter``: the milliseconds since
-2024, a 16-bit tag drawn at random by each process, and a counter (64 per millisecond; the clock waits past a full
-one). They are unique unless two processes draw the same tag and allocate in the same millisecond with the same
-counter, and they grow with time, which is what replicas follow edits by (``edits_after``). Every read is Strong.
-``asif build --store milvus`` numbers the pairs it loads 0..n-1, below every clock id.
+Every read is Strong. Reads of more rows than one query returns (16,384) go in ranges that cannot overflow
+(a writer's records ``n`` to ``n + LOG_PAGE``) or through a query iterator (in id order).
+
+**Pair ids without coordination**: ``ms << 22 | tag << 6 | counter`` (``IdClock``): the milliseconds since 2024, a
+16-bit tag drawn at random by each process, and a counter (64 per millisecond). Only their uniqueness matters:
+nothing is ordered by them, so a replica's clock may be off. ``asif build --store milvus`` numbers the pairs it
+loads 0..n-1, below every clock id.
 """
 
 from __future__ import annotations
@@ -25,15 +34,42 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from asif.metadata import Edit, NewPair, PairRecord, StoredLabelSet
+from asif import faults
+from asif.metadata import NewPair, PairRecord, StoredLabelSet
+from asif.stores.base import StoreError
 from asif.stores.milvus_store import CHUNK, STRONG, MilvusIndex, all_ids, create_collection, ids_expr
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MAX_VARCHAR = 65_535
+WRITER_BITS = 22  # writer ids 1 .. 2**22 - 1; a record's id is writer << N_BITS | n
+N_BITS = 40
+LOG_PAGE = 8_192  # a writer's records read per query: a range of n this wide cannot overflow a query (16,384)
+ROWS_PAGE = 8_192  # label rows read per query, by row range
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One record of a writer's edit log."""
+
+    writer: int
+    n: int
+    op: str  # 'add', 'delete' or 'labels'
+    pair_id: int
+    name: str  # the label set ('labels')
+
+
+def record_id(writer: int, n: int) -> int:
+    return int(writer) << N_BITS | int(n)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (with the offset a fault-injection test may set)."""
+    return int((time.time() + faults.clock_offset_s()) * 1000)
 
 
 class IdClock:
@@ -49,7 +85,7 @@ class IdClock:
         out = []
         with self._lock:
             for _ in range(n):
-                now = int(time.time() * 1000) - EPOCH_MS
+                now = now_ms() - EPOCH_MS
                 if now > self._ms:
                     self._ms, self._count = now, 0
                 elif self._count >= 64:  # this millisecond is used up (or the clock went back): the next one
@@ -68,7 +104,7 @@ def _quote(text: str) -> str:
 
 
 PREFIX_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,40}$"  # a Milvus collection name, less the suffixes below
-SHARED = ("image", "text", "pairs", "edits", "label_sets", "label_rows", "meta")  # collections of one model
+SHARED = ("image", "text", "pairs", "edits", "writers", "label_sets", "label_rows", "trash", "meta")  # of one model
 
 
 def shared_collections(client: Any, prefix: str) -> list[str]:
@@ -112,6 +148,14 @@ class MilvusMetadata:
             name = self._name(what)
             if not self.client.has_collection(name):
                 create_collection(self.client, name, fields, vec_dim, MilvusIndex("FLAT"))
+            else:
+                have = {f["name"] for f in self.client.describe_collection(name)["fields"]}
+                want = {f for f, _, _ in fields} | {"vec"}
+                if have != want:
+                    raise StoreError(
+                        f"Milvus collection {name!r} has the fields {sorted(have)}, not {sorted(want)}: it was "
+                        "written by another version of asif; rebuild the model (asif build --store milvus --force)"
+                    )
             self.client.load_collection(name)
 
         text = {"max_length": MAX_VARCHAR}
@@ -123,18 +167,26 @@ class MilvusMetadata:
         collection(
             "edits",
             [("id", DataType.INT64, {"is_primary": True}), ("op", DataType.VARCHAR, {"max_length": 8}),
-             ("pair_id", DataType.INT64, {})],
+             ("pair_id", DataType.INT64, {}), ("name", DataType.VARCHAR, {"max_length": 128})],
         )  # fmt: skip
+        collection("writers", [("writer", DataType.INT64, {"is_primary": True}), ("committed", DataType.INT64, {})])
         collection(
             "label_sets",
             [("name", DataType.VARCHAR, {"is_primary": True, "max_length": 128}),
-             ("templates", DataType.VARCHAR, text), ("n", DataType.INT64, {})],
+             ("templates", DataType.VARCHAR, text), ("n", DataType.INT64, {}), ("version", DataType.INT64, {})],
         )  # fmt: skip
         collection(
             "label_rows",
             [("id", DataType.INT64, {"is_primary": True}), ("set", DataType.VARCHAR, {"max_length": 128}),
-             ("row", DataType.INT64, {}), ("label", DataType.VARCHAR, {"max_length": 4096})],
+             ("version", DataType.INT64, {}), ("row", DataType.INT64, {}),
+             ("label", DataType.VARCHAR, {"max_length": 4096})],
             vec_dim=self.text_dim,
+        )  # fmt: skip
+        collection(
+            "trash",
+            [("id", DataType.INT64, {"is_primary": True}), ("image", DataType.VARCHAR, {"max_length": 1024}),
+             ("captions", DataType.VARCHAR, text), ("thumb", DataType.VARCHAR, text),
+             ("vectors", DataType.VARCHAR, text), ("image_dim", DataType.INT64, {}), ("at", DataType.INT64, {})],
         )  # fmt: skip
         collection("meta", [("key", DataType.VARCHAR, {"is_primary": True, "max_length": 128}),
                             ("value", DataType.VARCHAR, text)])  # fmt: skip
@@ -184,10 +236,21 @@ class MilvusMetadata:
         return all_ids(self.client, self._name("pairs"))
 
     def page(self, after: int = -1, limit: int = 100) -> list[PairRecord]:
-        # Milvus returns a filter's rows in no set order: take the ids above `after`, then the first `limit`.
-        ids = sorted(int(r["id"]) for r in self._query("pairs", f"id > {int(after)}", ["id"], limit=16_384))
-        wanted = ids[: int(limit)]
-        return sorted(self._records(ids_expr("id", wanted)), key=lambda r: r.id) if wanted else []
+        """The first ``limit`` pairs with ids above ``after``, in id order (a query iterator reads in id order; a
+        plain query with a limit returns an arbitrary subset of the matches)."""
+        it = self.client.query_iterator(
+            self._name("pairs"),
+            batch_size=max(1, int(limit)),
+            filter=f"id > {int(after)}",
+            output_fields=["id", "image", "captions"],
+            consistency_level=STRONG,
+        )
+        try:
+            rows = it.next()
+        finally:
+            it.close()
+        recs = [PairRecord(int(r["id"]), r["image"], json.loads(r["captions"])) for r in rows]
+        return sorted(recs, key=lambda r: r.id)[: int(limit)]
 
     # -- the edit log ------------------------------------------------------------------------------------------
     def insert_pairs(self, rows: Iterable[tuple[int, str, Sequence[str], bytes | None]]) -> int:
@@ -211,19 +274,63 @@ class MilvusMetadata:
             written += len(batch)
         return written
 
-    def log_add(self, pairs: Sequence[NewPair]) -> list[int]:
-        """Assign ids and record the pairs (rows with thumbnails; the edits replicas follow come later)."""
-        ids = self.clock.take(len(pairs))
+    def log_add(self, pairs: Sequence[NewPair], ids: Sequence[int] | None = None) -> list[int]:
+        """Record the pairs (rows with thumbnails) under ``ids`` (assigned here when None); returns the ids."""
+        ids = list(ids) if ids is not None else self.clock.take(len(pairs))
         self.insert_pairs((pid, p.image, p.captions, p.thumbnail) for pid, p in zip(ids, pairs, strict=True))
         return ids
 
-    def record_edits(self, op: str, pair_ids: Sequence[int]) -> list[int]:
-        """Append edits (once the stores hold them) for other replicas to follow; returns their edit ids."""
-        seqs = self.clock.take(len(pair_ids))
-        rows = [{"id": s, "op": op, "pair_id": int(p), "vec": [0.0, 0.0]} for s, p in zip(seqs, pair_ids, strict=True)]
-        if rows:
-            self.client.insert(self._name("edits"), rows)
-        return seqs
+    # -- the edit log: one sequence per writer ------------------------------------------------------------------
+    def register_writer(self) -> int:
+        """A writer id of this process's own (drawn at random, checked unused), with nothing committed."""
+        for _ in range(16):
+            writer = 1 + secrets.randbelow((1 << WRITER_BITS) - 1)
+            if not self._query("writers", f"writer == {writer}", ["writer"]):
+                self.client.insert(self._name("writers"), [{"writer": writer, "committed": 0, "vec": [0.0, 0.0]}])
+                return writer
+        raise StoreError("no unused writer id found in 16 draws")  # pragma: no cover - 4 million ids
+
+    def writers(self) -> dict[int, int]:
+        """Every writer and the last record it committed."""
+        rows = self._query("writers", "writer > 0", ["writer", "committed"], limit=16_384)
+        return {int(r["writer"]): int(r["committed"]) for r in rows}
+
+    def log_intents(self, writer: int, first: int, op: str, pair_ids: Sequence[int], name: str = "") -> int:
+        """Write records ``first, first + 1...`` of ``writer`` (before the stores change); returns the last n."""
+        rows = [
+            {"id": record_id(writer, first + j), "op": op, "pair_id": int(p), "name": name[:128], "vec": [0.0, 0.0]}
+            for j, p in enumerate(pair_ids)
+        ]
+        for start in range(0, len(rows), CHUNK):
+            faults.hit("milvus.log_intents")
+            self.client.insert(self._name("edits"), rows[start : start + CHUNK])
+        return first + len(rows) - 1
+
+    def commit(self, writer: int, n: int) -> None:
+        """``writer``'s records up to ``n`` are final: followers apply them."""
+        faults.hit("milvus.commit")
+        self.client.upsert(self._name("writers"), [{"writer": int(writer), "committed": int(n), "vec": [0.0, 0.0]}])
+
+    def records(self, writer: int, after: int, upto: int) -> list[LogRecord]:
+        """``writer``'s records with ``after < n <= upto``, in order (read LOG_PAGE at a time: none is missed)."""
+        out: list[LogRecord] = []
+        for lo in range(int(after), int(upto), LOG_PAGE):
+            hi = min(int(upto), lo + LOG_PAGE)
+            rows = self._query(
+                "edits",
+                f"id > {record_id(writer, lo)} and id <= {record_id(writer, hi)}",
+                ["id", "op", "pair_id", "name"],
+                limit=LOG_PAGE,
+            )
+            out.extend(
+                LogRecord(writer, int(r["id"]) & ((1 << N_BITS) - 1), r["op"], int(r["pair_id"]), r["name"])
+                for r in rows
+            )
+        return sorted(out, key=lambda r: r.n)
+
+    def last_seq(self) -> int:
+        """A version of the shared state: the records committed, over every writer (grows with every edit)."""
+        return sum(self.writers().values())
 
     def log_delete(self, ids: Sequence[int]) -> None:
         ids = [int(i) for i in ids]
@@ -246,52 +353,119 @@ class MilvusMetadata:
         """An add whose store write failed: its pair rows go (no edit was recorded for it)."""
         self.log_delete(ids)
 
-    def edits_after(self, seq: int, upto: int | None = None) -> list[Edit]:
-        """Edits with ``seq < id <= upto``, in id order (vectors are in the stores, not here)."""
-        top = 2**63 - 1 if upto is None else int(upto)
-        rows = self._query("edits", f"id > {int(seq)} and id <= {top}", ["id", "op", "pair_id"], limit=16_384)
-        return sorted((Edit(int(r["id"]), r["op"], int(r["pair_id"]), None, None) for r in rows), key=lambda e: e.seq)
-
-    def last_seq(self) -> int:
-        # The newest edit: ids grow with time, so look at the last minute first, then everywhere.
-        recent = (max(0, int(time.time() * 1000) - EPOCH_MS - 60_000)) << 22
-        for filter in (f"id > {recent}", "id >= 0"):
-            rows = self._query("edits", filter, ["id"], limit=16_384)
-            if rows:
-                return max(int(r["id"]) for r in rows)
-        return 0
-
     def compact_log(self, upto_seq: int) -> None:
-        """Edits stay: replicas follow them (they are a few bytes each)."""
+        """Records stay: replicas follow them (they are a few bytes each)."""
+
+    # -- deleted pairs kept for restoring, by any replica -------------------------------------------------------
+    def trash(self, kept: dict[int, NewPair], keep: int) -> None:
+        """Keep these deleted pairs (records and vectors); the oldest beyond the last ``keep`` go."""
+        rows = []
+        for pid, p in kept.items():
+            img = np.asarray(p.image_vec, dtype=np.float32)
+            vectors = np.concatenate([img, np.asarray(p.text_vec, dtype=np.float32)]).tobytes()
+            rows.append(
+                {
+                    "id": int(pid),
+                    "image": p.image[:1024],
+                    "captions": json.dumps(list(p.captions), ensure_ascii=False),
+                    "thumb": base64.b64encode(p.thumbnail).decode() if p.thumbnail else "",
+                    "vectors": base64.b64encode(vectors).decode(),
+                    "image_dim": len(img),
+                    "at": now_ms(),
+                    "vec": [0.0, 0.0],
+                }
+            )
+        for start in range(0, len(rows), CHUNK):
+            self.client.upsert(self._name("trash"), rows[start : start + CHUNK])
+        held = sorted((int(r["at"]), int(r["id"])) for r in self._query("trash", "id >= 0", ["id", "at"], 16_384))
+        old = [pid for _, pid in held[: max(0, len(held) - int(keep))]]
+        for start in range(0, len(old), CHUNK):
+            self.client.delete(self._name("trash"), ids=old[start : start + CHUNK])
+
+    def trashed(self, ids: Sequence[int]) -> dict[int, NewPair]:
+        """The kept deleted pairs among ``ids``."""
+        out = {}
+        fields = ["id", "image", "captions", "thumb", "vectors", "image_dim"]
+        for start in range(0, len(ids), CHUNK):
+            for r in self._query("trash", ids_expr("id", ids[start : start + CHUNK]), fields):
+                vec = np.frombuffer(base64.b64decode(r["vectors"]), dtype=np.float32)
+                d = int(r["image_dim"])
+                thumb = base64.b64decode(r["thumb"]) if r["thumb"] else None
+                out[int(r["id"])] = NewPair(
+                    r["image"], json.loads(r["captions"]), thumb, vec[:d].copy(), vec[d:].copy()
+                )
+        return out
+
+    def untrash(self, ids: Sequence[int]) -> None:
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), CHUNK):
+            self.client.delete(self._name("trash"), ids=ids[start : start + CHUNK])
 
     # -- label sets --------------------------------------------------------------------------------------------
-    def put_label_set(self, stored: StoredLabelSet) -> None:
+    def _head(self, name: str) -> dict[str, Any] | None:
+        rows = self._query("label_sets", f"name == {_quote(name)}", ["name", "templates", "n", "version"])
+        return rows[0] if rows else None
+
+    def label_versions(self) -> dict[str, int]:
+        """Every stored label set's current version."""
+        return {h["name"]: int(h["version"]) for h in self._query("label_sets", "", ["name", "version"], 16_384)}
+
+    def put_label_set(self, stored: StoredLabelSet) -> int:
+        """Store a label set under a new version (rows first, then the header); returns the version.
+
+        Two replicas writing one set at once each write their own rows; the header names one of them, and the
+        other replica's rows are deleted by that replica once it sees it lost. The version replaced goes too.
+        """
         emb = np.ascontiguousarray(stored.embeddings, dtype=np.float32)
-        self.delete_label_set(stored.name)
+        old = self._head(stored.name)
+        version = self.clock.take(1)[0]
         rows = [
-            {"id": rid, "set": stored.name, "row": r, "label": label[:4096], "vec": emb[r].tolist()}
+            {"id": rid, "set": stored.name, "version": version, "row": r, "label": label[:4096], "vec": emb[r].tolist()}
             for r, (rid, label) in enumerate(zip(self.clock.take(len(stored.classes)), stored.classes, strict=True))
         ]
         for start in range(0, len(rows), CHUNK):
             self.client.insert(self._name("label_rows"), rows[start : start + CHUNK])
         header = {"name": stored.name, "templates": json.dumps(stored.templates, ensure_ascii=False),
-                  "n": len(stored.classes), "vec": [0.0, 0.0]}  # fmt: skip
-        self.client.upsert(self._name("label_sets"), [header])  # last: a set is listed once its rows are in
+                  "n": len(stored.classes), "version": version, "vec": [0.0, 0.0]}  # fmt: skip
+        self.client.upsert(self._name("label_sets"), [header])
+        now = self._head(stored.name)
+        if now is None or int(now["version"]) != version:  # another write (or a delete) came after this one
+            self._drop_rows(stored.name, version)
+        elif old is not None:
+            self._drop_rows(stored.name, int(old["version"]))
+        return version
+
+    def _drop_rows(self, name: str, version: int) -> None:
+        self.client.delete(self._name("label_rows"), filter=f"set == {_quote(name)} and version == {int(version)}")
+
+    def label_set(self, name: str) -> StoredLabelSet | None:
+        """The label set's current version whole, or None (no such set)."""
+        for _ in range(8):  # a write that replaces the version between the header read and the rows: read again
+            head = self._head(name)
+            if head is None:
+                return None
+            version, n = int(head["version"]), int(head["n"])
+            rows: list[dict[str, Any]] = []
+            for lo in range(0, n, ROWS_PAGE):
+                rows += self._query(
+                    "label_rows",
+                    f"set == {_quote(name)} and version == {version} and row >= {lo} and row < {lo + ROWS_PAGE}",
+                    ["row", "label", "vec"],
+                    limit=ROWS_PAGE,
+                )
+            if len(rows) == n:
+                rows.sort(key=lambda r: int(r["row"]))
+                emb = np.asarray([r["vec"] for r in rows], dtype=np.float32).reshape(n, self.text_dim)
+                labels = [r["label"] for r in rows]
+                return StoredLabelSet(name, labels, json.loads(head["templates"]), emb, version)
+        return None  # pragma: no cover - rewritten eight times while being read
 
     def label_sets(self) -> list[StoredLabelSet]:
-        out = []
-        for head in sorted(self._query("label_sets", "", ["name", "templates", "n"], limit=16_384),
-                           key=lambda h: h["name"]):  # fmt: skip
-            rows = self._query("label_rows", f"set == {_quote(head['name'])}", ["row", "label", "vec"], limit=16_384)
-            if len(rows) != int(head["n"]):
-                continue  # being written by another replica
-            rows.sort(key=lambda r: int(r["row"]))
-            emb = np.asarray([r["vec"] for r in rows], dtype=np.float32).reshape(len(rows), self.text_dim)
-            out.append(StoredLabelSet(head["name"], [r["label"] for r in rows], json.loads(head["templates"]), emb))
-        return out
+        found = (self.label_set(name) for name in sorted(self.label_versions()))
+        return [s for s in found if s is not None]
 
     def delete_label_set(self, name: str) -> bool:
-        found = bool(self._query("label_sets", f"name == {_quote(name)}", ["name"]))
+        found = self._head(name) is not None
         self.client.delete(self._name("label_sets"), filter=f"name == {_quote(name)}")
         self.client.delete(self._name("label_rows"), filter=f"set == {_quote(name)}")
         return found

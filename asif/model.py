@@ -594,7 +594,12 @@ class AsifModel:
         n_before = self.n_pairs
         store = self.text_store
         # Their exact caption vectors let label sets look only at the rows that can hold them.
-        vectors = store.reconstruct(present) if store.exact_vectors else None
+        vectors = None
+        if store.exact_vectors:
+            try:
+                vectors = store.reconstruct(present)
+            except StoreError:  # shared stores: some were deleted meanwhile by another process; rows search instead
+                vectors = None
         self.image_store.remove(present)
         self.text_store.remove(present)
         self._edited(JournalEntry(self.version + 1, "remove", present, vectors, n_before))

@@ -41,14 +41,34 @@ def test_pairs_thumbnails_and_paging(meta):
     assert meta.get(ids[0]) is None and meta.count() == 2
 
 
-def test_edits_are_followed_in_order(meta):
-    assert meta.last_seq() == 0 and meta.edits_after(0) == []
-    first = meta.record_edits("add", [10, 11])[-1]
-    (last,) = meta.record_edits("delete", [10])
-    assert last > first == meta.edits_after(0)[1].seq
-    edits = meta.edits_after(0)
-    assert [(e.op, e.pair_id) for e in edits] == [("add", 10), ("add", 11), ("delete", 10)]
-    assert [e.pair_id for e in meta.edits_after(first)] == [10] and meta.last_seq() == last
+def test_each_writer_s_records_are_read_whole_and_in_order(meta, monkeypatch):
+    import asif.milvus_meta as milvus_meta
+
+    monkeypatch.setattr(milvus_meta, "LOG_PAGE", 7)  # ranges of 7 numbers: reading 40 records takes six queries
+    a, b = meta.register_writer(), meta.register_writer()
+    assert a != b and meta.writers() == {a: 0, b: 0} and meta.last_seq() == 0
+    assert meta.log_intents(a, 1, "add", list(range(100, 140))) == 40
+    assert meta.log_intents(b, 1, "labels", [0], "animals") == 1
+    assert meta.records(a, 0, 0) == []  # nothing committed is asked for: nothing read
+    meta.commit(a, 40)
+    assert meta.writers() == {a: 40, b: 0} and meta.last_seq() == 40
+    got = meta.records(a, 0, 40)
+    assert [(r.n, r.op, r.pair_id) for r in got] == [(n, "add", 99 + n) for n in range(1, 41)]
+    assert [r.n for r in meta.records(a, 33, 40)] == list(range(34, 41))
+    (labels,) = meta.records(b, 0, 1)
+    assert (labels.writer, labels.op, labels.name) == (b, "labels", "animals")
+
+
+def test_pages_of_pairs_are_in_id_order_whatever_the_insertion_order(meta, rng):
+    ids = [int(i) for i in rng.permutation(20_000) * 5 + 7]  # more than one query returns (16,384)
+    for start in range(0, 20_000, 4000):  # several inserts (segments), ids out of order
+        meta.insert_pairs((i, f"{i}.jpg", [f"c{i}"], None) for i in ids[start : start + 4000])
+    expected = sorted(ids)
+    got, after = [], -1
+    while page := meta.page(after, 1000):
+        got += [r.id for r in page]
+        after = page[-1].id
+    assert got == expected
 
 
 def test_label_sets_round_trip_and_replace(meta):
@@ -59,8 +79,15 @@ def test_label_sets_round_trip_and_replace(meta):
     assert animals.name == "animals" and animals.classes == ["dog", "cat", "emu"] and animals.templates == ["a {}"]
     np.testing.assert_array_equal(animals.embeddings, emb)
     assert tools.classes == ["saw"] and tools.embeddings.shape == (1, 4)
+    first = meta.label_versions()["animals"]
     meta.put_label_set(StoredLabelSet("animals", ["owl"], ["{}"], emb[2:]))
     assert [s.classes for s in meta.label_sets()] == [["owl"], ["saw"]]
+    assert (
+        meta.label_versions()["animals"] != first
+        and meta.label_set("animals").version == meta.label_versions()["animals"]
+    )
+    # The replaced version's rows are gone: one row per class is left.
+    assert len(meta.client.query("t_label_rows", filter='set == "animals"', output_fields=["row"])) == 1
     assert meta.delete_label_set("tools") and not meta.delete_label_set("tools")
     assert [s.name for s in meta.label_sets()] == ["animals"]
 

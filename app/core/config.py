@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("milvus.db", description="store milvus: a server URI (http://host:19530) or a lite file")
     milvus_prefix: str = Field("asif", pattern=PREFIX_PATTERN, description="store milvus: collection name prefix")
     milvus_index: str = Field("FLAT", description="store milvus: index type and options, e.g. HNSW:M=16,ef=1024")
+    milvus_pending_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="store milvus: edits a replica recorded but never committed (it died) are settled "
+        "from the stores' state after this long",
+    )
     image_encoder: str | None = Field(None, description="override the manifest's image encoder spec")
     text_encoder: str | None = Field(None, description="override the manifest's text encoder spec")
     device: str | None = Field(None, description="cuda | cpu; default: cuda when available")

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from app.batching import Overloaded
 from asif.images import ImageError
 from asif.labels import LabelError
-from asif.stores import StoreError
+from asif.stores import StoreError, StoreUnavailable
 
 
 class ApiError(Exception):
@@ -44,6 +44,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": f"rejected: {exc}"}, status_code=422)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(LabelError)
     async def _label_error(_: Request, exc: LabelError) -> JSONResponse:

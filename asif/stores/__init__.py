@@ -4,7 +4,7 @@
 - ``MilvusStore``: a Milvus collection (a Milvus server, or milvus-lite embedded), for stateless API replicas.
 """
 
-from asif.stores.base import StoreError, VectorStore, as_matrix
+from asif.stores.base import StoreError, StoreUnavailable, VectorStore, as_matrix
 from asif.stores.duplicates import count_distinct_rows
 from asif.stores.faiss_index import set_faiss_threads
 from asif.stores.faiss_store import RERANK_MIN, FaissStore, build_store, refine_path
@@ -17,6 +17,7 @@ __all__ = [
     "FaissStore",
     "IndexSpec",
     "StoreError",
+    "StoreUnavailable",
     "VectorStore",
     "as_matrix",
     "build_store",

@@ -17,6 +17,10 @@ class StoreError(ValueError):
     """Bad use of an anchor store (duplicate or unknown ids, wrong dimension...)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """Shared state could not be written (a Milvus failure): the edit was undone as far as it could be; retry."""
+
+
 def as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != dim:

@@ -217,11 +217,19 @@ class MilvusStore:
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        rows = {int(r["id"]): r["vec"] for r in self._present(np.unique(ids).tolist(), ["id", "vec"])}
-        missing = [i for i in ids.tolist() if i not in rows]
-        if missing:
-            raise StoreError(f"unknown ids: {missing[:10]}")
-        return np.asarray([rows[i] for i in ids.tolist()], dtype=np.float32).reshape(len(ids), self.dim)
+        found, vectors = self.vectors_of(ids)
+        if len(found) < len(np.unique(ids)):
+            missing = np.setdiff1d(ids, found)
+            raise StoreError(f"unknown ids: {missing[:10].tolist()}")
+        return vectors[np.searchsorted(found, ids)]
+
+    def vectors_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids held, sorted; their vectors) among ``ids``: in one read, so ids deleted meanwhile (by another
+        replica) are simply not there, never an error."""
+        rows = self._present(np.unique(np.asarray(ids, dtype=np.int64)).tolist(), ["id", "vec"])
+        rows.sort(key=lambda r: int(r["id"]))
+        found = np.array([int(r["id"]) for r in rows], dtype=np.int64)
+        return found, np.asarray([r["vec"] for r in rows], dtype=np.float32).reshape(len(rows), self.dim)
 
     # -- search ---------------------------------------------------------------------------------------------
     def _search_params(self, fetch: int) -> dict[str, Any]:
@@ -252,7 +260,13 @@ class MilvusStore:
             for r in range(len(x)):
                 valid = ids[r] >= 0
                 if valid.any():
-                    sims[r, valid] = self.reconstruct(ids[r, valid]) @ x[r]
+                    found, vectors = self.vectors_of(ids[r, valid])
+                    pos = np.minimum(np.searchsorted(found, ids[r, valid]), max(len(found) - 1, 0))
+                    held = (found[pos] == ids[r, valid]) if len(found) else np.zeros(valid.sum(), dtype=bool)
+                    exact = np.full(held.shape, -np.inf, dtype=np.float32)
+                    exact[held] = vectors[pos[held]] @ x[r]
+                    sims[r, valid] = exact  # a hit deleted since the search (another replica) drops out
+                    ids[r, np.flatnonzero(valid)[~held]] = -1
         return sims, ids
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
