@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from asif.synthetic import SyntheticWorld
+from tests.servers import free_port
 
 
 def random_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -232,3 +238,33 @@ def write_synthetic_index(
     stores = [build_store(x, ids, choose_index_spec(n, x.shape[1], index_type, refine=refine)) for x in (img, txt)]
     save_index_folder(folder, stores[0], stores[1], manifest)
     return img, txt
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """`milvus-lite server` on a free loopback port (its own data folder); yields its URI."""
+    exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+    port = free_port()
+    log = open(tmp_path / "milvus.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [exe, "server", "--data-dir", str(tmp_path / "milvus"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    from pymilvus import MilvusClient
+
+    for _ in range(120):
+        try:
+            MilvusClient(uri, timeout=2).list_collections()
+            break
+        except Exception:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "milvus.log").read_text()) from None
+            time.sleep(0.5)
+    else:
+        raise AssertionError("milvus-lite server did not answer")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import COLOURS
-from tests.servers import Server, free_port
+from tests.servers import Server
 
 pytestmark = pytest.mark.slow
 
@@ -27,35 +24,6 @@ def jpeg(rgb) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), rgb).save(buf, format="JPEG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture
-def milvus_server(tmp_path):
-    exe = shutil.which("milvus-lite") or str(__import__("pathlib").Path(sys.executable).parent / "milvus-lite")
-    port = free_port()
-    log = open(tmp_path / "milvus.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [exe, "server", "--data-dir", str(tmp_path / "milvus"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    from pymilvus import MilvusClient
-
-    for _ in range(120):
-        try:
-            MilvusClient(uri, timeout=2).list_collections()
-            break
-        except Exception:
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "milvus.log").read_text()) from None
-            time.sleep(0.5)
-    else:
-        raise AssertionError("milvus-lite server did not answer")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 def replica(uri, tmp_path, name):
