@@ -110,3 +110,70 @@ def test_a_replica_opened_later_starts_from_the_shared_state(replicas, tmp_path)
         check_against_reference(late, img[5:7], label_emb, late.label_set("three"), held)
     finally:
         late.close()
+
+
+def test_a_pair_deleted_while_a_follow_reads_it_is_dropped_not_an_error(replicas):
+    # B adds a pair; as A follows that add and reads the pair from the stores, B deletes it: A's classification
+    # must not fail (a 422 through the API), and its scores are exact without the pair.
+    a, b = replicas
+    rng = np.random.default_rng(2)
+    img, txt = unit(rng, 12, 48), unit(rng, 12, 64)
+    ids = b.add_pairs(new_pairs(img[:10], txt[:10], "b"))
+    label_emb = unit(rng, 4, 64)
+    labels = a.put_label_set("four", LabelSet(tuple("abcd"), ("{}",)), label_emb)
+    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    check_against_reference(a, img[:2], label_emb, labels, held)
+    (late,) = b.add_pairs(new_pairs(img[10:11], txt[10:11], "late"))
+    for store in (a.model.image_store, a.model.text_store):
+        original = store.contains
+
+        def contains(ids, original=original):
+            out = original(ids)
+            if late in np.asarray(ids).tolist() and b.has_pair(late):
+                b.delete_pairs([late])  # right after A saw it
+            return out
+
+        store.contains = contains
+    # The delete is concurrent with this classification: an answer, not an error (the old code raised), and one
+    # that never names the deleted pair; the next classification, which follows the delete, is exact.
+    answer = a.classify(img[:3], labels, k=K, p=P, top=4, explain=50)
+    assert late not in {x.pair_id for pred in answer.predictions for x in pred.explanation}
+    assert not a.has_pair(late)
+    check_against_reference(a, img[:3], label_emb, labels, held)
+
+
+def test_follows_read_outside_the_locks_and_rebuild_only_the_set_that_changed(replicas):
+    a, b = replicas
+    rng = np.random.default_rng(3)
+    img, txt = unit(rng, 20, 48), unit(rng, 20, 64)
+    ids = b.add_pairs(new_pairs(img, txt, "b"))
+    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    emb = {name: unit(rng, 3, 64) for name in ("one", "two")}
+    for name in emb:
+        b.put_label_set(name, LabelSet(("x", "y", "z"), ("{}",)), emb[name])
+    assert set(a.stored_label_sets()) == {"one", "two"}
+    locks_held: list[tuple] = []
+    for method in ("writers", "records", "label_set", "label_sets", "edits_after"):
+        original = getattr(a.metadata, method, None)
+        if original is None:
+            continue
+
+        def spy(*args, original=original, **kw):
+            locks_held.append((a._edit_lock.locked(), a.lock._writer, a.lock._readers))
+            return original(*args, **kw)
+
+        setattr(a.metadata, method, spy)
+    rebuilt: list[str] = []
+    register = a.model.register_labels
+    a.model.register_labels = lambda name, *args, **kw: (rebuilt.append(name), register(name, *args, **kw))[1]
+    emb["two"] = unit(rng, 3, 64)
+    b.put_label_set("two", LabelSet(("x", "y", "w"), ("{}",)), emb["two"])
+    b.delete_pairs(ids[:2])
+    for i in ids[:2]:
+        del held[i]
+    two = a.label_set("two")
+    assert two is not None and two.classes == ("x", "y", "w")
+    assert rebuilt == ["two"]  # the set that changed, and only it
+    assert locks_held and set(locks_held) == {(False, False, 0)}  # no lock held while Milvus is read
+    for name in emb:
+        check_against_reference(a, img[:3], emb[name], a.label_set(name), held)
