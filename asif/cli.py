@@ -191,10 +191,48 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Start the REST service. Other settings come from ASIF_* environment variables (see README).",
     )
     p.add_argument("--index", type=Path, help="index folder written by `asif build` (not with ASIF_STORE=milvus)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1); any other than loopback needs ASIF_API_KEY or --open-writes",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--open-writes",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --host without ASIF_API_KEY: anyone who can reach the port may add and delete "
+        "pairs and label sets (same as ASIF_OPEN_WRITES=1)",
+    )
     _add_runtime(p)
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server to this machine: a loopback address (127.0.0.0/8, ::1) or localhost."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name or an interface address: reachable from elsewhere
+
+
+def open_writes_refusal(host: str, has_key: bool, open_writes: bool) -> str | None:
+    """Why `asif serve` must not start: write endpoints open to the network by accident. None when it may."""
+    if has_key or open_writes or is_loopback(host):
+        return None
+    return (
+        f"--host {host} is reachable from other machines and ASIF_API_KEY is not set, so anyone could add and "
+        "delete pairs and label sets: set ASIF_API_KEY, or pass --open-writes (ASIF_OPEN_WRITES=1) to open writes "
+        "on purpose"
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -204,8 +242,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from asif.persist import IndexFolderError, read_manifest
 
-    given = {"index": args.index, "runtime": args.runtime}
+    given = {"index": args.index, "runtime": args.runtime, "open_writes": args.open_writes}
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    refusal = open_writes_refusal(args.host, settings.api_key is not None, settings.open_writes)
+    if refusal is not None:  # before the index and the encoders load: a misconfiguration fails at once
+        print(f"asif serve: error: {refusal}", file=sys.stderr)
+        return 2
     if settings.store == "faiss":  # the index folder must be there; Milvus mode reads shared state instead
         if args.index is None:
             print("asif serve: error: --index is required (or ASIF_STORE=milvus)", file=sys.stderr)

@@ -161,6 +161,7 @@ wait_healthy() {
 }
 
 say "docker-compose up -d --no-build (builder, then api)"
+unset ASIF_API_KEY ASIF_OPEN_WRITES  # no key given: the api generates one into the models volume
 STACK_UP=1
 compose up -d --no-build
 builder_exit=$($DOCKER inspect -f '{{.State.ExitCode}}' "$(compose ps -q builder)")
@@ -168,7 +169,9 @@ builder_exit=$($DOCKER inspect -f '{{.State.ExitCode}}' "$(compose ps -q builder
 compose logs builder | tail -n 3
 python3 "$ROOT/docker/smoke_checks.py" wait-ready "$URL"
 wait_healthy
-python3 "$ROOT/docker/smoke_checks.py" edit "$URL" "$WORK/data" "$STATE"
+API_KEY=$(compose exec -T api cat /models/api-key) && [ -n "$API_KEY" ] || die "no generated key in /models/api-key"
+say "  ok: the api generated its write key in the models volume"
+ASIF_API_KEY="$API_KEY" python3 "$ROOT/docker/smoke_checks.py" edit "$URL" "$WORK/data" "$STATE"
 
 say "docker-compose restart api (SIGTERM: the final snapshot is written)"
 compose restart api

@@ -16,6 +16,7 @@ import argparse
 import base64
 import csv
 import json
+import os
 import shutil
 import sys
 import time
@@ -37,7 +38,10 @@ def ok(message: str) -> None:
 
 def call(url: str, method: str = "GET", body: Any = None, timeout: float = 60) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("ASIF_API_KEY"):  # the write key smoke.sh read from the api container
+        headers["Authorization"] = f"Bearer {os.environ['ASIF_API_KEY']}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()

@@ -26,6 +26,14 @@ def build_command(
     ]  # fmt: skip
 
 
+def serve_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a served test process: this checkout first on the path, the test encoders allowed."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1", ASIF_PLUGIN_ENCODERS="1")
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return full_env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,15 +43,19 @@ def free_port() -> int:
 class Server:
     """`python -m asif.cli serve` on loopback; waits until /readyz answers 200."""
 
-    def __init__(self, index: Path, env: dict[str, str] | None = None, ready_timeout: float = 120) -> None:
+    def __init__(
+        self,
+        index: Path,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 120,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
-        full_env = dict(os.environ, HF_HUB_OFFLINE="1", ASIF_BATCH_MAX_WAIT_MS="1", ASIF_PLUGIN_ENCODERS="1")
-        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
-        full_env.update(env or {})
+        full_env = serve_env(env)
         # Output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(self.port)],
+            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(self.port), *args],
             env=full_env,
             cwd=ROOT,
             stdout=self.log,

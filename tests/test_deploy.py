@@ -32,6 +32,7 @@ ENTRYPOINT_VARS = {
     "ASIF_HOST",
     "ASIF_PORT",
     "ASIF_BUILD_DIR",
+    "ASIF_API_KEY_FILE",
 }
 
 
@@ -55,6 +56,10 @@ def test_compose_semantics():
     for service in (builder, api):
         assert "index:/index" in service["volumes"]
     assert set(compose["volumes"]) == {"index", "models"}
+    # A published port never serves open writes by accident: the key comes from the environment (or .env), else
+    # the entrypoint generates it into a volume that outlives the container.
+    assert api["environment"]["ASIF_API_KEY"] == "${ASIF_API_KEY:-}"
+    assert api["environment"]["ASIF_API_KEY_FILE"].startswith("/models/") and "models:/models" in api["volumes"]
     known = {f"ASIF_{name.upper()}" for name in Settings.model_fields} | ENTRYPOINT_VARS
     for service in compose["services"].values():
         for var in service["environment"]:
@@ -119,6 +124,9 @@ def test_milvus_compose_semantics():
     for name in replicas:
         assert services[name]["depends_on"]["builder"]["condition"] == "service_completed_successfully"
         assert "ports" not in services[name]  # reached through the balancer only
+        # One generated key for all replicas: the key file is on the volume they share.
+        assert services[name]["environment"]["ASIF_API_KEY_FILE"] == "/models/api-key"
+        assert "models:/models" in services[name]["volumes"]
     lb = services["lb"]
     assert lb["ports"] == ["${ASIF_HTTP_PORT:-8000}:8000"]
     assert {name for name, dep in lb["depends_on"].items() if dep["condition"] == "service_healthy"} == set(replicas)
@@ -235,6 +243,69 @@ def test_entrypoint_builds_serves_and_flushes_a_snapshot_on_sigterm(tmp_path):
     # The shutdown snapshot wrote the edit as a delta of generation 1.
     assert manifest["generation"] == 1 and manifest["counts"]["pairs"] == 17  # 16 captions + 1 added
     assert [d["adds"] for d in manifest["deltas"]] == [1]
+
+
+def start_entrypoint(env: dict[str, str], port: int) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """`entrypoint.sh serve` in the background, once /readyz answers 200."""
+    entry = str(ROOT / "docker" / "entrypoint.sh")
+    server = subprocess.Popen([entry, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    for _ in range(240):
+        if server.poll() is not None:
+            raise AssertionError(f"exited early: {server.communicate()[0].decode()}")
+        try:
+            if http.get("/readyz").status_code == 200:
+                return server, http
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    server.kill()
+    raise AssertionError("not ready")
+
+
+def stop_entrypoint(server: subprocess.Popen[bytes]) -> str:
+    server.send_signal(signal.SIGTERM)
+    out, _ = server.communicate(timeout=60)
+    assert server.returncode in (0, -signal.SIGTERM), out.decode()
+    return out.decode()
+
+
+def test_entrypoint_generates_a_write_key_for_a_published_server_once(built_index, tmp_path):
+    """No ASIF_API_KEY and the image's ASIF_HOST=0.0.0.0: the entrypoint creates a random key in ASIF_API_KEY_FILE
+    (mode 600), prints where it is (never the key), and the server requires it; a restart keeps the same key."""
+    index, images = built_index
+    port = free_port()
+    keyfile = tmp_path / "models" / "api-key"
+    keyfile.parent.mkdir()
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        ASIF_PLUGIN_ENCODERS="1",
+        ASIF_INDEX=str(index),
+        ASIF_HOST="0.0.0.0",  # what the image binds
+        ASIF_PORT=str(port),
+        ASIF_API_KEY="",
+        ASIF_OPEN_WRITES="",
+        ASIF_API_KEY_FILE=str(keyfile),
+    )
+    jpg = (images / "red_0.jpg").read_bytes()
+    outputs, keys = [], []
+    for _ in range(2):
+        server, http = start_entrypoint(env, port)
+        try:
+            key = keyfile.read_text().strip()
+            assert len(key) >= 32 and keyfile.stat().st_mode & 0o777 == 0o600
+            write = {"files": {"image": ("x.jpg", jpg, "image/jpeg")}, "data": {"caption": "one more"}}
+            assert http.post("/v1/pairs", **write).status_code == 401
+            assert http.post("/v1/pairs", headers={"Authorization": f"Bearer {key}"}, **write).status_code == 201
+        finally:
+            outputs.append(stop_entrypoint(server))
+        keys.append(key)
+    assert keys[0] == keys[1]
+    assert f"generated a write key in {keyfile}" in outputs[0] and "generated" not in outputs[1]
+    assert all(f"the key in {keyfile}" in out and keys[0] not in out for out in outputs)
+    assert list(keyfile.parent.iterdir()) == [keyfile]  # no temporary file left
 
 
 @pytest.mark.slow

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     verify_checksums: bool = True
 
     api_key: SecretStr | None = Field(None, description="when set, write endpoints need 'Authorization: Bearer <key>'")
+    open_writes: bool = Field(
+        False,
+        description="without api_key, let `asif serve` bind a non-loopback host with write endpoints open to anyone "
+        "(on purpose; without it such a server refuses to start)",
+    )
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image (bytes)")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest accepted request body (bytes)")
@@ -98,3 +103,9 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """An empty variable (e.g. ASIF_API_KEY= from compose) means unset, never an empty key."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("open_writes", mode="before")
+    @classmethod
+    def _empty_is_false(cls, value: object) -> object:
+        """An empty ASIF_OPEN_WRITES= (compose passes one when it is unset) means no."""
+        return False if isinstance(value, str) and not value.strip() else value
