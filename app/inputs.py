@@ -6,7 +6,8 @@ import base64
 import binascii
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import UploadFile
@@ -74,20 +75,52 @@ def _check_pixels(blobs: list[bytes], settings: Settings) -> None:
 
 
 SHRINK_SIDE = 1024  # served images whose shorter side is over twice this are decoded smaller (4x the input sizes)
-_decode_slots: dict[int, threading.BoundedSemaphore] = {}
+
+
+class PixelBudget:
+    """Pixels being decoded, process-wide: a decode waits until its pixels fit beside the others' (one larger than
+    the whole budget waits to decode alone)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = min(int(pixels), self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + need <= self.capacity)
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()
+
+
+_decode_slots: dict[tuple[int, int], tuple[threading.BoundedSemaphore, PixelBudget]] = {}
 _slots_lock = threading.Lock()
 
 
-def _slots(settings: Settings) -> threading.BoundedSemaphore:
-    """The process's decode slots: at most ``max_concurrent_decodes`` images are decoded at once."""
+def _slots(settings: Settings) -> tuple[threading.BoundedSemaphore, PixelBudget]:
+    """The process's decode limits: at most ``max_concurrent_decodes`` images and ``max_decode_pixels`` at once."""
+    key = (settings.max_concurrent_decodes, settings.max_decode_pixels)
     with _slots_lock:
-        n = settings.max_concurrent_decodes
-        return _decode_slots.setdefault(n, threading.BoundedSemaphore(n))
+        if key not in _decode_slots:
+            _decode_slots[key] = (threading.BoundedSemaphore(key[0]), PixelBudget(key[1]))
+        return _decode_slots[key]
 
 
 def _decode(blob: bytes, i: int, settings: Settings) -> Image.Image:
+    slots, budget = _slots(settings)
     try:
-        with _slots(settings):
+        pixels = decoded_pixels(blob, SHRINK_SIDE)
+    except ValueError:
+        pixels = 0  # not an image: open_image says what is wrong
+    try:
+        with budget.hold(pixels), slots:
             return open_image(blob, max_pixels=settings.max_pixels, shrink_to=SHRINK_SIDE)
     except ValueError as exc:
         raise ApiError(400, f"image {i}: {exc}") from exc

@@ -15,6 +15,7 @@ from app.api.routes import classify, console, health, label_sets, pairs, search
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
+from app.memory import release_large_frees
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
 from app.schemas import ERROR_RESPONSES
@@ -104,6 +105,8 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _set_threads(settings)
+        if settings.release_large_frees:
+            release_large_frees()
         live = await run_in_threadpool(live_factory, settings)
         wait = settings.batch_max_wait_ms / 1000
         state = AppState(

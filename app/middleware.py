@@ -1,6 +1,7 @@
 """The service's one middleware, as plain ASGI (Starlette's ``BaseHTTPMiddleware`` costs every request a task group
 and a body stream): refuse bodies over the limit, by their Content-Length and by the bytes received (a chunked body
-has no length), and count and time every request."""
+has no length), refuse more once the bodies held by every request in flight pass their own limit (503), and count
+and time every request."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class LimitsAndMetrics:
     def __init__(self, app: Any, settings: Settings, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = settings.max_request_bytes
+        self.max_in_flight = settings.max_body_bytes_in_flight
+        self.in_flight = 0  # body bytes received by requests not finished yet (the event loop's: no lock needed)
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -37,9 +40,18 @@ class LimitsAndMetrics:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
+                self.in_flight += size
                 if received > self.max_bytes:  # the route answers 413 (the ApiError handler)
                     raise ApiError(413, f"request body larger than the limit of {self.max_bytes} bytes")
+                if self.in_flight > self.max_in_flight:
+                    raise ApiError(
+                        503,
+                        f"busy: requests in flight hold {self.in_flight:,} body bytes, over the limit of "
+                        f"{self.max_in_flight:,}; retry",
+                        {"Retry-After": "1"},
+                    )
             return message
 
         async def send_status(message: dict[str, Any]) -> None:
@@ -51,6 +63,7 @@ class LimitsAndMetrics:
         try:
             await self.app(scope, counted_receive, send_status)
         finally:
+            self.in_flight -= received
             path = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
             self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)

@@ -48,7 +48,7 @@ from asif.stores import StoreError
 
 log = logging.getLogger("asif.live")
 
-INLINE_CACHE_BYTES = 256 << 20
+INLINE_CACHE_BYTES = 64 << 20
 RESTORABLE = 1_000  # the last deleted pairs kept in memory (vectors, captions, thumbnail) so they can be restored
 COMPACT_RATIO = 0.25  # fold deltas into a new base once they touch this fraction of the pairs
 

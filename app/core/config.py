@@ -51,7 +51,19 @@ class Settings(BaseSettings):
         256_000_000, ge=1, description="pixels a request's images may decode to, together (large JPEGs count shrunk)"
     )
     max_concurrent_decodes: int = Field(
-        2, ge=1, description="images decoded at once, process-wide (each may take up to max_pixels x 3 bytes)"
+        2, ge=1, description="images decoded at once, process-wide (each may take up to max_pixels x 4 bytes)"
+    )
+    max_concurrent_label_builds: int = Field(
+        1, ge=1, description="ad-hoc label lists not in the cache built at once, process-wide (others wait)"
+    )
+    max_body_bytes_in_flight: int = Field(
+        128 * 1024 * 1024, ge=1, description="request body bytes held at once, process-wide (503 past it)"
+    )
+    max_decode_pixels: int = Field(
+        48_000_000,
+        ge=1,
+        description="pixels being decoded at once, process-wide (4 bytes each); a larger image "
+        "waits until it decodes alone",
     )
     max_texts: int = Field(1024, ge=1, description="texts per similarity request")
     max_labels: int = Field(10_000, ge=1, le=10_000, description="labels per label set")
@@ -77,7 +89,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="items waiting for an encoder before requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an encoder before a 503")
     inline_label_cache_mb: float = Field(
-        256.0, ge=0, description="memory for ad-hoc label lists' cached representations (MiB; least recently used go)"
+        64.0, ge=0, description="memory for ad-hoc label lists' cached representations (MiB; least recently used go)"
+    )
+    release_large_frees: bool = Field(
+        True, description="glibc: blocks of 1 MiB or more are mapped on their own and unmapped when freed"
     )
 
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
