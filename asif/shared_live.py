@@ -140,23 +140,32 @@ class SharedLiveModel(LiveModel):
         """Apply what other writers committed since the last follow (and settle dead writers' intents); returns
         how many records were applied."""
         with self._follow_lock:
-            with self._edit_lock:
-                self._deleted_here.clear()
-            records, settle, heads = self._unapplied()
-            if not records and not settle:
-                return 0
-            touched = sorted({r.pair_id for r in records + settle if r.op != "labels"})
-            if settle:
-                self._settle_partial([r.pair_id for r in settle if r.op != "labels"])
-            held, vectors = self._held(np.array(touched, dtype=np.int64))
-            names = sorted({r.name for r in records + settle if r.op == "labels"})
-            changed = self._changed_label_sets(names)
-            with self._edit_lock:
-                self._apply(np.array(touched, dtype=np.int64), held, vectors, changed)
-                for w, n in heads.items():
-                    self._cursors[w] = max(self._cursors.get(w, 0), n)
-            self.model.sync_registered()
-            return len(records) + len(settle)
+            try:
+                return self._follow()
+            except (StoreError, StoreUnavailable):
+                raise
+            except Exception as exc:  # Milvus unreachable: nothing was applied; the next request tries again
+                raise StoreUnavailable(f"could not read the shared edit log: {exc}") from exc
+
+    def _follow(self) -> int:
+        """``follow`` (call with the follow lock): reads outside every other lock, then applies briefly."""
+        with self._edit_lock:
+            self._deleted_here.clear()
+        records, settle, heads = self._unapplied()
+        if not records and not settle:
+            return 0
+        touched = sorted({r.pair_id for r in records + settle if r.op != "labels"})
+        if settle:
+            self._settle_partial([r.pair_id for r in settle if r.op != "labels"])
+        held, vectors = self._held(np.array(touched, dtype=np.int64))
+        names = sorted({r.name for r in records + settle if r.op == "labels"})
+        changed = self._changed_label_sets(names)
+        with self._edit_lock:
+            self._apply(np.array(touched, dtype=np.int64), held, vectors, changed)
+            for w, n in heads.items():
+                self._cursors[w] = max(self._cursors.get(w, 0), n)
+        self.model.sync_registered()
+        return len(records) + len(settle)
 
     def _unapplied(self) -> tuple[list[LogRecord], list[LogRecord], dict[int, int]]:
         """(committed records not applied yet, dead writers' intents to settle, writer -> where that leaves it)."""

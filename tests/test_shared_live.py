@@ -177,3 +177,20 @@ def test_follows_read_outside_the_locks_and_rebuild_only_the_set_that_changed(re
     assert locks_held and set(locks_held) == {(False, False, 0)}  # no lock held while Milvus is read
     for name in emb:
         check_against_reference(a, img[:3], emb[name], a.label_set(name), held)
+
+
+def test_an_unreachable_edit_log_is_unavailable_not_an_internal_error(replicas):
+    from asif.stores import StoreUnavailable
+
+    a, b = replicas
+    rng = np.random.default_rng(4)
+    img, txt = unit(rng, 6, 48), unit(rng, 6, 64)
+    b.add_pairs(new_pairs(img, txt, "b"))
+    labels = a.put_label_set("two", LabelSet(("x", "y"), ("{}",)), unit(rng, 2, 64))
+
+    def down():
+        raise ConnectionError("milvus is down")
+
+    a.metadata.writers = down
+    with pytest.raises(StoreUnavailable, match="shared edit log: milvus is down"):
+        a.classify(img[:1], labels, k=K, p=P)
