@@ -15,7 +15,7 @@ from app.api.routes import classify, console, health, label_sets, pairs, search
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
-from app.memory import release_large_frees
+from app.memory import freeze_loaded_objects, release_large_frees
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
 from app.schemas import ERROR_RESPONSES
@@ -98,7 +98,9 @@ async def _snapshot_loop(state: AppState) -> None:
             )
 
 
-def create_app(settings: Settings | None = None, live_factory: LiveFactory = load_live) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, live_factory: LiveFactory = load_live, own_process: bool = False
+) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -108,6 +110,8 @@ def create_app(settings: Settings | None = None, live_factory: LiveFactory = loa
         if settings.release_large_frees:
             release_large_frees()
         live = await run_in_threadpool(live_factory, settings)
+        if own_process:  # `asif serve`: not an app among others in a test process, whose objects would stay
+            freeze_loaded_objects()
         wait = settings.batch_max_wait_ms / 1000
         state = AppState(
             settings=settings,

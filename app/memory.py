@@ -1,9 +1,14 @@
-"""Process memory settings for serving: large freed blocks go back to the operating system."""
+"""Process memory settings for serving: large freed blocks go back to the operating system, and the objects loaded
+at start are kept out of the garbage collector's full passes."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
+import logging
 import sys
+
+log = logging.getLogger("asif.memory")
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -23,3 +28,18 @@ def release_large_frees() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to set
         return False
+
+
+def freeze_loaded_objects() -> None:
+    """Collect once, then move every object alive now (the loaded model, encoders, libraries) to the collector's
+    permanent generation.
+
+    A full (generation 2) pass of Python's cyclic collector walks every tracked object and holds the GIL throughout:
+    with a 1M-pair index and its encoders loaded that took 150-320 ms, several times a minute under edits, and any
+    request returning from a native call (a FAISS search under the read lock) waited for it. Frozen objects are
+    still freed by reference counting; only cycles among them are never collected (they live as long as the
+    process anyway).
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("%d objects loaded at start kept out of the garbage collector's passes", gc.get_freeze_count())

@@ -258,7 +258,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"asif serve: error: {exc}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(settings, own_process=True), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
