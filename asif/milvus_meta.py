@@ -50,6 +50,7 @@ WRITER_BITS = 22  # writer ids 1 .. 2**22 - 1; a record's id is writer << N_BITS
 N_BITS = 40
 LOG_PAGE = 8_192  # a writer's records read per query: a range of n this wide cannot overflow a query (16,384)
 ROWS_PAGE = 8_192  # label rows read per query, by row range
+HEAD_READS = 4  # reads of a label set's header before it counts as missing (see MilvusMetadata._head)
 
 
 @dataclass(frozen=True)
@@ -403,8 +404,15 @@ class MilvusMetadata:
 
     # -- label sets --------------------------------------------------------------------------------------------
     def _head(self, name: str) -> dict[str, Any] | None:
-        rows = self._query("label_sets", f"name == {_quote(name)}", ["name", "templates", "n", "version"])
-        return rows[0] if rows else None
+        """The set's header row, or None. An upsert is a delete then an insert, and a read between the two finds
+        nothing: a set missing is read again a few times before it counts as gone."""
+        for attempt in range(HEAD_READS):
+            rows = self._query("label_sets", f"name == {_quote(name)}", ["name", "templates", "n", "version"])
+            if rows:
+                return rows[0]
+            if attempt + 1 < HEAD_READS:
+                time.sleep(0.01 * (attempt + 1))
+        return None
 
     def label_versions(self) -> dict[str, int]:
         """Every stored label set's current version."""

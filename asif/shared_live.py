@@ -122,6 +122,8 @@ class SharedLiveModel(LiveModel):
         self._committed_since = {w: (c, now) for w, c in cursors.items()}  # writer -> (committed, seen since)
         self._follow_lock = threading.Lock()  # one follow at a time (its reads run outside every other lock)
         self._deleted_here: set[int] = set()  # ids this process deleted while a follow was reading
+        self._labels_here: set[str] = set()  # label sets this process wrote while a follow was reading
+        self._labels_unsure: set[str] = set()  # sets written here since: the next follow checks their version
         self._label_versions: dict[str, int] = {}
         self._writer = metadata.register_writer()
         self._n = 0  # the last record number this process wrote
@@ -151,16 +153,22 @@ class SharedLiveModel(LiveModel):
         """``follow`` (call with the follow lock): reads outside every other lock, then applies briefly."""
         with self._edit_lock:
             self._deleted_here.clear()
+            self._labels_here.clear()
+            unsure = set(self._labels_unsure)
         records, settle, heads = self._unapplied()
-        if not records and not settle:
+        if not records and not settle and not unsure:
             return 0
         touched = sorted({r.pair_id for r in records + settle if r.op != "labels"})
         if settle:
             self._settle_partial([r.pair_id for r in settle if r.op != "labels"])
         held, vectors = self._held(np.array(touched, dtype=np.int64))
-        names = sorted({r.name for r in records + settle if r.op == "labels"})
+        names = sorted({r.name for r in records + settle if r.op == "labels"} | unsure)
         changed = self._changed_label_sets(names)
         with self._edit_lock:
+            # A set written here since it was read: what was read may be older than that write. Left as it is,
+            # and checked again next time (the write may itself have lost to another replica's).
+            changed = {name: new for name, new in changed.items() if name not in self._labels_here}
+            self._labels_unsure -= set(names) - self._labels_here
             self._apply(np.array(touched, dtype=np.int64), held, vectors, changed)
             for w, n in heads.items():
                 self._cursors[w] = max(self._cursors.get(w, 0), n)
@@ -219,7 +227,10 @@ class SharedLiveModel(LiveModel):
         """The named sets whose stored version is not the one held here: their new state (prepared outside the
         locks, like a PUT), or None where the set is gone."""
         out: dict[str, tuple[int, CachedLabels] | None] = {}
+        current = self.metadata.label_versions() if names else {}
         for name in names:
+            if current.get(name) is not None and current[name] == self._label_versions.get(name):
+                continue  # the version held here (one query for all of them, no rows read)
             stored = self.metadata.label_set(name)
             if stored is None:
                 if name in self._label_versions:
@@ -371,6 +382,8 @@ class SharedLiveModel(LiveModel):
                 raise self._failed("label set write", exc) from exc
             with self.lock.write():
                 self._label_versions[name] = version
+                self._labels_here.add(name)
+                self._labels_unsure.add(name)  # another replica's write may have landed after this one
                 return self.model.register_labels(name, label_set, cached=cached)
 
     def delete_label_set(self, name: str) -> bool:
@@ -384,6 +397,8 @@ class SharedLiveModel(LiveModel):
             with self.lock.write():
                 self.model.unregister_labels(name)
                 self._label_versions.pop(name, None)
+                self._labels_here.add(name)
+                self._labels_unsure.add(name)
         return found
 
     # -- persistence is Milvus's ------------------------------------------------------------------------------

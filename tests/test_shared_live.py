@@ -194,3 +194,29 @@ def test_an_unreachable_edit_log_is_unavailable_not_an_internal_error(replicas):
     a.metadata.writers = down
     with pytest.raises(StoreUnavailable, match="shared edit log: milvus is down"):
         a.classify(img[:1], labels, k=K, p=P)
+
+
+def test_a_follow_never_puts_back_a_label_set_older_than_a_write_made_here_meanwhile(replicas):
+    # B stores a set; A's follow reads B's version, and before A applies it, A stores its own (now the current
+    # one in Milvus). A must end on the current version, as B does, not on what its follow had read.
+    a, b = replicas
+    rng = np.random.default_rng(5)
+    img, txt = unit(rng, 10, 48), unit(rng, 10, 64)
+    ids = a.add_pairs(new_pairs(img, txt, "a"))
+    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    emb_b, emb_a = unit(rng, 2, 64), unit(rng, 3, 64)
+    b.put_label_set("set", LabelSet(("b1", "b2"), ("{}",)), emb_b)
+    read = a.metadata.label_set
+
+    def label_set_then_a_writes(name):
+        out = read(name)
+        a.metadata.label_set = read
+        a.put_label_set("set", LabelSet(("a1", "a2", "a3"), ("{}",)), emb_a)  # lands after what was just read
+        return out
+
+    a.metadata.label_set = label_set_then_a_writes
+    a.follow()
+    for replica in (a, b):
+        got = replica.label_set("set")
+        assert got is not None and got.classes == ("a1", "a2", "a3")
+        check_against_reference(replica, img[:2], emb_a, got, held)
