@@ -99,6 +99,12 @@ def assert_exact(world: World, *servers: Server, labels: list[str] = LABELS, lab
             assert {c["pair_id"] for c in result["explanation"]} <= set(world.held)
 
 
+def put_colours(server: Server) -> None:
+    """Store the label set "colours" (LABELS with TEMPLATE) through this replica."""
+    r = server.http.put("/v1/label-sets/colours", json={"labels": LABELS, "templates": [TEMPLATE]})
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture
 def cluster(milvus_server, tmp_path):
     """Start replicas on demand (each with its own failpoint file); all stopped at the end."""
@@ -137,7 +143,7 @@ def test_a_burst_of_17000_edits_is_followed_whole(cluster):
     world = World()
     (a, _), (b, _) = cluster("a"), cluster("b")
     world.add(a, 10, "base")
-    assert b.http.put("/v1/label-sets/colours", json={"labels": LABELS, "templates": [TEMPLATE]}).status_code == 200
+    put_colours(b)
     assert_exact(world, b, a, label_set="colours")
     for _ in range(17):
         world.add(a, 1000, "burst")
@@ -169,7 +175,7 @@ def test_kill_between_the_store_write_and_the_commit(cluster):
     world = World()
     (a, faults), (b, _) = cluster("a"), cluster("b")
     world.add(a, 20, "base")
-    assert a.http.put("/v1/label-sets/colours", json={"labels": LABELS, "templates": [TEMPLATE]}).status_code == 200
+    put_colours(a)
     assert_exact(world, a, b, label_set="colours")
     faults.write_text("shared.before_commit=kill\n")
     pairs = world.new_pairs(2, "killed")
@@ -193,7 +199,7 @@ def test_kill_between_the_store_write_and_the_commit(cluster):
 def test_a_replica_whose_clock_is_40_s_behind_is_followed(cluster):
     world = World()
     (b, _), (a, _) = cluster("b"), cluster("a", faults_text="clock.offset_s=-40\n")
-    assert b.http.put("/v1/label-sets/colours", json={"labels": LABELS, "templates": [TEMPLATE]}).status_code == 200
+    put_colours(b)
     world.add(b, 10, "on time")
     assert_exact(world, a, b, label_set="colours")
     world.add(a, 10, "late")
