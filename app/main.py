@@ -15,7 +15,7 @@ from app.api.routes import classify, console, health, label_sets, pairs, search
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
-from app.memory import freeze_loaded_objects, release_large_frees
+from app.memory import freeze_loaded_objects, numpy_huge_pages, release_large_frees
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
 from app.schemas import ERROR_RESPONSES
@@ -109,6 +109,7 @@ def create_app(
         _set_threads(settings)
         if settings.release_large_frees:
             release_large_frees()
+        numpy_huge_pages(settings.numpy_huge_pages)
         live = await run_in_threadpool(live_factory, settings)
         if own_process:  # `asif serve`: not an app among others in a test process, whose objects would stay
             freeze_loaded_objects()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("asif.app")
+
+SLOW_READ_HOLD_S = 0.1  # read-lock holds longer than this are logged: every other request may wait behind them
 
 
 class Metrics:
@@ -38,6 +45,12 @@ class Metrics:
         )
         self.pairs = Gauge("asif_pairs", "pairs in the model", registry=self.registry)
         self.pending_edits = Gauge("asif_pending_edits", "edits not yet in a snapshot", registry=self.registry)
+
+    def observe_read_hold(self, held_s: float) -> None:
+        """Called by the model's lock after each read hold, in the thread that held it."""
+        self.read_hold.observe(held_s)
+        if held_s > SLOW_READ_HOLD_S:
+            log.warning("read lock held %.0f ms by thread %s", held_s * 1000, threading.current_thread().name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

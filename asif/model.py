@@ -221,6 +221,7 @@ class AsifModel:
         """
         most = max(1, chunk * cache_depth(self.k) // depth)
         batch, start = 1, 0
+        per_label = 0.0  # seconds one label's search took in the last batch
         parts: list[tuple[NeighbourCache, int]] = []
         while start < len(emb):
             with guard():
@@ -231,9 +232,12 @@ class AsifModel:
                     part.fill(np.arange(len(part.queries)), self.text_store.search, self.n_pairs)
                     parts.append((part, self.version))
                     start += len(part.queries)
-                    took, now = time.perf_counter() - t0, time.perf_counter()
+                    now = time.perf_counter()
+                    took = now - t0
+                    per_label = took / len(part.queries)
                     batch = min(most, batch * 2) if took < step_seconds / 4 else max(1, batch // 2)
-                    if now - held >= step_seconds:
+                    # End the hold before a batch that would take it past step_seconds, not after.
+                    if now - held + per_label * min(batch, len(emb) - start) > step_seconds:
                         break
         with guard():
             synced = self.version

@@ -3,6 +3,7 @@ edit never rebuilds, label sets made in steps under a guard catch up with edits 
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -158,6 +159,33 @@ def test_labels_made_in_steps_catch_up_with_edits_between_the_steps(small_world,
     q = random_unit(rng, 5, img.shape[1])
     preds = model.classify(q, cached, top=40)
     np.testing.assert_allclose(scores_of(preds, cached.classes), pairs.reference(q, emb), atol=2e-5)
+
+
+def test_a_hold_while_making_labels_ends_before_a_batch_that_would_overrun_the_step(small_world, rng):
+    """Each label costs 5 ms to search here: batches double while quick, and a hold must end before the batch that
+    would take it past the step, not after (the old loop held a 0.1 s step for 135 ms)."""
+    data = small_world.pairs(200, n_queries=2)
+    model = model_of(data.image_anchors, data.text_anchors)
+    search = model.text_store.search
+
+    def slow_search(queries, k):
+        time.sleep(0.005 * len(queries))
+        return search(queries, k)
+
+    model.text_store.search = slow_search  # type: ignore[method-assign]
+    holds = []
+
+    @contextmanager
+    def guard():
+        start = time.perf_counter()
+        yield
+        holds.append(time.perf_counter() - start)
+
+    emb = random_unit(rng, 120, data.text_anchors.shape[1])
+    cache, _ = model.neighbours_in_steps(emb, cache_depth(K), guard=guard, chunk=64, step_seconds=0.1)
+    assert len(holds) >= 6  # 0.6 s of searching in holds of 0.1 s at most
+    assert max(holds) < 0.1 + 0.015, holds
+    np.testing.assert_array_equal(cache.ids[:, :K], search(emb, cache_depth(K))[1][:, :K])
 
 
 @pytest.mark.parametrize("journal_bytes", [1, 1 << 20])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -205,3 +206,19 @@ def test_randomized_stress_keeps_invariants_and_finishes():
     assert not violations, violations[:5]
     assert state["value"] == 300 and state["readers"] == state["writers"] == 0
     assert state["max_readers"] > 1  # readers really did overlap
+
+
+def test_a_long_read_hold_is_logged_with_its_thread(caplog):
+    from app.metrics import SLOW_READ_HOLD_S, Metrics
+
+    metrics = Metrics()
+    lock = RWLock()
+    lock.on_read_hold = metrics.observe_read_hold
+    with caplog.at_level(logging.WARNING, logger="asif.app"):
+        with lock.read():
+            pass  # quick: not logged
+        with lock.read():
+            time.sleep(SLOW_READ_HOLD_S + 0.02)
+    slow = [r.getMessage() for r in caplog.records if "read lock held" in r.getMessage()]
+    assert len(slow) == 1 and threading.current_thread().name in slow[0], slow
+    assert b"asif_read_lock_hold_seconds_count 2.0" in metrics.render()

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     release_large_frees: bool = Field(
         True, description="glibc: blocks of 1 MiB or more are mapped on their own and unmapped when freed"
     )
+    numpy_huge_pages: bool = Field(
+        False, description="let numpy ask for transparent huge pages on large arrays (numpy's default; off here)"
+    )
 
     snapshot_interval_s: float = Field(300.0, gt=0, description="how often pending edits are snapshotted")
     compact_ratio: float = Field(
