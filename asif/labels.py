@@ -352,16 +352,26 @@ class NeighbourCache:
             last = self.sims[np.arange(len(self.sims)), np.maximum(self.exact - 1, 0)]
             floor = np.where(self.exact > 0, last - 1e-4, np.inf)[:, None]
             look = np.flatnonzero((s >= floor).any(axis=1))
-            ids = self.ids[look]
         else:
-            look, ids = None, self.ids
+            look = np.arange(len(self.ids))
+        step = max(1, UPDATE_ENTRIES // max(1, self.depth))  # small temporaries, as in CachedLabels.rows_changed
+        parts = [self._remove_from(look[start : start + step], removed_ids) for start in range(0, len(look), step)]
+        rows = np.concatenate(parts) if parts else NO_ROWS
+        if len(rows) == 0:
+            return NO_ROWS
+        self.version = _next_version()
+        return rows
+
+    def _remove_from(self, look: np.ndarray, removed_ids: np.ndarray) -> np.ndarray:
+        """``remove`` over rows ``look``; returns the rows changed."""
+        ids = self.ids[look]
         # The common live delete is one id: a comparison beats isin's sort.
         one = len(removed_ids) == 1
         hit_all = (ids == removed_ids[0]) if one else (np.isin(ids, removed_ids) & (ids >= 0))
         found = np.flatnonzero(hit_all.any(axis=1))
-        rows = found if look is None else look[found]
-        if len(rows) == 0:
+        if len(found) == 0:
             return NO_ROWS
+        rows = look[found]
         hit = hit_all[found]
         gone_in_prefix = (hit & (np.arange(self.depth)[None, :] < self.exact[rows, None])).sum(axis=1)
         s = np.where(hit, -np.inf, self.sims[rows])
@@ -370,7 +380,6 @@ class NeighbourCache:
         self.sims[rows] = np.take_along_axis(s, order, axis=1)
         self.ids[rows] = np.take_along_axis(i, order, axis=1)
         self.exact[rows] -= gone_in_prefix
-        self.version = _next_version()
         return rows
 
     def ensure(self, k: int, search: SearchFn, n_anchors: int) -> np.ndarray:

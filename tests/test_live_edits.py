@@ -253,7 +253,11 @@ def test_live_edits_snapshots_and_compaction_on_compact_sq8_reranking(tmp_path):
     assert live.snapshot().generation == 1  # a delta: 4 adds and 3 deletes
     reopened = open_live(folder)
     assert sorted(reopened.model.image_store.ids().tolist()) == ids_before
-    assert [p.scores for p in reopened.classify(queries, reopened.label_set("s"), 50, 8.0).predictions] == before
+    after = [p.scores for p in reopened.classify(queries, reopened.label_set("s"), 50, 8.0).predictions]
+    # Equal up to rounding: the live scorer sums its base and patches, the reopened one a fresh base.
+    for a, b in zip(after, before, strict=True):
+        assert dict(a).keys() == dict(b).keys()
+        np.testing.assert_allclose([dict(a)[c] for c in dict(b)], [s for _, s in b], rtol=1e-5, atol=1e-9)
     reopened.add_pairs([new_pair(rng, "late")])
     info = reopened.compact()
     assert info.compacted and read_manifest(folder)["deltas"] == []
