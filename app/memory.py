@@ -38,9 +38,10 @@ def numpy_huge_pages(enabled: bool) -> bool:
     for 110-194 ms, on the CPU in the re-rank's inner products (no page fault, no run-queue wait, no steal); the
     same query and candidates took 3 ms replayed in a fresh process. With the advice off, 5 runs had none over
     52 ms. Advising only after the index was loaded did not help (the stalls follow the edits' large temporaries).
-    The cost: an edit that changes every row of a 10,000-label set (180 ms with huge pages) takes about 360 ms, as
-    its temporaries fault in 4 KiB pages. The kernel's ``enabled`` setting still rules: with ``always``, arrays
-    get huge pages whatever numpy advises.
+    Without huge pages, large temporaries fault in 4 KiB pages (an edit entering all 10,000 rows of a set went
+    from 180 to about 400 ms), so scoring and label upkeep work in pieces small enough for the heap to reuse
+    (that edit now takes ~110 ms). The kernel's ``enabled`` setting still rules: with ``always``, arrays get huge
+    pages whatever numpy advises.
     """
     try:
         from numpy._core import multiarray
