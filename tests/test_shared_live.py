@@ -36,6 +36,12 @@ def new_pairs(img, txt, tag):
     return [NewPair(f"{tag}{i}.jpg", [f"{tag} caption {i}"], None, img[i], txt[i]) for i in range(len(img))]
 
 
+def add_held(replica, img, txt, tag):
+    """Add these pairs through ``replica``; returns their ids and the map the reference takes (id -> vectors)."""
+    ids = replica.add_pairs(new_pairs(img, txt, tag))
+    return ids, {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+
+
 def check_against_reference(live, queries, label_emb, labels, held):
     """Scores from this replica equal the dense reference over the pairs `held` (id -> (image vec, text vec))."""
     ids = np.array(sorted(held))
@@ -54,8 +60,7 @@ def test_edits_through_one_replica_are_seen_by_the_other(replicas):
     a, b = replicas
     rng = np.random.default_rng(0)
     img, txt = unit(rng, 40, 48), unit(rng, 40, 64)
-    ids = a.add_pairs(new_pairs(img[:30], txt[:30], "a"))
-    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    _, held = add_held(a, img[:30], txt[:30], "a")
     label_emb = unit(rng, 5, 64)
     labels = LabelSet(tuple(f"c{i}" for i in range(5)), ("{}",))
     b_labels = b.put_label_set("five", labels, label_emb)
@@ -118,10 +123,9 @@ def test_a_pair_deleted_while_a_follow_reads_it_is_dropped_not_an_error(replicas
     a, b = replicas
     rng = np.random.default_rng(2)
     img, txt = unit(rng, 12, 48), unit(rng, 12, 64)
-    ids = b.add_pairs(new_pairs(img[:10], txt[:10], "b"))
+    _, held = add_held(b, img[:10], txt[:10], "b")
     label_emb = unit(rng, 4, 64)
     labels = a.put_label_set("four", LabelSet(tuple("abcd"), ("{}",)), label_emb)
-    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
     check_against_reference(a, img[:2], label_emb, labels, held)
     (late,) = b.add_pairs(new_pairs(img[10:11], txt[10:11], "late"))
     for store in (a.model.image_store, a.model.text_store):
@@ -146,8 +150,7 @@ def test_follows_read_outside_the_locks_and_rebuild_only_the_set_that_changed(re
     a, b = replicas
     rng = np.random.default_rng(3)
     img, txt = unit(rng, 20, 48), unit(rng, 20, 64)
-    ids = b.add_pairs(new_pairs(img, txt, "b"))
-    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    ids, held = add_held(b, img, txt, "b")
     emb = {name: unit(rng, 3, 64) for name in ("one", "two")}
     for name in emb:
         b.put_label_set(name, LabelSet(("x", "y", "z"), ("{}",)), emb[name])
@@ -202,8 +205,7 @@ def test_a_follow_never_puts_back_a_label_set_older_than_a_write_made_here_meanw
     a, b = replicas
     rng = np.random.default_rng(5)
     img, txt = unit(rng, 10, 48), unit(rng, 10, 64)
-    ids = a.add_pairs(new_pairs(img, txt, "a"))
-    held = {i: (img[j], txt[j]) for j, i in enumerate(ids)}
+    _, held = add_held(a, img, txt, "a")
     emb_b, emb_a = unit(rng, 2, 64), unit(rng, 3, 64)
     b.put_label_set("set", LabelSet(("b1", "b2"), ("{}",)), emb_b)
     read = a.metadata.label_set
