@@ -25,7 +25,7 @@ import itertools
 import string
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -291,9 +291,7 @@ class NeighbourCache:
         if len(rows) == 0:
             return NO_ROWS
         if len(new_ids) == 1:
-            step = max(1, UPDATE_ENTRIES // self.depth)  # small temporaries, as in CachedLabels.rows_changed
-            for start in range(0, len(rows), step):
-                part = rows[start : start + step]
+            for part in row_pieces(rows, self.depth):
                 self._insert_one(part, new_ids[0], s[part, 0])
         else:
             # Entries beyond `exact` are not trusted: drop them before merging.
@@ -354,8 +352,7 @@ class NeighbourCache:
             look = np.flatnonzero((s >= floor).any(axis=1))
         else:
             look = np.arange(len(self.ids))
-        step = max(1, UPDATE_ENTRIES // max(1, self.depth))  # small temporaries, as in CachedLabels.rows_changed
-        parts = [self._remove_from(look[start : start + step], removed_ids) for start in range(0, len(look), step)]
+        parts = [self._remove_from(part, removed_ids) for part in row_pieces(look, self.depth)]
         rows = np.concatenate(parts) if parts else NO_ROWS
         if len(rows) == 0:
             return NO_ROWS
@@ -398,7 +395,18 @@ def cache_depth(k: int) -> int:
     return int(k + max(16, k // 4))
 
 
-UPDATE_ENTRIES = 1 << 16  # (row, neighbour) entries a scorer update takes at a time
+UPDATE_ENTRIES = 1 << 16  # (row, neighbour) entries label upkeep takes at a time
+
+
+def row_pieces(rows: np.ndarray, width: int) -> Iterator[np.ndarray]:
+    """``rows`` in consecutive pieces of about UPDATE_ENTRIES entries of ``width`` each: label upkeep works piece by
+    piece so that its (rows, width) temporaries stay small enough for the heap to reuse (an add entering all
+    10,000 rows of a set faulted in ~400 MB of fresh pages in one go)."""
+    step = max(1, UPDATE_ENTRIES // max(1, width))
+    for start in range(0, len(rows), step):
+        yield rows[start : start + step]
+
+
 MAX_SCORERS = 4  # (k, weighting) combinations kept per label set: the model's default plus recent others
 
 
@@ -492,11 +500,7 @@ class CachedLabels:
             mask[rows] = True
         for s in self.scorers.values():
             sims, ids = self.neighbours.topk(s.k)
-            # A few rows at a time: the update's (rows, k) temporaries stay small enough for the heap to reuse
-            # (an add entering all 10,000 rows of a set faulted in ~400 MB of fresh pages in one go).
-            step = max(1, UPDATE_ENTRIES // max(1, s.k))
-            for start in range(0, len(rows), step):
-                part = rows[start : start + step]
+            for part in row_pieces(rows, s.k):
                 s.update(part, sims[part], ids[part])
 
     def reset(self, neighbours: NeighbourCache, synced: int) -> None:
