@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asif.encoders import ImageEncoder, RuntimeOptions, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.quantize import load_quantized
 from asif.metadata import PairMetadata
 from asif.model import AsifModel
 from asif.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
@@ -30,8 +31,13 @@ def open_index(
 ) -> LoadedIndex:
     """Load an index folder. Encoders default to the specs in its manifest; others must match it.
 
+    An index built with ``--quantize int8`` runs its image encoder on the int8 graph it keeps
+    (``encoders/image-int8.onnx``), on ONNX Runtime only.
+
     Raises :class:`asif.persist.EncoderMismatchError` when the given encoders are not the ones
-    the index was built with, and :class:`asif.persist.IndexFolderError` for a broken folder.
+    the index was built with, :class:`asif.encoders.quantize.QuantizeError` when an int8 index's
+    encoder cannot run (torch asked for, or its file missing or changed), and
+    :class:`asif.persist.IndexFolderError` for a broken folder.
     """
     manifest = read_manifest(Path(path))
     if load_encoders:
@@ -39,6 +45,7 @@ def open_index(
             image_encoder = load_image_encoder(
                 image_encoder or manifest["image_encoder"]["spec"], device, None, runtime
             )
+            load_quantized(image_encoder, Path(path), manifest["image_encoder"])  # an int8 index: its own graph
         if text_encoder is None or isinstance(text_encoder, str):
             text_encoder = load_text_encoder(text_encoder or manifest["text_encoder"]["spec"], device, None, runtime)
     image_obj = image_encoder if isinstance(image_encoder, ImageEncoder) else None

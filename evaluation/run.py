@@ -17,6 +17,7 @@ from asif.augment import image_view
 from asif.autoselect import auto_kp
 from asif.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.quantize import QUANTIZED_FILE, calibration_images, check_choice, quantize_image_encoder
 from asif.evaluation import (
     DenseSweep,
     auto_ridge_lambda,
@@ -67,6 +68,7 @@ class EvalConfig:
     batch_size: int = 32
     device: str | None = None
     runtime: str | None = None  # auto | onnx | torch (None: $ASIF_RUNTIME or auto)
+    quantize: str = "none"  # int8: the image encoder quantised, calibrated on the anchor images (with --pairs)
     cache_dir: Path | None = None
     store: str = "faiss"  # the served path's anchor store (with --pairs): faiss, or milvus (its FLAT default)
     milvus_uri: str | None = None  # default: a milvus-lite database in the output folder
@@ -150,6 +152,16 @@ def anchors_from_pairs(
     return out
 
 
+def quantize_from_pairs(cfg: EvalConfig, img_enc: ImageEncoder) -> None:
+    """``--quantize int8``: the image encoder quantised on the first distinct anchor images (``<out>/encoders``)."""
+    assert cfg.pairs is not None and cfg.images_root is not None
+    refs = dict.fromkeys(ref for ref, _ in read_pairs(cfg.pairs).rows)
+    files = (f for f in (resolve_image(Path(cfg.images_root), r) for r in refs) if f is not None)
+    images = calibration_images(files)
+    quantize_image_encoder(img_enc, images, cfg.out / QUANTIZED_FILE)
+    _log(f"image encoder quantised to int8 on {len(images)} anchor images")
+
+
 def served_top1(
     model: AsifModel, test_emb: np.ndarray, label_emb: np.ndarray, names: list[str], k: int, p: float
 ) -> np.ndarray:
@@ -222,6 +234,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.store == "milvus" and cfg.index is not None:
         raise ValueError("--store milvus evaluates --pairs loaded into Milvus; an --index folder is FAISS's")
     if cfg.index is not None:
+        if check_choice(cfg.quantize) != "none":
+            raise ValueError("--quantize goes with --pairs; an --index runs the image encoder it was built with")
         loaded = open_index(cfg.index, device=cfg.device, runtime=cfg.runtime)
         img_enc, txt_enc = loaded.model.image_encoder, loaded.model.text_encoder
         assert img_enc is not None and txt_enc is not None
@@ -230,6 +244,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             raise ValueError("give --index, or --pairs with --images-root")
         img_enc = load_image_encoder(cfg.image_encoder, cfg.device, cfg.batch_size, cfg.runtime)
         txt_enc = load_text_encoder(cfg.text_encoder, cfg.device, cfg.batch_size, cfg.runtime)
+        if check_choice(cfg.quantize) == "int8":
+            quantize_from_pairs(cfg, img_enc)
     img_cache = EmbeddingCache(img_enc.identity, cfg.cache_dir)
     txt_cache = EmbeddingCache(txt_enc.identity, cfg.cache_dir)
 

@@ -43,6 +43,13 @@ from tqdm import tqdm
 
 from asif.anchors import ANCHOR_MODES
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.quantize import (
+    QUANTIZED_FILE,
+    QuantizeError,
+    calibration_images,
+    check_choice,
+    quantize_image_encoder,
+)
 from asif.images import DEFAULT_MAX_PIXELS
 from asif.metadata import PairMetadata
 from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
@@ -126,6 +133,7 @@ class BuildConfig:
     ray: str | None = None  # Ray address (or "auto", "local"): embed the shards with Ray Data
     device: str | None = None
     runtime: str | None = None  # where the encoders run: auto | onnx | torch (None: $ASIF_RUNTIME or auto)
+    quantize: str = "none"  # none | int8: the image encoder quantised (ONNX Runtime), kept in the index folder
     max_pixels: int = DEFAULT_MAX_PIXELS
     force: bool = False
     seed: int = 0
@@ -242,6 +250,7 @@ def run_build(
     ``after_shard(name)`` runs after each shard's embedding file is written (a test hook)."""
     check_k_p(config.k, config.p)
     config.default_weighting()  # a bad weighting fails before any work
+    _check_quantize(config)
     if config.store == "faiss":
         if (Path(config.out) / MANIFEST).exists() and not config.force:
             raise AlreadyBuiltError(f"{config.out} already holds an index; pass --force to rebuild it")
@@ -255,6 +264,46 @@ def run_build(
         return _build(config, client, image_encoder, text_encoder, log, after_shard)
     finally:
         client.close()
+
+
+def _check_quantize(config: BuildConfig) -> None:
+    try:
+        quantize = check_choice(config.quantize)
+    except QuantizeError as exc:
+        raise BuildError(str(exc)) from None
+    if quantize != "none" and (config.store != "faiss" or config.ray):
+        raise BuildError("--quantize int8 builds an index folder in this process (not --store milvus, not --ray)")
+
+
+def _quantize(
+    config: BuildConfig,
+    options: SourceOptions,
+    image_encoder: ImageEncoder,
+    shards: list[Shard],
+    out: Path,
+    log: TextIO,
+) -> None:
+    """With ``--quantize int8``: the image encoder's int8 graph, calibrated on the first distinct images of the
+    shards and kept in the index folder; the image encoder runs on it from here on (its identity records it)."""
+    if check_choice(config.quantize) == "none":
+        return
+
+    def distinct_images() -> Iterator[bytes | Path]:
+        seen: set[str] = set()
+        for shard in shards:
+            with contextlib.suppress(ShardError):  # the embedding step reports it
+                for sample in shard.samples(options, Counter()):
+                    if sample.ref not in seen:
+                        seen.add(sample.ref)
+                        yield sample.image
+
+    t0 = time.perf_counter()
+    images = calibration_images(distinct_images())
+    try:
+        quantize_image_encoder(image_encoder, images, out / QUANTIZED_FILE)
+    except QuantizeError as exc:
+        raise BuildError(str(exc)) from None
+    print(f"image encoder quantised to int8 on {len(images)} images in {time.perf_counter() - t0:.1f} s", file=log)
 
 
 def _build(
@@ -290,9 +339,9 @@ def _build(
     text_encoder = text_encoder or load_text_encoder(
         config.text_encoder, config.device, config.batch_size, config.runtime
     )
-    image_id, text_id = image_encoder.identity.to_dict(), text_encoder.identity.to_dict()
-
     out.mkdir(parents=True, exist_ok=True)
+    _quantize(config, options, image_encoder, shards, out, log)
+    image_id, text_id = image_encoder.identity.to_dict(), text_encoder.identity.to_dict()
     work = out / WORK_DIR
     _prepare_work_dir(work, _fingerprint(config, kind, image_id, text_id), log)
     todo = []

@@ -118,7 +118,7 @@ class OrtForward(Forward):
         if device_type == "cuda":
             _require_cuda_provider()
             providers.insert(0, "CUDAExecutionProvider")
-        self.path = path
+        self.path, self.device_type, self.options = path, device_type, options
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
