@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import index_builder.build as build_module
+import index_builder.shard_embed as shard_embed
 from asif.encoders.prepare import ResizePrepare
 from asif.images import open_image, thumbnail_jpeg
 from asif.loading import open_index
@@ -100,6 +101,41 @@ def test_build_encodes_what_the_workers_prepared(tmp_path, workers):
     plain = replace(config, out=tmp_path / "plain", decode_workers=workers)
     run_build(plain, PixelEncoder(), HashTextEncoder())  # preparer() None: encode() on decoded images
     stores_equal(tmp_path / "prepared", tmp_path / "plain", report.pairs)
+
+
+def test_the_next_batch_decodes_while_captions_encode_not_images(tmp_path, monkeypatch):
+    """On a small machine decoding beside the image encoder takes its cores: the next read batch is sent to the
+    decoders after this batch's images are encoded, and decodes while its captions are."""
+    events: list[str] = []
+
+    class LoggingDecoder(build_module.Decoder):
+        def submit(self, sources):
+            events.append("decode")
+            return super().submit(sources)
+
+    class LoggingImages(PreparingPixelEncoder):
+        def encode_prepared(self, prepared):
+            events.append("images")
+            return super().encode_prepared(prepared)
+
+    class LoggingCaptions(HashTextEncoder):
+        def encode(self, texts):
+            events.append("captions")
+            return super().encode(texts)
+
+    monkeypatch.setattr(build_module, "Decoder", LoggingDecoder)
+    monkeypatch.setattr(shard_embed, "READ_BATCH", 4)  # 2 new images per read batch
+    images, pairs = write_pair_collection(tmp_path)
+    config = BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "out", shard_rows=12, batch_size=8)
+    run_build(replace(config, decode_workers=0), LoggingImages(), LoggingCaptions())
+
+    def shard(batches: int) -> list[str]:
+        order = ["decode"]
+        for i in range(batches):
+            order += ["images", *(["decode"] if i < batches - 1 else []), "captions"]
+        return order
+
+    assert events == shard(3) + shard(3) + shard(3) + shard(1)  # 40 rows: shards of 12, 12, 12 and 4
 
 
 # ---------------------------------------------------------------------------------------------
