@@ -45,6 +45,9 @@ def _rerank_kind(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+PINS = ("k", "p", "t", "r0", "weighting")  # build options that pin the served default (no --auto by default)
+
+
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
@@ -117,11 +120,11 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         default=RERANK_FACTOR,
         help=f"IVF-PQ candidates re-ranked per neighbour kept (default {RERANK_FACTOR:g}; see README)",
     )
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="default k recorded in the manifest")
+    p.add_argument("--k", type=int, default=None, help=f"default k recorded in the manifest (default {DEFAULT_K})")
     p.add_argument(
         "--weighting",
         choices=WEIGHTINGS,
-        default="power",
+        default=None,
         help="default weighting recorded in the manifest: power (max(s,0)^p, the paper's; default), softmax "
         "(temperature --t) or rank (1/(rank + --r0))",
     )
@@ -134,9 +137,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--auto",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="choose the default k and weighting from the pairs being built, without labels, and record them in "
-        f"the manifest; overrides --k, --p and --weighting. Whole images are held out ({AUTO_SPLITS} seeded splits); "
+        "the manifest. On by default unless --k, --p, --t, --r0 or --weighting pin them (given --auto, it overrides "
+        "them); --no-auto records the paper's k=800, p=8. With fewer than 3 distinct images the default falls back "
+        f"to those. Whole images are held out ({AUTO_SPLITS} seeded splits); "
         "each setting scores the held-out images' mean reciprocal rank of their own captions among the held-out "
         f"captions. Grid: k in {{{', '.join(map(str, AUTO_KS))}}} x "
         f"{{{', '.join(w.describe() for w in AUTO_WEIGHTINGS)}}}. Reads the embedded shards three times more",
@@ -162,7 +168,7 @@ def _run_build(args: argparse.Namespace) -> int:
     from index_builder.pairs_io import PairsFileError
 
     try:
-        weighting_of(args.weighting, args.p, args.t, args.r0)  # --p/--t/--r0 belong to --weighting's kind
+        weighting_of(args.weighting or "power", args.p, args.t, args.r0)  # --p/--t/--r0 belong to --weighting's kind
     except (BuildError, ValueError) as exc:
         print(f"asif build: error: {exc}", file=sys.stderr)
         return 2
@@ -171,8 +177,13 @@ def _run_build(args: argparse.Namespace) -> int:
             print("asif build: error: --out is required (the index folder to write)", file=sys.stderr)
             return 2
         args.out = Path(f"asif-build-{args.milvus_prefix}")
-    overrides: dict[str, Any] = {"rerank": _rerank_kind(args.rerank)}
-    for name in ("decode_workers", "p"):
+    pinned = any(getattr(args, name) is not None for name in PINS)
+    overrides: dict[str, Any] = {
+        "rerank": _rerank_kind(args.rerank),
+        "auto": args.auto if args.auto is not None else not pinned,
+        "auto_fallback": args.auto is None,  # the default's choice: too few images keeps the paper's k and p
+    }
+    for name in ("decode_workers", *PINS):
         if getattr(args, name) is None:
             delattr(args, name)  # the config's default
     config = _config(BuildConfig, args, **overrides)

@@ -147,7 +147,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     by = {r["runtime"]: r for r in results}
     ratios = {}
-    for variant in (v for v in by if v != "torch"):
+    for variant in (v for v in by if v != "torch" and "torch" in by):
         ratio = {k: round(by[variant][k] / max(by["torch"][k], 1e-9), 2) for k in RATES}
         ratio["wall_s"] = round(by["torch"]["wall_s"] / max(by[variant]["wall_s"], 1e-9), 2)  # speed-up: torch / it
         ratios[variant] = ratio

@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asif.anchors import ANCHOR_MODES
+from asif.autoselect import AutoChoice
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from asif.encoders.quantize import (
     QUANTIZED_FILE,
@@ -124,6 +125,7 @@ class BuildConfig:
     t: float | None = None  # softmax temperature (None: its default)
     r0: float | None = None  # rank offset (None: its default)
     auto: bool = False  # choose k and the weighting from the pairs (held-out images' mrr), over k/p/weighting
+    auto_fallback: bool = False  # with auto: too few distinct images keeps k/p/weighting (a note) instead of failing
     batch_size: int = 32
     shard_rows: int = SHARD_ROWS  # rows per shard of a pairs file
     image_column: str | None = None  # parquet: default "jpg"; pairs files: default "image"
@@ -197,7 +199,9 @@ class BuildReport:
             f"text {self.index.get('text')})",
             f"total:             {self.total_seconds:.1f} s",
         ]
-        if self.auto:
+        if "not_chosen" in self.auto:
+            out.insert(-1, f"auto:              not chosen ({self.auto['not_chosen']})")
+        elif self.auto:
             chosen = Weighting(**self.auto["weighting"]).describe()
             out.insert(-1, f"auto:              k={self.auto['k']}, {chosen} (held-out mrr {self.auto['mrr']:.3f} "
                        f"over {self.auto['held_out_images']} images x {len(self.auto['seeds'])} splits, "
@@ -364,7 +368,7 @@ def _build(
     if n_pairs == 0:
         raise BuildError("no anchors: every image was unreadable or every sample was skipped")
     report.pairs = n_pairs
-    choice = auto_select(files, config.anchors, n_pairs, config.seed, log=log) if config.auto else None
+    choice = _auto_choice(config, files, n_pairs, report, log) if config.auto else None
     if choice is None:
         defaults = _served_defaults(config.k, config.default_weighting(), config.p)
     else:
@@ -415,6 +419,20 @@ def _build(
             out.rmdir()  # it only held the work files
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def _auto_choice(
+    config: BuildConfig, files: list[Path], n_pairs: int, report: BuildReport, log: TextIO
+) -> AutoChoice | None:
+    """``--auto``'s choice; None (and why, in the report) when the default choice has too few images."""
+    try:
+        return auto_select(files, config.anchors, n_pairs, config.seed, log=log)
+    except BuildError as exc:
+        if not config.auto_fallback or "distinct images" not in str(exc):
+            raise
+        why = f"{exc}; recorded k={config.k} and {config.default_weighting().describe()}"
+        report.auto = {"not_chosen": why}
+        return None
 
 
 def _served_defaults(k: int, weighting: Weighting, p: float) -> dict[str, Any]:

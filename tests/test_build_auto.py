@@ -227,3 +227,42 @@ def test_cli_auto_overrides_k_p_and_weighting(tmp_path, monkeypatch, capsys):
     assert manifest["defaults"]["k"] in AUTO_KS  # not 5
     assert manifest["defaults"]["weighting"]["kind"] in ("power", "softmax") and manifest["auto"]["seeds"] == [2, 3, 4]
     assert "auto:              k=" in capsys.readouterr().out
+
+
+def test_cli_chooses_k_and_the_weighting_by_default(tmp_path, monkeypatch, capsys):
+    """`asif build` with no --k/--p/--t/--r0/--weighting runs the label-free choice (issue 29); --no-auto keeps the
+    paper's k=800, p=8."""
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=6)
+    assert cli_build(tmp_path, images, pairs, "--seed", "2") == 0
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest["auto"]["seeds"] == [2, 3, 4]
+    assert manifest["auto"]["table"] and "auto:              k=" in capsys.readouterr().out
+    assert cli_build(tmp_path, images, pairs, "--no-auto") == 0
+    manifest = read_manifest(tmp_path / "index")
+    assert "auto" not in manifest
+    assert manifest["defaults"] == {"k": 800, "p": 8.0, "weighting": Weighting("power", 8.0).to_dict()}
+
+
+@pytest.mark.parametrize("pin", [["--k", "30"], ["--p", "4"], ["--weighting", "rank"], ["--weighting", "power"]])
+def test_cli_k_p_or_weighting_pin_the_default(tmp_path, monkeypatch, pin):
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=6)
+    assert cli_build(tmp_path, images, pairs, *pin) == 0
+    manifest = read_manifest(tmp_path / "index")
+    assert "auto" not in manifest and manifest["defaults"]["k"] == (30 if pin[0] == "--k" else 800)
+
+
+def test_cli_default_choice_falls_back_on_too_few_images(tmp_path, monkeypatch, capsys):
+    """The default choice on 2 images (too few to hold whole images out) keeps the paper's k and p, with a note;
+    an explicit --auto still refuses (test above)."""
+    monkeypatch.setenv("ASIF_PLUGIN_ENCODERS", "1")
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=1)
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines[:5]) + "\n")
+    assert cli_build(tmp_path, images, pairs) == 0
+    assert (
+        "auto:              not chosen (--auto: holding whole images out needs at least 3 distinct images; "
+        "these anchors have 2; recorded k=800 and power p=8)" in capsys.readouterr().out
+    )
+    assert read_manifest(tmp_path / "index")["defaults"]["k"] == 800

@@ -64,7 +64,7 @@ def index_folder(tmp_path_factory) -> Path:
         writer.writerow(["image", "caption"])
         writer.writerows([r["image"], r["caption"]] for r in rows if r["image"] in keep)
     out = tmp / "index"
-    cmd = build_command(pairs, FLICKR / "images", out, "effnet-lite0", "minilm")
+    cmd = build_command(pairs, FLICKR / "images", out, "effnet-lite0", "minilm", "--no-auto")  # the paper's k, p
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
