@@ -6,6 +6,11 @@
   every query. Each anchor's weight is multiplied by an IDF factor ``log(N / (1 + occurrences))``, computed once
   from the anchor images (identical images count once).
 
+- **Prior balancing over a batch** (in the style of OTTER, Shin et al., NeurIPS 2024): a batch's image x label scores
+  become probabilities (a softmax at temperature t per image), and Sinkhorn finds one log-offset per label such that
+  the batch's predicted mass per label matches a prior (uniform by default). It corrects a label that the anchors
+  favour for every image. A batch of one image is returned unchanged: there is no batch to balance.
+
 The weighting functions (power, softmax, rank) are served options and live in :mod:`asif.relrep`.
 """
 
@@ -16,7 +21,9 @@ import numpy as np
 from asif.encoders.base import l2_normalise
 from asif.relrep import exact_topk
 
-HUBNESS_FLOOR = 1e-3  # an anchor in everyone's neighbourhood keeps a tiny weight, never exactly 0
+HUBNESS_FLOOR = 1e-3
+BALANCE_ITERATIONS = 1000  # at most; Sinkhorn stops once every label's share is within BALANCE_TOLERANCE
+BALANCE_TOLERANCE = 1e-9  # an anchor in everyone's neighbourhood keeps a tiny weight, never exactly 0
 
 
 def centre(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -36,3 +43,38 @@ def hubness_weights(image_anchors: np.ndarray, k: int) -> np.ndarray:
     counts = np.bincount(ids.ravel(), minlength=n) - 1
     idf = np.log(n / (1.0 + counts.astype(np.float64)))
     return np.maximum(idf, HUBNESS_FLOOR).astype(np.float32)[inverse.ravel()]
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(top, axis=axis) + np.log(np.sum(np.exp(x - top), axis=axis))
+
+
+def prior_balanced(
+    scores: np.ndarray, temperature: float, prior: np.ndarray | None = None, iterations: int = BALANCE_ITERATIONS
+) -> np.ndarray:
+    """Per image, the log-probabilities of the labels after balancing the batch to ``prior`` (uniform if None).
+
+    ``log p(y|x) = log softmax(scores[x] / temperature)``; Sinkhorn alternates a per-image normaliser and a per-label
+    offset ``v`` until every image's mass is 1 and label y's share of the batch is ``prior[y]``. Returns
+    ``log p(y|x) + v[y]`` renormalised per image (its argmax is the balanced prediction). One image: the scores'
+    own log-softmax (nothing to balance)."""
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    s = np.asarray(scores, dtype=np.float64) / temperature
+    n, c = s.shape
+    logp = s - _logsumexp(s, axis=1)[:, None]
+    if n < 2 or c < 2:
+        return logp
+    target = np.full(c, 1.0 / c) if prior is None else np.asarray(prior, dtype=np.float64) / np.sum(prior)
+    log_target = np.log(np.maximum(target, 1e-300))
+    offset = np.zeros(c)
+    for _ in range(iterations):
+        rows = logp + offset
+        rows -= _logsumexp(rows, axis=1)[:, None]  # every image's mass is 1
+        share = _logsumexp(rows, axis=0) - np.log(n)  # each label's share of the batch
+        offset += log_target - share
+        if np.max(np.abs(np.exp(share) - target)) < BALANCE_TOLERANCE:
+            break
+    balanced = logp + offset
+    return balanced - _logsumexp(balanced, axis=1)[:, None]

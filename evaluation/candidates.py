@@ -24,7 +24,7 @@ from asif.encoders.base import l2_normalise
 from asif.evaluation import holdout_split, retrieval_at_1
 from asif.labels import combine_prompt_embeddings
 from asif.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, exact_topk, sparsify
-from asif.variants import centre, hubness_weights
+from asif.variants import centre, hubness_weights, prior_balanced
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Candidate:
     prompts: str | None = None  # a prompt set of CandidateInputs.prompt_sets (None: the run's label embeddings)
     ensemble: str = "embedding"  # prompts combined in embedding space, or in representation space ("relrep")
     anchors: str = "primary"  # "both": the primary and the other anchor mode together; "agreement": weighted
+    balance: bool = False  # grid values are then the temperature of the test batch's prior balancing
 
 
 CANDIDATES: tuple[Candidate, ...] = (
@@ -68,6 +69,12 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("both-anchors", "one anchor per caption and one per image (mean caption) together", anchors="both"),
     Candidate(
         "agreement", "caption anchors weighted by agreement with the image's other captions", anchors="agreement"
+    ),
+    Candidate(
+        "balance",
+        "the test batch's predictions balanced to a uniform class prior (Sinkhorn, OTTER-style) at temperature t",
+        grid=(0.005, 0.01, 0.02, 0.05),
+        balance=True,
     ),
     Candidate(
         "softmax+tta",
@@ -158,7 +165,8 @@ def _scorer(
         txt = sparsify(st, it, weighting, weights)
         if len(txt) != n_keys:
             txt = _group_relreps(txt, n_keys)
-        return KeyMatrix.from_rr(txt).score(img)
+        raw = KeyMatrix.from_rr(txt).score(img)
+        return prior_balanced(raw, param) if cand.balance else raw
 
     return scores
 
@@ -217,7 +225,7 @@ def run_candidates(
         retrieval: dict[str, float] = {}
         if len(grid) > 1:  # held-out pairs: no views or prompts, the candidate's weighting and anchor weights
             held_cand = Candidate(cand.name, cand.what, cand.weighting, cand.grid, cand.centre_image,
-                                  cand.centre_text, cand.hubness)  # fmt: skip
+                                  cand.centre_text, cand.hubness, balance=cand.balance)  # fmt: skip
             held_scores = _scorer(
                 held_cand, inputs, [inputs.image_anchors[held]], inputs.text_anchors[held], k, p,
                 inputs.image_anchors[train], inputs.text_anchors[train], None,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
-from asif.variants import centre, hubness_weights
+from asif.variants import centre, hubness_weights, prior_balanced
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
 from tests import reference
 
@@ -128,3 +128,57 @@ def test_views_prompts_and_anchor_candidates_equal_their_dense_formulas(small_wo
     for name, want in expected.items():
         param = 0.05 if name == "softmax+tta" else None
         np.testing.assert_allclose(candidate_scores(name, inputs, k, 8.0, param), want, atol=2e-5, err_msg=name)
+
+
+def sinkhorn_reference(scores, t, prior, sweeps=2000):
+    """Plain Sinkhorn on probabilities (no logs, no shared helper): P = softmax(scores / t) per row, then rows scaled
+    to 1 / n and columns to the prior in turn; returns P's rows renormalised."""
+    e = np.exp((scores - scores.max(axis=1, keepdims=True)) / t)
+    p = e / e.sum(axis=1, keepdims=True)
+    n = len(p)
+    for _ in range(sweeps):
+        p = p * ((1.0 / n) / p.sum(axis=1, keepdims=True))
+        p = p * (prior / p.sum(axis=0, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("prior", [None, [0.5, 0.2, 0.2, 0.1]])
+def test_prior_balancing_equals_plain_sinkhorn_and_meets_the_prior(prior):
+    rng = np.random.default_rng(3)
+    scores = rng.random((60, 4)) * 0.2
+    scores[:, 0] += 0.1  # a label the anchors favour for every image
+    target = np.full(4, 0.25) if prior is None else np.asarray(prior)
+    got = np.exp(prior_balanced(scores, 0.03, None if prior is None else np.asarray(prior)))
+    want = sinkhorn_reference(scores, 0.03, target)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(got.mean(axis=0), target, atol=1e-6)  # the batch's mass per label is the prior
+    assert np.bincount(scores.argmax(axis=1), minlength=4)[0] > 40  # before: label 0 everywhere
+    assert np.bincount(got.argmax(axis=1), minlength=4)[0] < 40
+    perm = rng.permutation(60)  # balancing sees the batch as a set: order does not matter
+    np.testing.assert_allclose(np.exp(prior_balanced(scores[perm], 0.03, prior)), got[perm], atol=1e-9)
+
+
+def test_prior_balancing_leaves_one_image_alone_and_refuses_a_bad_temperature():
+    one = np.array([[0.3, 0.1, 0.2]])
+    np.testing.assert_allclose(np.exp(prior_balanced(one, 0.05)), sinkhorn_reference(one, 0.05, np.ones(3), 0))
+    assert prior_balanced(one, 0.05).argmax() == 0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            prior_balanced(one, bad)
+
+
+def test_balance_candidate_is_the_balanced_default(small_world):
+    data = small_world.pairs(500, n_queries=60)
+    inputs = CandidateInputs(
+        data.image_queries, data.label_queries, data.query_classes, data.image_anchors, data.text_anchors
+    )
+    raw = (
+        dense_rep(data.image_queries, data.image_anchors, 40, "power", 8.0)
+        @ dense_rep(data.label_queries, data.text_anchors, 40, "power", 8.0).T
+    )
+    prior = np.full(raw.shape[1], 1.0 / raw.shape[1])
+    got = np.exp(candidate_scores("balance", inputs, 40, 8.0, 0.02))
+    np.testing.assert_allclose(got, sinkhorn_reference(raw, 0.02, prior), atol=1e-5)
+    out = run_candidates(["balance"], inputs, k=40, p=8.0)
+    assert set(out["balance"]["holdout_retrieval"]) == {"0.005", "0.01", "0.02", "0.05"}
