@@ -1,7 +1,7 @@
 """`asif eval --candidates`: training-free variants of the recipe against the default, on the same pairs, encoders
-and seed (issue 17). Each candidate's own parameter is chosen without test labels, by held-out caption retrieval@1
-of pair rows (the criterion ``--auto`` used for k and p before issue 18); the test top-1 of every grid value is
-reported beside the chosen one.
+and seed (issue 17). Each candidate's own parameter is chosen without test labels, by ``--auto``'s criterion
+(:mod:`asif.autoselect`: whole images held out, the mean reciprocal rank of their own captions, 3 seeded splits);
+the test top-1 of every grid value is reported beside the chosen one.
 
 Families:
 - the weighting of the top-k similarities (softmax, rank) and per-anchor corrections (centering, hubness);
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from asif.autoselect import HoldOut, holdouts, image_keys, mean_reciprocal_rank
 from asif.encoders.base import l2_normalise
-from asif.evaluation import holdout_split, retrieval_at_1
 from asif.labels import combine_prompt_embeddings
 from asif.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, exact_topk, sparsify
 from asif.variants import centre, hubness_weights, prior_balanced
@@ -205,7 +205,7 @@ def run_candidates(
 ) -> dict[str, dict]:
     """Test top-1 of each named candidate at its label-free choice (and at every grid value)."""
     check_names(names)
-    train, held = holdout_split(len(inputs.image_anchors), seed=seed)
+    splits: list[HoldOut] | None = None  # made once, when a candidate has a parameter to choose
     out: dict[str, dict] = {}
     for cand in (c for c in CANDIDATES if c.name in names):
         log(f"candidate {cand.name}: {cand.what}")
@@ -222,25 +222,28 @@ def run_candidates(
         test_scores = _scorer(cand, inputs, images, texts, k, p, image_a, text_a, weights)
         grid = cand.grid or (float("nan"),)
         per_value: dict[str, float] = {}
-        retrieval: dict[str, float] = {}
-        if len(grid) > 1:  # held-out pairs: no views or prompts, the candidate's weighting and anchor weights
+        criterion: dict[str, float] = {}
+        if len(grid) > 1:  # whole held-out images: no views or prompts, the candidate's weighting and anchor weights
+            splits = splits or holdouts(image_keys(inputs.image_anchors), seed)
             held_cand = Candidate(cand.name, cand.what, cand.weighting, cand.grid, cand.centre_image,
                                   cand.centre_text, cand.hubness, balance=cand.balance)  # fmt: skip
-            held_scores = _scorer(
-                held_cand, inputs, [inputs.image_anchors[held]], inputs.text_anchors[held], k, p,
-                inputs.image_anchors[train], inputs.text_anchors[train], None,
-            )  # fmt: skip
-            for value in grid:
-                retrieval[f"{value:g}"] = retrieval_at_1(held_scores(value))
+            for split in splits:
+                held_scores = _scorer(
+                    held_cand, inputs, [inputs.image_anchors[split.queries]], inputs.text_anchors[split.held], k, p,
+                    inputs.image_anchors[split.train], inputs.text_anchors[split.train], None,
+                )  # fmt: skip
+                for value in grid:
+                    mrr = mean_reciprocal_rank(held_scores(value), split.own) / len(splits)
+                    criterion[f"{value:g}"] = criterion.get(f"{value:g}", 0.0) + mrr
         for value in grid:
             top1 = float((test_scores(value).argmax(axis=1) == inputs.truth).mean())
             per_value[f"{value:g}"] = top1
-        chosen = max(retrieval, key=lambda v: retrieval[v]) if retrieval else f"{grid[0]:g}"
+        chosen = max(criterion, key=lambda v: criterion[v]) if criterion else f"{grid[0]:g}"
         out[cand.name] = {
             "what": cand.what,
             "parameter": chosen if cand.grid else None,
             "top1": per_value[chosen],
             "top1_per_parameter": per_value if cand.grid else None,
-            "holdout_retrieval": retrieval or None,
+            "holdout_mrr": criterion or None,
         }
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from asif.autoselect import auto_kp
 from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
 from asif.variants import centre, hubness_weights, prior_balanced
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
@@ -75,7 +76,11 @@ def test_candidates_report_the_default_and_choose_parameters_label_free(small_wo
     assert out["default"]["top1"] == pytest.approx(float((want.argmax(axis=1) == truth).mean()))
     assert out["softmax"]["parameter"] in out["softmax"]["top1_per_parameter"]
     assert out["softmax"]["top1"] == out["softmax"]["top1_per_parameter"][out["softmax"]["parameter"]]
-    assert set(out["hubness"]["holdout_retrieval"]) == {"50", "200", "800"}
+    assert set(out["hubness"]["holdout_mrr"]) == {"50", "200", "800"}
+    # the candidates' parameter is chosen by --auto's criterion: the same held-out images, the same mrr
+    auto = auto_kp(img_a, txt_a, ks=[50], weightings=[Weighting("softmax", t) for t in (0.01, 0.02, 0.05, 0.1)])
+    for t, mrr in out["softmax"]["holdout_mrr"].items():
+        assert mrr == pytest.approx(auto.table[(50, Weighting("softmax", float(t)))], abs=1e-9)
     assert "flip" in out["tta"]["skipped"] and "anchor modes" in out["both-anchors"]["skipped"]  # inputs missing
     with pytest.raises(ValueError, match="unknown candidates"):
         run_candidates(["nope"], inputs, k=50, p=8.0)
@@ -181,4 +186,4 @@ def test_balance_candidate_is_the_balanced_default(small_world):
     got = np.exp(candidate_scores("balance", inputs, 40, 8.0, 0.02))
     np.testing.assert_allclose(got, sinkhorn_reference(raw, 0.02, prior), atol=1e-5)
     out = run_candidates(["balance"], inputs, k=40, p=8.0)
-    assert set(out["balance"]["holdout_retrieval"]) == {"0.005", "0.01", "0.02", "0.05"}
+    assert set(out["balance"]["holdout_mrr"]) == {"0.005", "0.01", "0.02", "0.05"}
