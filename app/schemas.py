@@ -50,8 +50,25 @@ class ClassifyOptions(WeightingOptions):
     )
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="answer 'unknown' when the best score is below this")
     augment: list[Literal["flip", "crop"]] = Field(
-        [], max_length=2, description="test-time augmentation: extra views (flip, crop) whose representations are "
-        "averaged with the image's; each view costs one more image encoding"
+        [],
+        max_length=2,
+        description="test-time augmentation: extra views (flip, crop) whose representations are "
+        "averaged with the image's; each view costs one more image encoding",
+    )
+    balance: bool = Field(
+        False,
+        description="balance the request's images to a label prior (Sinkhorn over the batch, OTTER-style): "
+        "each image's scores become balanced label probabilities. Needs 2 or more images; a lone image is answered "
+        "as without it",
+    )
+    balance_t: float | None = Field(
+        None,
+        gt=0.0,
+        le=10.0,
+        description="temperature turning scores into probabilities before balancing (default 0.01)",
+    )
+    prior: list[float] | None = Field(
+        None, description="with balance: one non-negative weight per label, in the labels' order (default: uniform)"
     )
 
 
@@ -87,6 +104,7 @@ class WeightingUsed(BaseModel):
 
 class ClassifyResponse(WeightingUsed):
     augment: list[str] = Field([], description="the extra views averaged in")
+    balanced: bool = Field(False, description="whether the scores are the batch's balanced label probabilities")
     pairs: int
     version: int = Field(
         ..., description="edit sequence number of the model that answered (grows with every added or deleted pair)"

@@ -45,6 +45,7 @@ from asif.relrep import (
 )
 from asif.scoring import LabelScorer
 from asif.stores import StoreError, VectorStore, as_matrix
+from asif.variants import Balance
 
 UNKNOWN = "unknown"
 JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
@@ -502,12 +503,17 @@ class AsifModel:
         explain: int = 0,
         explain_label: int | None = None,
         views: Sequence[np.ndarray] = (),
+        balance: Balance | None = None,
     ) -> list[Prediction]:
         """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return, for the
         best label or, with ``explain_label``, for the label of that index. ``views``: embeddings of other views of
         the same images (test-time augmentation, :mod:`asif.augment`), each like ``image_embeddings``; an image's
-        representation is then the normalised mean of its views' representations."""
+        representation is then the normalised mean of its views' representations. ``balance``: a batch of two or
+        more images is ranked by its balanced label probabilities (:class:`asif.variants.Balance`), which are the
+        scores returned; a lone image keeps its ASIF scores."""
         k, p = self._kp(k, p)
+        if balance is not None:
+            balance.check(len(labels.classes))
         if explain_label is not None and not 0 <= explain_label < len(labels.classes):
             raise IndexError(f"explain_label {explain_label} out of range for {len(labels.classes)} labels")
         if any(np.shape(v) != np.shape(image_embeddings) for v in views):
@@ -515,18 +521,20 @@ class AsifModel:
         image_rr = average_relreps([self.image_relrep(e, k, p) for e in (image_embeddings, *views)])
         with self.label_scorer(labels, k, p) as scorer:
             scores = scorer.score(image_rr)
-            best_rows = np.argmax(scores, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
+            balanced = balance.probabilities(scores) if balance is not None and scores.size else None
+            ranking = scores if balanced is None else balanced
+            best_rows = np.argmax(ranking, axis=1) if scores.size else np.zeros(len(image_rr), dtype=np.int64)
             if explain_label is not None:
                 best_rows = np.full(len(image_rr), explain_label, dtype=np.int64)
             best_ids, best_weights = np.maximum(scorer.ids[best_rows], 0), scorer.row_weights(best_rows)
         top = max(1, min(int(top), scores.shape[1]))
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+        order = np.argsort(-ranking, axis=1, kind="stable")[:, :top]
         wanted_ids: list[int] = []
         raw: list[tuple[list[tuple[str, float]], bool, np.ndarray, np.ndarray]] = []
         for b in range(len(image_rr)):
-            ranked = [(labels.classes[j], float(scores[b, j])) for j in order[b]]
+            ranked = [(labels.classes[j], float(ranking[b, j])) for j in order[b]]
             best = int(order[b, 0])
-            unknown = scores[b, best] <= 0.0 or scores[b, best] < threshold
+            unknown = scores[b, best] <= 0.0 or ranking[b, best] < threshold
             explained = int(best_rows[b])
             ids, contrib = np.zeros(0, np.int64), np.zeros(0)
             if explain > 0 and scores[b, explained] > 0:

@@ -292,3 +292,45 @@ def test_k_times_labels_is_capped_with_a_clear_422(built_index):
         r = client.post("/v1/classify", json={"images": [image], "label_set": "many", "k": 12})
         assert r.status_code == 422 and "12 x 30" in r.json()["detail"]
         assert client.post("/v1/classify", json={"images": [image], "label_set": "many", "k": 6}).status_code == 200
+
+
+def test_classify_balances_a_batch_to_a_prior(client):
+    """`balance`: the request's images ranked by their balanced label probabilities (Sinkhorn over the batch,
+    checked against plain Sinkhorn on the served scores); a lone image is answered as without it."""
+    from tests.test_variants import sinkhorn_reference
+
+    colours = list(COLOURS)
+    imgs = [b64(jpeg(rgb)) for rgb in COLOURS.values()] * 2
+    body = {"images": imgs, **COLOUR_LABELS, "top": len(colours)}
+
+    def ask(**extra):
+        r = client.post("/v1/classify", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        rows = [{s["label"]: s["score"] for s in res["scores"]} for res in out["results"]]
+        return out, np.array([[row[c] for c in colours] for row in rows])
+
+    plain, raw = ask()
+    assert plain["balanced"] is False
+    for prior in (None, [4.0, 1.0, 1.0, 2.0][: len(colours)] + [1.0] * (len(colours) - 4)):
+        out, got = ask(balance=True, balance_t=0.2, **({"prior": prior} if prior else {}))
+        target = np.full(len(colours), 1.0) if prior is None else np.asarray(prior)
+        assert out["balanced"] is True
+        np.testing.assert_allclose(got, sinkhorn_reference(raw, 0.2, target / target.sum()), atol=1e-5)
+        assert [r["label"] for r in out["results"]] == [colours[i] for i in got.argmax(axis=1)]
+    one = {**body, "images": imgs[:1]}
+    alone = client.post("/v1/classify", json={**one, "balance": True}).json()
+    assert alone["balanced"] is False
+    assert alone["results"] == client.post("/v1/classify", json=one).json()["results"]
+    files = [("images", (f"{i}.jpg", jpeg(rgb), "image/jpeg")) for i, rgb in enumerate(COLOURS.values())]
+    data = {"labels": colours, "balance": "true", "prior": [str(float(i + 1)) for i in range(len(colours))]}
+    r = client.post("/v1/classify", files=files, data=data)
+    assert r.status_code == 200 and r.json()["balanced"] is True, r.text
+    for extra, message in (
+        ({"balance": True, "prior": [1.0]}, f"the prior has 1 weights for {len(colours)} labels"),
+        ({"balance": True, "prior": [0.0] * len(colours)}, "not all zero"),
+        ({"prior": [1.0] * len(colours)}, "apply with balance=true"),
+        ({"balance": True, "balance_t": 0}, "balance_t"),
+    ):
+        r = client.post("/v1/classify", json={**body, **extra})
+        assert r.status_code == 422 and message in r.text, (extra, r.text)

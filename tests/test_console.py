@@ -179,6 +179,24 @@ def test_options_choose_the_weighting_and_the_views(console):
     assert page.inner_text(".result h3") == "dog" and console.scores() != power
 
 
+def test_balance_the_batch_option(console):
+    """Two or more images with "balance the batch": the request asks for balancing and the answer says so; the
+    scores shown are the balanced probabilities, not the ASIF scores."""
+    page = console.page
+    two = [str(DOG), str(next((SHARED / "imagenette" / "val" / "n03028079").glob("*.jpg")))]
+    page.set_input_files("#images", two)
+    page.fill("#labels", "\n".join(LABELS))
+    page.click("#classify-btn")
+    page.wait_for_selector(".result h3")
+    plain = console.scores()
+    assert "batch balanced" not in page.inner_text("#results > p.meta")
+    page.click("summary:has-text('Options')")
+    page.check("#balance")
+    page.click("#classify-btn")
+    page.wait_for_selector("#results > p.meta:has-text('batch balanced')")
+    assert console.scores() != plain
+
+
 def test_forget_a_contributing_pair_then_undo(console):
     console.classify(DOG, LABELS)
     page = console.page

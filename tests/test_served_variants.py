@@ -26,6 +26,8 @@ def world() -> SyntheticWorld:
     ones: two similarities within float32 rounding of each other, across a tie cell's edge, may be ordered apart (a
     change of 1/(j + r0) - 1/(j + 1 + r0) in two weights). Fixed data keeps such near ties out of the tests."""
     return SyntheticWorld(d_image=48, d_text=32, n_classes=12, latent_dim=12, seed=7)
+
+
 WEIGHTINGS = [("softmax", 0.05), ("softmax", 0.5), ("rank", 1.0), ("rank", 10.0), ("power", 3.0)]
 
 
@@ -174,3 +176,38 @@ def test_image_views_and_classify_images_with_augment(world):
     assert [g.scores for g in got] == [w.scores for w in want]
     plain = model.classify(enc.encode(photos), labels, top=3)
     assert [g.scores for g in got] != [p.scores for p in plain]  # the views changed the answer
+
+
+def test_balanced_batches_equal_sinkhorn_on_the_dense_scores_through_edits(world, rng):
+    """`balance`: a batch's returned scores are plain Sinkhorn (tests.test_variants) on the dense reference's scores,
+    after adds and deletes as before them; a lone image keeps its ASIF scores and label."""
+    from asif.variants import Balance
+    from tests.test_variants import sinkhorn_reference
+
+    data = world.pairs(400, n_queries=24)
+    img, txt, queries, label_emb = data.image_anchors, data.text_anchors, data.image_queries, data.label_queries
+    n_labels = len(label_emb)
+    held = np.arange(300)
+    model = flat_model(img[held], txt[held], held)
+    labels = model.register_labels("set", label_set(n_labels), label_emb)
+    prior = rng.random(n_labels) + 0.2
+    for balance, target in ((Balance(0.05), np.ones(n_labels)), (Balance(0.05, tuple(prior)), prior)):
+        keep = held
+        for step in range(3):
+            want_raw = reference.scores(queries, label_emb, img[keep], txt[keep], K, 8.0, "power")
+            want = sinkhorn_reference(want_raw, 0.05, target / target.sum())
+            preds = model.classify(queries, labels, top=n_labels, balance=balance)
+            np.testing.assert_allclose(scores_of(preds, labels.classes), want, atol=1e-5)
+            assert [pr.label for pr in preds] == [labels.classes[i] for i in want.argmax(axis=1)]
+            lone = model.classify(queries[:1], labels, top=n_labels, balance=balance)
+            np.testing.assert_allclose(scores_of(lone, labels.classes), want_raw[:1], atol=2e-5)
+            if step < 2:  # an edit, then the same check against the pairs now held
+                new = np.arange(300 + 50 * step, 350 + 50 * step)
+                model.add_pairs(new, img[new], txt[new])
+                gone = rng.choice(keep, 10, replace=False)
+                model.remove_pairs(gone)
+                keep = np.setdiff1d(np.concatenate([keep, new]), gone)
+        model.remove_pairs(np.setdiff1d(keep, held))  # back to the first pairs for the next balance
+        model.add_pairs(np.setdiff1d(held, keep), img[np.setdiff1d(held, keep)], txt[np.setdiff1d(held, keep)])
+    with pytest.raises(ValueError, match="weights for"):
+        model.classify(queries, labels, balance=Balance(0.05, (1.0, 2.0)))

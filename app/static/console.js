@@ -277,6 +277,7 @@ function classifyBody(images, extra = {}) {
   if (p > 0) body[PARAM_NAMES[kind]] = p;
   if (threshold > 0) body.threshold = threshold;
   if ($("#augment").checked) body.augment = ["flip", "crop"];
+  if ($("#balance").checked && images.length > 1) body.balance = true;
   body.top = set ? 10 : Math.max(1, Math.min(body.labels.length, 50));
   return body;
 }
@@ -319,7 +320,7 @@ function renderResults() {
   const { answer, files, explained } = state.last;
   const box = $("#results");
   box.replaceChildren(
-    el("p", { class: "meta", text: `k=${answer.k}, ${weightingLabel(answer)}, ${answer.pairs.toLocaleString()} pairs, version ${answer.version}` }),
+    el("p", { class: "meta", text: `k=${answer.k}, ${weightingLabel(answer)}${answer.balanced ? ", batch balanced" : ""}, ${answer.pairs.toLocaleString()} pairs, version ${answer.version}` }),
     ...answer.results.map((result, i) => renderResult(result, i, files[i], explained[i])),
   );
 }

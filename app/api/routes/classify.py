@@ -36,6 +36,7 @@ from asif.labels import CachedLabels
 from asif.live import Answer, NoPairsError
 from asif.model import AsifModel
 from asif.relrep import effective_k
+from asif.variants import Balance
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -57,11 +58,14 @@ _MULTIPART_SCHEMA = {
         "explain_label": {"type": "string"},
         "threshold": {"type": "number"},
         "augment": {"type": "array", "items": {"type": "string", "enum": ["flip", "crop"]}},
+        "balance": {"type": "boolean"},
+        "balance_t": {"type": "number"},
+        "prior": {"type": "array", "items": {"type": "number"}},
     },
 }
 
 
-LIST_FIELDS = ("labels", "templates", "texts", "augment")  # multipart: repeated fields or one JSON array
+LIST_FIELDS = ("labels", "templates", "texts", "augment", "prior")  # multipart: repeated fields or one JSON array
 
 
 def _body_doc(json_model: type) -> dict:
@@ -85,9 +89,7 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
             form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_labels + 64)
             uploads = [f for f in form.getlist("images") if not isinstance(f, str)]
             blobs = [await read_upload(f, settings) for f in uploads]
-            fields: dict[str, object] = {
-                key: form.get(key) for key in form if key not in ("images", *LIST_FIELDS)
-            }
+            fields: dict[str, object] = {key: form.get(key) for key in form if key not in ("images", *LIST_FIELDS)}
             for key in LIST_FIELDS:
                 values = [v for v in form.getlist(key) if isinstance(v, str)]
                 if values:
@@ -105,6 +107,21 @@ async def _parse(request: Request, state: State, model: type) -> tuple[object, l
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8") from exc
     raise ApiError(415, "send application/json (base64 images) or multipart/form-data (image files)")
+
+
+def balance_from(opts: ClassifyOptions, n_labels: int) -> Balance | None:
+    """The request's balancing (None without ``balance``); a prior or temperature without it, or a prior that does
+    not fit the labels, is a 422."""
+    if not opts.balance:
+        if opts.prior is not None or opts.balance_t is not None:
+            raise ApiError(422, "prior and balance_t apply with balance=true")
+        return None
+    balance = Balance.of(opts.balance_t, opts.prior)
+    try:
+        balance.check(n_labels)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from exc
+    return balance
 
 
 def _effective_k(model: AsifModel, k: int | None) -> int:
@@ -154,6 +171,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             raise ApiError(422, f"explain_label {opts.explain_label!r} is not one of the labels")
         explain_label = labels.classes.index(opts.explain_label)
     augment = check_views(opts.augment)
+    balance = balance_from(opts, len(labels.classes))
 
     def run() -> Answer:
         """Prepare, encode (batched with other requests) and score in one worker thread."""
@@ -169,6 +187,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
             explain=opts.explain,
             explain_label=explain_label,
             views=views,
+            balance=balance,
         )
 
     try:
@@ -195,6 +214,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     return ClassifyResponse(
         **weighting_fields(answer.k, answer.weighting),
         augment=list(augment),
+        balanced=balance is not None and len(blobs) >= 2,
         pairs=answer.pairs,
         version=answer.version,
         results=results,
