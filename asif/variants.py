@@ -27,6 +27,9 @@ from asif.relrep import exact_topk
 HUBNESS_FLOOR = 1e-3  # an anchor in everyone's neighbourhood keeps a tiny weight, never exactly 0
 BALANCE_ITERATIONS = 1000  # at most; Sinkhorn stops once every label's share is within BALANCE_TOLERANCE
 BALANCE_TOLERANCE = 1e-9
+# Entries x sweeps per call: a served batch is balanced under the model's read lock, so its worst case must stay
+# short (~80 ms here: 64 images x 10,000 labels get 7 sweeps; 64 x 100 get all 1,000 in ~45 ms).
+BALANCE_MAX_WORK = 5 * 10**6
 # The served default: 0.005-0.02 were within 0.9 points of each other on the development runs (README).
 BALANCE_TEMPERATURE = 0.01
 
@@ -61,7 +64,8 @@ def prior_balanced(
     """Per image, the log-probabilities of the labels after balancing the batch to ``prior`` (uniform if None).
 
     ``log p(y|x) = log softmax(scores[x] / temperature)``; Sinkhorn alternates a per-image normaliser and a per-label
-    offset ``v`` until every image's mass is 1 and label y's share of the batch is ``prior[y]``. Returns
+    offset ``v`` until every image's mass is 1 and label y's share of the batch is ``prior[y]`` (or for at most
+    ``iterations`` sweeps, and ``BALANCE_MAX_WORK`` entries x sweeps: a request's cost is bounded). Returns
     ``log p(y|x) + v[y]`` renormalised per image (its argmax is the balanced prediction). One image: the scores'
     own log-softmax (nothing to balance)."""
     if not np.isfinite(temperature) or temperature <= 0:
@@ -74,7 +78,7 @@ def prior_balanced(
     target = np.full(c, 1.0 / c) if prior is None else np.asarray(prior, dtype=np.float64) / np.sum(prior)
     log_target = np.log(np.maximum(target, 1e-300))
     offset = np.zeros(c)
-    for _ in range(iterations):
+    for _ in range(min(iterations, max(1, BALANCE_MAX_WORK // (n * c)))):
         rows = logp + offset
         rows -= _logsumexp(rows, axis=1)[:, None]  # every image's mass is 1
         share = _logsumexp(rows, axis=0) - np.log(n)  # each label's share of the batch

@@ -164,6 +164,20 @@ def test_prior_balancing_equals_plain_sinkhorn_and_meets_the_prior(prior):
     np.testing.assert_allclose(np.exp(prior_balanced(scores[perm], 0.03, prior)), got[perm], atol=1e-9)
 
 
+def test_prior_balancing_stops_at_its_work_bound(monkeypatch):
+    """A large batch gets at most BALANCE_MAX_WORK / (images x labels) sweeps (at least 1): exactly plain Sinkhorn's
+    first sweeps, so a request's cost is bounded whatever the data."""
+    import asif.variants as variants
+
+    rng = np.random.default_rng(4)
+    scores = rng.random((30, 7)) * 0.3
+    monkeypatch.setattr(variants, "BALANCE_TOLERANCE", 0.0)  # never converged: only the bound stops it
+    monkeypatch.setattr(variants, "BALANCE_MAX_WORK", 30 * 7 * 12)
+    got = np.exp(variants.prior_balanced(scores, 0.01))
+    np.testing.assert_allclose(got, sinkhorn_reference(scores, 0.01, np.full(7, 1 / 7), sweeps=12), atol=1e-9)
+    assert not np.allclose(got, sinkhorn_reference(scores, 0.01, np.full(7, 1 / 7), sweeps=13), atol=1e-9)
+
+
 def test_prior_balancing_leaves_one_image_alone_and_refuses_a_bad_temperature():
     one = np.array([[0.3, 0.1, 0.2]])
     np.testing.assert_allclose(np.exp(prior_balanced(one, 0.05)), sinkhorn_reference(one, 0.05, np.ones(3), 0))
