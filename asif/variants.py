@@ -30,7 +30,7 @@ BALANCE_TOLERANCE = 1e-9
 # Entries x sweeps per call: a served batch is balanced under the model's read lock, so its worst case must stay
 # short (~80 ms here: 64 images x 10,000 labels get 7 sweeps; 64 x 100 get all 1,000 in ~45 ms).
 BALANCE_MAX_WORK = 5 * 10**6
-# The served default: 0.005-0.02 were within 0.9 points of each other on the development runs (README).
+# The served default: 0.005-0.02 were within 1.4 points of each other on the development runs (README).
 BALANCE_TEMPERATURE = 0.01
 
 
