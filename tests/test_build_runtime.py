@@ -7,7 +7,6 @@ MiniLM) on 40 images (200 captions).
 
 from __future__ import annotations
 
-import csv
 import io
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from asif.persist import load_index_folder, read_manifest
 from index_builder.build import BuildConfig, run_build
 from index_builder.decode import Decoder
 from tests.conftest import HashTextEncoder, PixelEncoder, write_pair_collection
-from tests.test_shards import FLICKR, ROOT, needs_flickr, stores_equal
+from tests.test_shards import FLICKR, ROOT, flickr_head, needs_flickr, stores_equal
 
 # ---------------------------------------------------------------------------------------------
 # Decode workers prepare the images
@@ -197,13 +196,7 @@ def test_progress_counts_images_per_batch_and_resumed_shards(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def flickr40(tmp_path_factory):
     """The first 200 rows of Flickr8k's captions.csv: 40 images, 5 captions each."""
-    with open(FLICKR / "captions.csv", newline="") as fh:
-        reader = csv.reader(fh)
-        rows = [next(reader), *(row for _, row in zip(range(200), reader, strict=False))]
-    pairs = tmp_path_factory.mktemp("flickr40") / "pairs.csv"
-    with open(pairs, "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return pairs
+    return flickr_head(200, tmp_path_factory.mktemp("flickr40"))
 
 
 @needs_flickr

@@ -6,7 +6,6 @@ Real effnet-lite0 on Flickr8k photos (../shared/data); the tests skip without th
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import subprocess
@@ -33,7 +32,7 @@ from asif.persist import read_manifest
 from index_builder.build import BuildConfig, run_build
 from index_builder.errors import BuildError
 from tests.conftest import HashTextEncoder
-from tests.test_shards import FLICKR, ROOT, needs_flickr
+from tests.test_shards import FLICKR, ROOT, flickr_head, needs_flickr
 
 
 def _photos(start: int, n: int) -> list[Path]:
@@ -106,13 +105,7 @@ def test_int8_encoder_is_recorded_deterministic_and_close_to_float(tmp_path: Pat
 @pytest.fixture(scope="module")
 def flickr30(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 150 rows of Flickr8k's captions.csv: 30 images, 5 captions each."""
-    with open(FLICKR / "captions.csv", newline="") as fh:
-        reader = csv.reader(fh)
-        rows = [next(reader), *(row for _, row in zip(range(150), reader, strict=False))]
-    pairs = tmp_path_factory.mktemp("flickr30") / "pairs.csv"
-    with open(pairs, "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return pairs
+    return flickr_head(150, tmp_path_factory.mktemp("flickr30"))
 
 
 @needs_flickr

@@ -6,6 +6,7 @@ MiniLM) and compare every build with the CSV build of the same pairs.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import subprocess
@@ -29,6 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ASIF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 FLICKR = SHARED / "flickr8k"
 needs_flickr = pytest.mark.skipif(not (FLICKR / "captions.csv").is_file(), reason=f"no Flickr8k under {SHARED}")
+
+
+def flickr_head(rows: int, folder: Path) -> Path:
+    """``folder/pairs.csv``: the header and the first ``rows`` rows of Flickr8k's captions.csv (5 per image)."""
+    with open(FLICKR / "captions.csv", newline="") as fh:
+        reader = csv.reader(fh)
+        head = [next(reader), *(row for _, row in zip(range(rows), reader, strict=False))]
+    with open(folder / "pairs.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(head)
+    return folder / "pairs.csv"
 
 
 # ---------------------------------------------------------------------------------------------
