@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from asif.autoselect import AUTO_KS, AUTO_SPLITS, AUTO_WEIGHTINGS
 from asif.encoders import IMAGE_ENCODER_HELP, RUNTIME_HELP, RUNTIMES, TEXT_ENCODER_HELP
+from asif.encoders.quantize import QUANTIZE_CHOICES
 from asif.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
 from asif.stores import RERANK_FACTOR
 from index_builder.sources import SHARD_ROWS
@@ -33,7 +34,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--quantize",
-        choices=("none", "int8"),
+        choices=QUANTIZE_CHOICES,
         default="none",
         help=f"int8: run the image encoder quantised (ONNX Runtime, calibrated on {what}; about 2x faster, but "
         "ASIF's prediction changes on some images, so not the default)",
