@@ -11,6 +11,14 @@
   the batch's predicted mass per label matches a prior (uniform by default). It corrects a label that the anchors
   favour for every image. A batch of one image is returned unchanged: there is no batch to balance.
 
+- **Per-label hubness correction** (in the style of NNN, Chowdhury et al., EMNLP 2024): a label that scores high
+  against every image gets a bias. The reference bank is up to ``NNN_BANK`` distinct anchor images, each represented
+  against the anchors without its own pairs; a label's bias is the mean of its ``NNN_NEIGHBOURS`` best scores over
+  the bank, and its score becomes ``score - alpha * bias``.
+- **A closed-form second scorer** (orthogonal Procrustes, as in Maiorca et al., NeurIPS 2023): the semi-orthogonal
+  map R that best takes the anchor images onto their captions; its cosine ``cos(x R, label)`` is standardised per
+  image and added, times a weight, to the standardised ASIF scores.
+
 The weighting functions (power, softmax, rank) are served options and live in :mod:`asif.relrep`.
 """
 
@@ -32,6 +40,8 @@ BALANCE_TOLERANCE = 1e-9
 BALANCE_MAX_WORK = 5 * 10**6
 # The served default: 0.005-0.02 were within 1.4 points of each other on the development runs (README).
 BALANCE_TEMPERATURE = 0.01
+NNN_BANK = 2000  # reference images of the per-label bias: at most this many distinct anchor images (seeded sample)
+NNN_NEIGHBOURS = 64  # a label's bias is the mean of its this-many best scores over the reference bank
 
 
 def centre(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -51,6 +61,50 @@ def hubness_weights(image_anchors: np.ndarray, k: int) -> np.ndarray:
     counts = np.bincount(ids.ravel(), minlength=n) - 1
     idf = np.log(n / (1.0 + counts.astype(np.float64)))
     return np.maximum(idf, HUBNESS_FLOOR).astype(np.float32)[inverse.ravel()]
+
+
+def reference_bank(keys: np.ndarray, size: int = NNN_BANK, seed: int = 0) -> np.ndarray:
+    """Rows of up to ``size`` distinct images (rows with equal ``keys`` hold the same image; the first row of each
+    sampled image), ascending."""
+    _, first = np.unique(np.asarray(keys), return_index=True)
+    if len(first) > size:
+        first = np.random.default_rng(seed).choice(first, size=size, replace=False)
+    return np.sort(first)
+
+
+def bank_neighbours(
+    image_anchors: np.ndarray, keys: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, ids): each bank row's top-k anchor images (best first) among the anchors that do not hold its own
+    image. k shrinks to what every row can have when the anchors are few."""
+    keys = np.asarray(keys)
+    own_most = int(np.unique(keys, return_counts=True)[1].max())
+    k = max(0, min(int(k), len(image_anchors) - own_most))
+    sims, ids = exact_topk(image_anchors[rows], image_anchors, k + own_most)
+    own = keys[ids] == keys[rows][:, None]
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]  # the others first, in their order
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def nnn_bias(bank_scores: np.ndarray, neighbours: int = NNN_NEIGHBOURS) -> np.ndarray:
+    """Per label (column of the bank images x labels scores): the mean of its ``neighbours`` best scores."""
+    m = max(1, min(int(neighbours), len(bank_scores)))
+    return -np.partition(-np.asarray(bank_scores, dtype=np.float64), m - 1, axis=0)[:m].mean(axis=0)
+
+
+def procrustes_map(image_anchors: np.ndarray, text_anchors: np.ndarray) -> np.ndarray:
+    """The (d_image, d_text) semi-orthogonal R maximising trace(R^T X^T Y) over the pairs (X, Y): U V^T of the SVD of
+    X^T Y. Only the running sum X^T Y is needed, so an edit would add or subtract one outer product."""
+    cross = np.asarray(image_anchors, dtype=np.float64).T @ np.asarray(text_anchors, dtype=np.float64)
+    u, _, vt = np.linalg.svd(cross, full_matrices=False)
+    return (u @ vt).astype(np.float32)
+
+
+def standardised(scores: np.ndarray) -> np.ndarray:
+    """Each row minus its mean, over its standard deviation (a constant row becomes 0)."""
+    s = np.asarray(scores, dtype=np.float64)
+    sd = s.std(axis=1, keepdims=True)
+    return np.divide(s - s.mean(axis=1, keepdims=True), sd, out=np.zeros_like(s), where=sd > 0)
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

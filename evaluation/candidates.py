@@ -10,13 +10,15 @@ Families:
   representation of the mean prompt embedding) or in relative-representation space (the mean of the prompts'
   representations);
 - anchor modes: one anchor per caption and one per image together, or caption anchors weighted by how much each
-  caption agrees with its image's other captions.
+  caption agrees with its image's other captions;
+- a per-label bias against labels that score high for every image (NNN-style; the grid is its weight alpha);
+- a closed-form second scorer (orthogonal Procrustes) fused with ASIF's standardised scores (the grid is its weight).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -24,7 +26,16 @@ from asif.autoselect import HoldOut, holdouts, image_keys, mean_reciprocal_rank
 from asif.encoders.base import l2_normalise
 from asif.labels import combine_prompt_embeddings
 from asif.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, exact_topk, sparsify
-from asif.variants import centre, hubness_weights, prior_balanced
+from asif.variants import (
+    bank_neighbours,
+    centre,
+    hubness_weights,
+    nnn_bias,
+    prior_balanced,
+    procrustes_map,
+    reference_bank,
+    standardised,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Candidate:
     ensemble: str = "embedding"  # prompts combined in embedding space, or in representation space ("relrep")
     anchors: str = "primary"  # "both": the primary and the other anchor mode together; "agreement": weighted
     balance: bool = False  # grid values are then the temperature of the test batch's prior balancing
+    nnn: bool = False  # grid values are then the weight alpha of the per-label bias
+    procrustes: bool = False  # grid values are then the weight of the Procrustes scorer in the fusion
 
 
 CANDIDATES: tuple[Candidate, ...] = (
@@ -75,6 +88,18 @@ CANDIDATES: tuple[Candidate, ...] = (
         "the test batch's predictions balanced to a uniform class prior (Sinkhorn, OTTER-style) at temperature t",
         grid=(0.005, 0.01, 0.02, 0.05),
         balance=True,
+    ),
+    Candidate(
+        "nnn",
+        "minus alpha x each label's mean score over its 64 best reference anchor images (NNN-style bias)",
+        grid=(0.1, 0.25, 0.5, 0.75),
+        nnn=True,
+    ),
+    Candidate(
+        "procrustes",
+        "standardised ASIF scores + w x standardised cosines of an orthogonal Procrustes map image -> text",
+        grid=(0.1, 0.25, 0.5, 1.0),
+        procrustes=True,
     ),
     Candidate(
         "softmax+tta",
@@ -157,6 +182,12 @@ def _scorer(
         flat_texts = combine_prompt_embeddings(flat_texts, n_keys)
     image_nn = [exact_topk(centre(q, mean_i) if cand.centre_image else q, anchors_i, k) for q in images]
     st, it = exact_topk(centre(flat_texts, mean_t) if cand.centre_text else flat_texts, anchors_t, k)
+    if cand.nnn:  # the reference bank: anchor images against the anchors without their own pairs
+        keys = image_keys(anchors_i)
+        bank = bank_neighbours(anchors_i, keys, reference_bank(keys), k)
+    if cand.procrustes:
+        key_emb = flat_texts if len(flat_texts) == n_keys else combine_prompt_embeddings(flat_texts, n_keys)
+        second = l2_normalise(images[0] @ procrustes_map(image_anchors, text_anchors)) @ key_emb.T
 
     def scores(param: float) -> np.ndarray:
         weights = hubness_weights(image_anchors, int(param)) if cand.hubness else anchor_weights
@@ -165,7 +196,12 @@ def _scorer(
         txt = sparsify(st, it, weighting, weights)
         if len(txt) != n_keys:
             txt = _group_relreps(txt, n_keys)
-        raw = KeyMatrix.from_rr(txt).score(img)
+        keys = KeyMatrix.from_rr(txt)
+        raw = keys.score(img)
+        if cand.nnn:
+            raw = raw - param * nnn_bias(keys.score(sparsify(*bank, weighting, weights)))
+        if cand.procrustes:
+            raw = standardised(raw) + param * standardised(second)
         return prior_balanced(raw, param) if cand.balance else raw
 
     return scores
@@ -225,8 +261,9 @@ def run_candidates(
         criterion: dict[str, float] = {}
         if len(grid) > 1:  # whole held-out images: no views or prompts, the candidate's weighting and anchor weights
             splits = splits or holdouts(image_keys(inputs.image_anchors), seed)
-            held_cand = Candidate(cand.name, cand.what, cand.weighting, cand.grid, cand.centre_image,
-                                  cand.centre_text, cand.hubness, balance=cand.balance)  # fmt: skip
+            held_cand = replace(
+                cand, views=(), views_in="relrep", prompts=None, ensemble="embedding", anchors="primary"
+            )
             for split in splits:
                 held_scores = _scorer(
                     held_cand, inputs, [inputs.image_anchors[split.queries]], inputs.text_anchors[split.held], k, p,

@@ -8,7 +8,7 @@ import pytest
 
 from asif.autoselect import auto_kp
 from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
-from asif.variants import centre, hubness_weights, prior_balanced
+from asif.variants import centre, hubness_weights, prior_balanced, procrustes_map
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
 from tests import reference
 
@@ -201,3 +201,55 @@ def test_balance_candidate_is_the_balanced_default(small_world):
     np.testing.assert_allclose(got, sinkhorn_reference(raw, 0.02, prior), atol=1e-5)
     out = run_candidates(["balance"], inputs, k=40, p=8.0)
     assert set(out["balance"]["holdout_mrr"]) == {"0.005", "0.01", "0.02", "0.05"}
+
+
+def test_nnn_candidate_equals_its_dense_formula_without_each_bank_images_own_pairs(small_world):
+    """The per-label bias: each distinct anchor image represented against the anchors minus every row of its own
+    image (the first 60 images have a second caption row here), each label's mean of its 64 best bank scores."""
+    rng = np.random.default_rng(9)
+    data = small_world.pairs(300, n_queries=40)
+    img_a = np.concatenate([data.image_anchors, data.image_anchors[:60]])
+    txt_a = np.concatenate(
+        [data.text_anchors, normalised(data.text_anchors[:60] + 0.2 * rng.standard_normal((60, 16))[:, :1])]
+    ).astype(np.float32)
+    queries, labels, k, alpha = data.image_queries, data.label_queries, 30, 0.5
+    inputs = CandidateInputs(queries, labels, data.query_classes, img_a, txt_a)
+    label_rep = dense_rep(labels, txt_a, k, "power", 8.0)
+    bank = []
+    for i in range(len(data.image_anchors)):  # every distinct image, in order
+        mine = np.flatnonzero(np.all(img_a == img_a[i], axis=1))
+        others = np.setdiff1d(np.arange(len(img_a)), mine)
+        row = np.zeros(len(img_a))
+        row[others] = dense_rep(img_a[i : i + 1], img_a[others], k, "power", 8.0)[0]
+        assert row[mine].sum() == 0
+        bank.append(row)
+    bank_scores = np.array(bank) @ label_rep.T
+    bias = np.sort(bank_scores, axis=0)[::-1][:64].mean(axis=0)
+    want = dense_rep(queries, img_a, k, "power", 8.0) @ label_rep.T - alpha * bias
+    np.testing.assert_allclose(candidate_scores("nnn", inputs, k, 8.0, alpha), want, atol=2e-5)
+    out = run_candidates(["nnn"], inputs, k=k, p=8.0)
+    assert set(out["nnn"]["holdout_mrr"]) == {"0.1", "0.25", "0.5", "0.75"}
+    assert out["nnn"]["top1"] == out["nnn"]["top1_per_parameter"][out["nnn"]["parameter"]]
+
+
+def test_procrustes_map_recovers_a_rotation_and_its_candidate_is_the_standardised_fusion():
+    rng = np.random.default_rng(4)
+    x, _ = np.linalg.qr(rng.standard_normal((200, 12)))  # isotropic images (X^T X = I): the best map is exact
+    q, _ = np.linalg.qr(rng.standard_normal((12, 7)))  # a semi-orthogonal 12 x 7 map
+    np.testing.assert_allclose(procrustes_map(x, x @ q), q, atol=1e-5)
+
+    # full-rank pairs, so that the map is unique: captions a noisy linear image of their images
+    img_a = unit(rng, 300, 48)
+    txt_a = normalised(img_a @ rng.standard_normal((48, 32)) + 0.5 * rng.standard_normal((300, 32)))
+    queries, labels, k, w = unit(rng, 40, 48), unit(rng, 9, 32), 30, 0.25
+    m = img_a.astype(np.float64).T @ txt_a.astype(np.float64)
+    vals, vecs = np.linalg.eigh(m.T @ m)  # the polar factor M (M^T M)^(-1/2): the same map by another route
+    r = m @ vecs @ np.diag(vals**-0.5) @ vecs.T
+    cos = normalised(queries @ r) @ labels.T
+    asif = dense_rep(queries, img_a, k, "power", 8.0) @ dense_rep(labels, txt_a, k, "power", 8.0).T
+
+    def z(s):
+        return (s - s.mean(axis=1)[:, None]) / s.std(axis=1)[:, None]
+
+    inputs = CandidateInputs(queries, labels, np.zeros(40, dtype=int), img_a, txt_a.astype(np.float32))
+    np.testing.assert_allclose(candidate_scores("procrustes", inputs, k, 8.0, w), z(asif) + w * z(cos), atol=2e-4)
