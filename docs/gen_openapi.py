@@ -5,7 +5,7 @@ of every operation and a section per operation (parameters, request bodies, resp
 ``python docs/gen_openapi.py`` prints the generated Markdown.
 
 The schema comes from ``app.main.create_app(Settings()).openapi()``: the app is built but its lifespan is not run, so
-no index, model or network is needed.
+no index, model or network is needed. The same hook tidies the library reference page (Sphinx roles in docstrings).
 """
 
 from __future__ import annotations
