@@ -1,5 +1,5 @@
 # make demo   install if needed, build the demo index if missing, serve the API and the web console on :8000
-# make test   the test suite (the same command as README "Test" and .ci/run)
+# make test   the test suite (the same command as README "Set up", docs/install.md, and .ci/run)
 # Variables: PAIRS, IMAGES (an image,caption CSV and its images; default: Flickr8k from ../shared/data), INDEX
 # (default runs/demo), PORT, IMAGE_ENCODER, TEXT_ENCODER, PYTHON.
 PYTHON ?= python3

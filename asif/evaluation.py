@@ -104,9 +104,7 @@ class DenseSweep:
         self.txt_s, self.txt_i = exact_topk(text_queries, text_anchors, self.k_max)
 
     @classmethod
-    def from_neighbours(
-        cls, image: tuple[np.ndarray, np.ndarray], text: tuple[np.ndarray, np.ndarray]
-    ) -> DenseSweep:
+    def from_neighbours(cls, image: tuple[np.ndarray, np.ndarray], text: tuple[np.ndarray, np.ndarray]) -> DenseSweep:
         """A sweep over neighbours found elsewhere: (sims, ids) per side, rows sorted by decreasing similarity."""
         sweep = cls.__new__(cls)
         (sweep.img_s, sweep.img_i), (sweep.txt_s, sweep.txt_i) = image, text

@@ -138,8 +138,8 @@ say "image: $($DOCKER image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f
 if $DOCKER run --rm --entrypoint python "$IMAGE" -c "import matplotlib" >/dev/null 2>&1; then
     die "matplotlib is in the serve image"
 fi
-say "  ok: the serve image has no matplotlib, pytest or ruff"
-for tool in pytest ruff; do
+say "  ok: the serve image has no matplotlib, pytest, ruff or mkdocs"
+for tool in pytest ruff mkdocs; do
     if $DOCKER run --rm --entrypoint sh "$IMAGE" -c "command -v $tool" >/dev/null 2>&1; then die "$tool is in the serve image"; fi
 done
 

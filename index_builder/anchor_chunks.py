@@ -28,9 +28,7 @@ class AnchorChunk:
 def shard_anchors(emb: ShardEmbedding, mode: str, first_id: int) -> AnchorChunk:
     """One shard's anchors. Per caption, each pair keeps its own sample's reference (samples of a shard may share
     an image's bytes, embedded once); per image, the image's first sample names it."""
-    image, text, meta = form_anchors(
-        mode, emb.sample_image, emb.caption_emb, emb.image_emb, emb.image_ok, emb.captions
-    )
+    image, text, meta = form_anchors(mode, emb.sample_image, emb.caption_emb, emb.image_emb, emb.image_ok, emb.captions)
     if mode == "caption":  # form_anchors keeps the rows with a readable image, in order
         rows = np.flatnonzero(emb.image_ok[emb.sample_image]) if len(emb.sample_image) else np.zeros(0, np.int64)
         refs = [emb.sample_refs[r] for r in rows]

@@ -3,7 +3,7 @@ real `asif serve` on loopback, over a small real index built here (packaged enco
 
 Needs ../shared/data (Flickr8k, Imagenette), the `playwright` package and /usr/bin/chromium. Where one is missing the
 tests skip, unless ASIF_REQUIRE_BROWSER=1 (set by .ci/run), which turns a missing piece into a failure.
-ASIF_SCREENSHOTS=1 also writes the screenshots shown in the README to docs/.
+ASIF_SCREENSHOTS=1 also writes the screenshots shown in docs/console.md (and the README) to docs/.
 """
 
 from __future__ import annotations

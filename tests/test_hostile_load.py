@@ -26,7 +26,7 @@ from tests.conftest import write_synthetic_index
 from tests.servers import Server
 
 DURATION_S = float(os.environ.get("ASIF_HOSTILE_SECONDS", "15"))
-# Peak RSS over idle at the default bounds (README "Reliability"), issue 28's bound. Measured: +400 MB over 45 s
+# Peak RSS over idle at the default bounds (docs/reliability.md), issue 28's bound. Measured: +400 MB over 45 s
 # (one 40 Mpx decode at a time, 160 MB; two 64 MiB bodies in flight; one fresh label list built at a time beside the
 # 64 MiB inline cache). Before the process-wide pixel, body and label-build budgets and the fixed mmap threshold it
 # was +741 MB in 15 s and +1,091 MB in 45 s, and 2.2 GB before the per-request bounds.

@@ -265,7 +265,7 @@ def test_more_named_bad_inputs(client):
 
 @pytest.mark.slow
 def test_soak_concurrent_classify_and_edits(built_index):
-    """Bounded soak (ASIF_SOAK_SECONDS, default 20; README reports a 60 s run)."""
+    """Bounded soak (ASIF_SOAK_SECONDS, default 20; docs/reliability.md reports a 60 s run)."""
     index, _ = built_index
     seconds = float(os.environ.get("ASIF_SOAK_SECONDS", "20"))
     server = Server(index, {"ASIF_SNAPSHOT_INTERVAL_S": "5"})

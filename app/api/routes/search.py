@@ -67,8 +67,9 @@ async def search(request: Request, state: State) -> SearchResponse:
     if (text is None or not text.strip()) == (blob is None):
         raise ApiError(422, "give exactly one of text (non-empty) and image")
     if blob is not None:
-        role, vectors = "image", await state.images.encode(
-            await prepare_images([blob], state.settings, state.live.image_encoder)
+        role, vectors = (
+            "image",
+            await state.images.encode(await prepare_images([blob], state.settings, state.live.image_encoder)),
         )
     else:
         assert text is not None
