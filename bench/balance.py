@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,22 @@ TEMPERATURES = (0.005, 0.01, 0.02, 0.05)
 TESTS = {"imagenette": ("imagenette/val", "imagenette/classes.tsv"), "cifar10": ("cifar10/test", None)}
 
 
-def run(text_encoder: str, image_encoder: str) -> list[dict]:
-    from asif.autoselect import auto_kp
+@dataclass
+class TestRun:
+    """One test set's embedded images, their classes and the class embeddings (the 7 default templates)."""
+
+    name: str
+    images: np.ndarray
+    truth: np.ndarray
+    labels: np.ndarray
+
+
+def development_runs(text_encoder: str, image_encoder: str) -> tuple[np.ndarray, np.ndarray, list[TestRun]]:
+    """(image anchors, caption anchors, test runs): all Flickr8k pairs as per-caption anchors and each test set of
+    TESTS, embedded by the given encoders (from the evaluation's embedding cache; computed once)."""
     from asif.embcache import EmbeddingCache
     from asif.encoders import load_image_encoder, load_text_encoder
-    from asif.evaluation import DenseSweep
     from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
-    from asif.relrep import Weighting
-    from asif.variants import prior_balanced
     from evaluation.data import load_test_set
     from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
 
@@ -49,24 +58,37 @@ def run(text_encoder: str, image_encoder: str) -> list[dict]:
         images_root=SHARED / "flickr8k" / "images", image_encoder=image_encoder, text_encoder=text_encoder,
     )  # fmt: skip
     anchors = anchors_from_pairs(cfg, img_enc, txt_enc, img_cache, txt_cache)["caption"]
-    auto = auto_kp(anchors.image, anchors.text)
-    settings = {"paper 800, p=8": (800, Weighting("power", 8.0)), f"auto {auto.k}, {auto.weighting.describe()}": (
-        auto.k, auto.weighting)}  # fmt: skip
-    rows = []
+    tests = []
     for test, (folder, classes) in TESTS.items():
         data = load_test_set(SHARED / folder, SHARED / classes if classes else None)
         emb, ok = embed_image_files(data.files, img_enc, img_cache, test, 32)
-        truth = np.asarray(data.labels)[ok]
         prompts = txt_enc.encode(LabelSet(tuple(data.names), DEFAULT_TEMPLATES).prompts())
         labels = combine_prompt_embeddings(prompts, len(data.names))
-        sweep = DenseSweep(emb[ok], labels, anchors.image, anchors.text, max(k for k, _ in settings.values()))
+        tests.append(TestRun(test, emb[ok], np.asarray(data.labels)[ok], labels))
+    return anchors.image, anchors.text, tests
+
+
+def run(text_encoder: str, image_encoder: str) -> list[dict]:
+    from asif.autoselect import auto_kp
+    from asif.evaluation import DenseSweep
+    from asif.relrep import Weighting
+    from asif.variants import prior_balanced
+
+    image_anchors, text_anchors, tests = development_runs(text_encoder, image_encoder)
+    auto = auto_kp(image_anchors, text_anchors)
+    settings = {"paper 800, p=8": (800, Weighting("power", 8.0)), f"auto {auto.k}, {auto.weighting.describe()}": (
+        auto.k, auto.weighting)}  # fmt: skip
+    rows = []
+    for test in tests:
+        k_max = max(k for k, _ in settings.values())
+        sweep = DenseSweep(test.images, test.labels, image_anchors, text_anchors, k_max)
         for name, (k, weighting) in settings.items():
             scores = sweep.scores(k, weighting)
-            row = {"text": text_encoder, "test": test, "setting": name}
-            row["top1"] = round(100 * float((scores.argmax(axis=1) == truth).mean()), 1)
+            row = {"text": text_encoder, "test": test.name, "setting": name}
+            row["top1"] = round(100 * float((scores.argmax(axis=1) == test.truth).mean()), 1)
             for t in TEMPERATURES:
                 balanced = prior_balanced(scores, t).argmax(axis=1)
-                row[f"balanced t={t:g}"] = round(100 * float((balanced == truth).mean()), 1)
+                row[f"balanced t={t:g}"] = round(100 * float((balanced == test.truth).mean()), 1)
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
