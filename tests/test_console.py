@@ -8,6 +8,7 @@ ASIF_SCREENSHOTS=1 also writes the screenshots shown in docs/console.md (and the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -131,6 +132,11 @@ class Console:
     def shot(self, name: str) -> None:
         if SCREENSHOTS:
             (ROOT / "docs").mkdir(exist_ok=True)
+            from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+            # thumbnails drawn (lazy ones off screen may never load: then after 5 s as they are)
+            with contextlib.suppress(PlaywrightTimeout):
+                self.page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=5000)
             self.page.screenshot(path=str(ROOT / "docs" / name), full_page=True)
 
     def close(self) -> None:
@@ -177,6 +183,7 @@ def test_options_choose_the_weighting_and_the_views(console):
     page.click("#classify-btn")
     page.wait_for_selector("#results > p.meta:has-text('softmax t=0.1')")
     assert page.inner_text(".result h3") == "dog" and console.scores() != power
+    console.shot("console-options.png")
 
 
 def test_balance_the_batch_option(console):
