@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.persist import MANIFEST, read_manifest
+from asif.state.persist import MANIFEST, read_manifest
 from bench.e2e import (
     DATA,
     IMAGE_SPEC,

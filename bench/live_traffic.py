@@ -1,4 +1,4 @@
-"""Live-traffic benchmark of the served model (asif.live.LiveModel) on synthetic embeddings.
+"""Live-traffic benchmark of the served model (asif.serving.live.LiveModel) on synthetic embeddings.
 
     python bench/live_traffic.py --sizes 100000,1000000 --json bench/live_results.json
     python bench/run.py --live --sizes 100000,1000000 --json bench/live_results.json   (the same)
@@ -50,13 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from threadpoolctl import threadpool_limits
 
 from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder
-from asif.labels import DEFAULT_TEMPLATES, CachedLabels, LabelSet, combine_prompt_embeddings
-from asif.live import LiveModel
-from asif.metadata import NewPair, PairMetadata
-from asif.persist import MANIFEST, read_manifest, save_index_folder
-from asif.rwlock import RWLock
+from asif.serving.labels import DEFAULT_TEMPLATES, CachedLabels, LabelSet, combine_prompt_embeddings
+from asif.serving.live import LiveModel
+from asif.serving.rwlock import RWLock
+from asif.state.metadata import NewPair, PairMetadata
+from asif.state.persist import MANIFEST, read_manifest, save_index_folder
 from asif.stores import FaissStore, choose_index_spec, set_faiss_threads
-from asif.synthetic import SyntheticWorld
+from asif.tuning.synthetic import SyntheticWorld
 from bench.run import peak_rss_mb, rss_mb
 
 K, P = 800, 8.0

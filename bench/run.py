@@ -26,12 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.evaluation import recall_at_k
-from asif.labels import LabelSet, combine_prompt_embeddings
-from asif.model import AsifModel
-from asif.relrep import KeyMatrix, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, exact_topk, sparsify
+from asif.serving.labels import LabelSet, combine_prompt_embeddings
+from asif.serving.model import AsifModel
 from asif.stores import FaissStore, choose_index_spec, count_distinct_rows, set_faiss_threads
-from asif.synthetic import SyntheticWorld
+from asif.tuning.metrics import recall_at_k
+from asif.tuning.synthetic import SyntheticWorld
 
 K, P = 800, 8.0
 N_CLASSES, N_TEMPLATES = 100, 7
@@ -240,7 +240,7 @@ def http_overhead(n_requests: int = 200) -> dict:
                 lat.append(time.perf_counter() - t)
     finally:
         server.stop()
-    from asif.loading import open_index
+    from asif.serving.loading import open_index
 
     loaded = open_index(root / "index", PixelEncoder(), HashTextEncoder())
     labels = loaded.model.make_labels(LabelSet(tuple(COLOURS), ("a {} square",)))

@@ -12,13 +12,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from asif.anchors import ANCHOR_MODES, form_anchors
-from asif.augment import image_view
-from asif.autoselect import auto_kp
-from asif.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.augment import image_view
+from asif.encoders.embcache import EmbeddingCache, file_key, text_key
+from asif.encoders.images import ImageError, open_image
 from asif.encoders.quantize import QUANTIZED_FILE, calibration_images, check_choice, quantize_image_encoder
-from asif.evaluation import (
+from asif.math.anchors import ANCHOR_MODES, form_anchors
+from asif.math.relrep import Weighting, exact_topk
+from asif.serving.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
+from asif.serving.loading import open_index
+from asif.serving.model import AsifModel
+from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
+from asif.tuning.autoselect import auto_kp
+from asif.tuning.metrics import (
     DenseSweep,
     auto_ridge_lambda,
     confusion_matrix,
@@ -29,12 +35,6 @@ from asif.evaluation import (
     recall_at_k,
     ridge_scores,
 )
-from asif.images import ImageError, open_image
-from asif.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
-from asif.loading import open_index
-from asif.model import AsifModel
-from asif.relrep import Weighting, exact_topk
-from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from evaluation.candidates import CandidateInputs, check_names, needs, run_candidates
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
 from index_builder.pairs_io import read_pairs, resolve_image
@@ -84,7 +84,7 @@ def embed_image_files(
     files: list[Path], encoder: ImageEncoder, cache: EmbeddingCache, desc: str, batch: int, view: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, readable mask); unreadable files get a zero row and False. ``view``: embed that view of each
-    image instead (:mod:`asif.augment`), cached under its own keys."""
+    image instead (:mod:`asif.encoders.augment`), cached under its own keys."""
     suffix = f"#view={view}" if view else ""
     keys = [file_key(f) + suffix if f.is_file() else f"missing:{f}" for f in files]
     ok = np.array([f.is_file() for f in files])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asif.autoselect import auto_kp
-from asif.evaluation import (
+from asif.math.relrep import Weighting
+from asif.tuning.autoselect import auto_kp
+from asif.tuning.metrics import (
     DenseSweep,
     auto_ridge_lambda,
     confusion_matrix,
@@ -21,7 +22,6 @@ from asif.evaluation import (
     ridge_scores,
     topk_accuracy,
 )
-from asif.relrep import Weighting
 from tests import reference
 from tests.conftest import random_unit, write_pair_collection
 
@@ -164,8 +164,8 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     for name in ("report.md", "accuracy_vs_pairs.png", "confusion.png"):
         assert (out / name).stat().st_size > 0
     # Second run: the embeddings come from the cache (no image is encoded again).
-    from asif.embcache import EmbeddingCache, file_key
     from asif.encoders import load_image_encoder
+    from asif.encoders.embcache import EmbeddingCache, file_key
 
     cache = EmbeddingCache(load_image_encoder("effnet-lite0").identity, tmp_path / "cache" / "embeddings")
     found, _ = cache.get([file_key(p) for p in sorted((tmp_path / "test").rglob("*.png"))])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from asif.encoders import load_image_encoder
+from asif.encoders.images import open_image
 from asif.encoders.quantize import (
     QUANTIZED_FILE,
     QuantizeError,
@@ -26,9 +27,8 @@ from asif.encoders.quantize import (
     quantization_of,
     quantize_image_encoder,
 )
-from asif.images import open_image
-from asif.loading import open_index
-from asif.persist import read_manifest
+from asif.serving.loading import open_index
+from asif.state.persist import read_manifest
 from index_builder.build import BuildConfig, run_build
 from index_builder.errors import BuildError
 from tests.conftest import HashTextEncoder

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from asif.encoders import load_image_encoder, load_text_encoder, runtime
+from asif.encoders.images import open_image
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, load_forward, resolve_runtime
-from asif.images import open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ASIF_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -2,6 +2,9 @@
 
 - ``FaissStore``: FAISS in process, with the index folder's files (the embedded default).
 - ``MilvusStore``: a Milvus collection (a Milvus server, or milvus-lite embedded), for stateless API replicas.
+
+Also here: the index spec chosen for a size (``spec``), the re-ranking vector table (``vectors``) and duplicate
+rows (``duplicates``). It may import ``asif.math`` only (import-linter's contracts in pyproject.toml enforce it).
 """
 
 from asif.stores.base import StoreError, StoreUnavailable, VectorStore, as_matrix

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.relrep import TIE_GRID, Weighting, as_weighting, top_sorted
-from asif.scoring import LabelScorer
+from asif.math.relrep import TIE_GRID, Weighting, as_weighting, top_sorted
+from asif.math.scoring import LabelScorer
 
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 1_000
@@ -256,7 +256,7 @@ class NeighbourCache:
     def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int, known: bool = False) -> np.ndarray:
         """Account for anchors just added (n_before = anchor count before the add); returns the rows changed.
 
-        Rows keep the canonical order of :func:`asif.relrep.top_sorted` (similarity on a grid, then id).
+        Rows keep the canonical order of :func:`asif.math.relrep.top_sorted` (similarity on a grid, then id).
         ``known``: rows may already hold some of these ids (an edit another process made, followed after this
         cache searched the shared store): those are left out, per row.
         """
@@ -416,7 +416,7 @@ class CachedLabels:
 
     ``synced`` is the model edit version the neighbours reflect. Each scorer holds the classes'
     representations for one (k, weighting) and is patched row by row when neighbours change (see
-    :mod:`asif.scoring`). ``lock`` serialises everything that reads or changes this state.
+    :mod:`asif.math.scoring`). ``lock`` serialises everything that reads or changes this state.
     """
 
     label_set: LabelSet

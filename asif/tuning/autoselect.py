@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from asif.evaluation import DenseSweep
-from asif.relrep import Weighting, WeightingLike, as_weighting, effective_k, exact_topk
+from asif.math.relrep import Weighting, WeightingLike, as_weighting, effective_k, exact_topk
+from asif.tuning.metrics import DenseSweep
 
 AUTO_KS = (25, 50, 100, 200, 400, 800, 1600)
 AUTO_WEIGHTINGS = (

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from asif.augment import check_views, image_view
+from asif.encoders.augment import check_views, image_view
 from asif.encoders.base import ImageEncoder, TextEncoder
-from asif.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
-from asif.relrep import (
+from asif.math.relrep import (
     DEFAULT_K,
     DEFAULT_P,
     KeyMatrix,
@@ -43,9 +42,10 @@ from asif.relrep import (
     shared_anchors,
     sparsify,
 )
-from asif.scoring import LabelScorer
+from asif.math.scoring import LabelScorer
+from asif.math.variants import Balance
+from asif.serving.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth, combine_prompt_embeddings
 from asif.stores import StoreError, VectorStore, as_matrix
-from asif.variants import Balance
 
 UNKNOWN = "unknown"
 JOURNAL_BYTES = 64 << 20  # recent edits kept for label sets to catch up (ids + caption vectors)
@@ -507,9 +507,9 @@ class AsifModel:
     ) -> list[Prediction]:
         """Classify a batch of image embeddings; ``explain`` = how many contributing anchors to return, for the
         best label or, with ``explain_label``, for the label of that index. ``views``: embeddings of other views of
-        the same images (test-time augmentation, :mod:`asif.augment`), each like ``image_embeddings``; an image's
-        representation is then the normalised mean of its views' representations. ``balance``: a batch of two or
-        more images is ranked by its balanced label probabilities (:class:`asif.variants.Balance`), which are the
+        the same images (test-time augmentation, :mod:`asif.encoders.augment`), each like ``image_embeddings``; an
+        image's representation is then the normalised mean of its views' representations. ``balance``: a batch of two or
+        more images is ranked by its balanced label probabilities (:class:`asif.math.variants.Balance`), which are the
         scores returned; a lone image keeps its ASIF scores."""
         k, p = self._kp(k, p)
         if balance is not None:
@@ -558,7 +558,8 @@ class AsifModel:
     def classify_images(
         self, images: Sequence[Image.Image], labels: CachedLabels, augment: Sequence[str] = (), **options: object
     ) -> list[Prediction]:
-        """Encode and classify images; ``augment`` names extra views (:data:`asif.augment.VIEWS`) averaged in."""
+        """Encode and classify images; ``augment`` names extra views (:data:`asif.encoders.augment.VIEWS`) averaged
+        in."""
         if self.image_encoder is None:
             raise RuntimeError("no image encoder attached")
         encode = self.image_encoder.encode

@@ -1,6 +1,6 @@
 """Pair metadata, the edit log and label sets in Milvus collections, so that API replicas share all state.
 
-The Milvus counterpart of ``asif.metadata.PairMetadata``. Collections, named ``{prefix}_{what}`` (Milvus needs a
+The Milvus counterpart of ``asif.state.metadata.PairMetadata``. Collections, named ``{prefix}_{what}`` (Milvus needs a
 vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
 
 - ``pairs``: ``id`` (the pair id), ``image`` (reference), ``captions`` (JSON list), ``thumb`` (base64 JPEG on one
@@ -10,7 +10,7 @@ vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
   ``name`` (the label set of a 'labels' record).
 - ``writers``: ``writer`` -> ``committed``, the last of its records whose store changes are final. A record is
   written *before* the stores change (an intent) and counts once ``committed`` reaches it, so a process killed in
-  between leaves a visible intent that followers settle from the stores' state (``asif.shared_live``).
+  between leaves a visible intent that followers settle from the stores' state (``asif.serving.shared_live``).
 - ``label_sets``: ``name``, ``templates`` (JSON), ``n`` (classes), ``version``; ``label_rows``: one row per class,
   ``set``, ``version``, ``row``, ``label`` and the class embedding ``vec``. A write adds rows under a new version,
   then points the header at it: readers never see a mix, and two concurrent writes leave one whole set.
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from asif import faults
-from asif.metadata import NewPair, PairRecord, StoredLabelSet
+from asif.state import faults
+from asif.state.metadata import NewPair, PairRecord, StoredLabelSet
 from asif.stores.base import StoreError
 from asif.stores.milvus_store import CHUNK, STRONG, MilvusIndex, all_ids, create_collection, ids_expr
 

@@ -8,7 +8,7 @@ local edit log and no index folder (a snapshot does nothing).
 replica is never a neighbour (nor in an explanation) on any replica once the delete was acknowledged. What each
 replica keeps of its own is the label sets' neighbour tables; following the edit log keeps them exact.
 
-**Edits** (``asif.milvus_meta``): each process writes its own numbered records (a *writer*), before the stores
+**Edits** (``asif.state.milvus_meta``): each process writes its own numbered records (a *writer*), before the stores
 change (an intent), and commits them after (``writers.committed``). A failed edit is undone as far as it can be,
 then committed anyway, and answered with ``StoreUnavailable`` (503); its records then mean "look at these ids".
 
@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from asif import faults
 from asif.encoders import ImageEncoder, TextEncoder
-from asif.labels import CachedLabels, LabelSet
-from asif.live import (
+from asif.math.relrep import DEFAULT_K, DEFAULT_P, Weighting
+from asif.serving.labels import CachedLabels, LabelSet
+from asif.serving.live import (
     COMPACT_RATIO,
     INLINE_CACHE_BYTES,
     RESTORABLE,
@@ -50,10 +50,10 @@ from asif.live import (
     SnapshotInfo,
     stacked_embeddings,
 )
-from asif.metadata import NewPair, StoredLabelSet
-from asif.milvus_meta import LOG_PAGE, LogRecord, MilvusMetadata
-from asif.model import AsifModel
-from asif.relrep import DEFAULT_K, DEFAULT_P, Weighting
+from asif.serving.model import AsifModel
+from asif.state import faults
+from asif.state.metadata import NewPair, StoredLabelSet
+from asif.state.milvus_meta import LOG_PAGE, LogRecord, MilvusMetadata
 from asif.stores.base import StoreError, StoreUnavailable
 from asif.stores.milvus_store import MilvusIndex, MilvusStore
 
