@@ -225,7 +225,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @needs_flickr
 @pytest.mark.slow
 def test_torch_and_onnx_builds_agree(tmp_path, flickr40, monkeypatch, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     loaded = []
 

@@ -181,7 +181,7 @@ def test_pairs_file_formats(tmp_path):
 
 @pytest.mark.slow
 def test_cli_build_with_packaged_encoders(tmp_path, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     images, pairs = write_pair_collection(tmp_path, n_per_colour=2)
     out = tmp_path / "index"

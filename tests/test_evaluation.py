@@ -91,7 +91,7 @@ def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
 @pytest.mark.slow
 def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     """`asif eval` end to end on generated colour images: tables, JSON and plots are written."""
-    from asif.cli import main
+    from cli.main import main
     from tests.conftest import COLOURS
 
     images, pairs = write_pair_collection(tmp_path / "pairs", n_per_colour=6)
@@ -208,7 +208,7 @@ def test_eval_at_a_thousand_classes_stays_small_and_writes_every_file(tmp_path):
     # The peak of this process's own memory (VmHWM): getrusage's ru_maxrss would also count the pytest parent's
     # RSS at fork time, which Linux carries across exec.
     code = (
-        "import re, sys; from asif.cli import main; rc = main(sys.argv[1:]); "
+        "import re, sys; from cli.main import main; rc = main(sys.argv[1:]); "
         "print('PEAK_KB', re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
     )
     args = ["eval", "--test", str(test), "--classes", str(tmp_path / "classes.tsv"), "--pairs", str(pairs),

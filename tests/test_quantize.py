@@ -166,7 +166,7 @@ def test_serve_refuses_torch_on_an_int8_index(tmp_path: Path) -> None:
     manifest["image_encoder"]["preprocessing"]["quantization"] = {"mode": "int8", "sha256": "0" * 64}
     (index / "manifest.json").write_text(json.dumps(manifest))
     run = subprocess.run(
-        [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--runtime", "torch"],
+        [sys.executable, "-m", "cli", "serve", "--index", str(index), "--runtime", "torch"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr

@@ -78,7 +78,7 @@ def test_unknown_runtime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_cli_refuses_an_unknown_runtime(capsys: pytest.CaptureFixture[str]) -> None:
-    from asif.cli import main
+    from cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--index", "x", "--runtime", "fast"])

@@ -338,7 +338,7 @@ def test_ray_local_build_equals_single_process_build(tmp_path, flickr_subset, pa
 
 @pytest.mark.slow
 def test_cli_builds_from_shards(tmp_path, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     shards, _, pairs = colour_shards(tmp_path)
     out = tmp_path / "index"
