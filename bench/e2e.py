@@ -70,7 +70,8 @@ from asif.encoders import load_image_encoder, load_text_encoder
 from asif.encoders.images import open_image
 from asif.state.persist import MANIFEST, read_manifest, write_json_atomic
 from asif.tuning.synthetic import SyntheticWorld
-from bench.live_traffic import D_IMAGE, D_TEXT, N_CLASSES, code_version, percentiles, write_index
+from bench.live_traffic import D_IMAGE, D_TEXT, N_CLASSES, write_index
+from bench.measure import code_version, percentiles
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

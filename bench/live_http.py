@@ -61,7 +61,7 @@ from bench.e2e import (
     wait_for_quiet,
     write_results,
 )
-from bench.live_traffic import code_version, percentiles
+from bench.measure import code_version, percentiles
 
 TEMPLATE = "a photo of a {}."
 TARGET = 1.3

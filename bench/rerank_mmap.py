@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asif.stores import FaissStore, build_store, choose_index_spec, refine_path, set_faiss_threads
 from asif.tuning.synthetic import SyntheticWorld
-from bench.live_traffic import percentiles
-from bench.run import rss_mb
+from bench.measure import percentiles, rss_mb
 
 K = 800
 

@@ -31,7 +31,7 @@ from asif.serving.labels import LabelSet
 from asif.serving.model import AsifModel
 from asif.stores import VectorStore, build_store, choose_index_spec, set_faiss_threads
 from asif.tuning.synthetic import SyntheticWorld
-from bench.live_traffic import percentiles
+from bench.measure import percentiles
 
 K, P = 800, 8.0
 D_IMAGE, D_TEXT = 1280, 384
