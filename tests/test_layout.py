@@ -23,7 +23,6 @@ OVERSIZED = {
     "asif/math/relrep.py",
     "asif/serving/labels.py",
     "asif/serving/live.py",
-    "asif/serving/model.py",
     "asif/serving/shared_live.py",
     "asif/state/milvus_meta.py",
     "asif/stores/faiss_store.py",

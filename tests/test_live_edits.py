@@ -368,8 +368,8 @@ class HeldReads:
     """Wraps a live model's read lock: records what runs while it is held (searches' entries, scorers built)."""
 
     def __init__(self, live: LiveModel, monkeypatch) -> None:
+        import asif.serving.label_upkeep
         import asif.serving.labels
-        import asif.serving.model
 
         self.held = 0
         self.searches: list[tuple[int, bool]] = []  # (queries x depth, under the read lock)
@@ -389,7 +389,7 @@ class HeldReads:
             self.searches.append((len(queries) * int(k), self.held > 0))
             return real_search(queries, k)
 
-        real_scorer = asif.serving.model.LabelScorer
+        real_scorer = asif.serving.label_upkeep.LabelScorer
 
         def scorer(*args, **kw):
             self.scorers.append(self.held > 0)
@@ -398,7 +398,7 @@ class HeldReads:
         live.lock.read = read
         live.model.guard = read
         live.model.text_store.search = search
-        monkeypatch.setattr(asif.serving.model, "LabelScorer", scorer)
+        monkeypatch.setattr(asif.serving.label_upkeep, "LabelScorer", scorer)
         monkeypatch.setattr(asif.serving.labels, "LabelScorer", scorer)
 
 
