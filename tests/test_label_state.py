@@ -12,8 +12,9 @@ import pytest
 import asif.math.scoring
 from asif.math.relrep import KeyMatrix, SparseRR, Weighting
 from asif.math.scoring import LabelScorer, score_rows
-from asif.serving.labels import CachedLabels, LabelSet, cache_depth
+from asif.serving.labels import CachedLabels, LabelSet
 from asif.serving.model import AsifModel
+from asif.serving.neighbours import cache_depth
 from asif.stores import build_store, choose_index_spec
 from tests import reference
 from tests.conftest import random_unit
@@ -325,7 +326,7 @@ def test_an_edit_costs_the_entries_it_changes_and_the_next_classification_rebuil
 def test_a_row_full_to_its_depth_with_every_anchor_keeps_a_newcomer_that_sorts_last_out(rng):
     """Depth == anchors held: a newcomer less similar than all of them falls past the depth (it used to index past
     the row and fail the edit's label upkeep)."""
-    from asif.serving.labels import NeighbourCache
+    from asif.serving.neighbours import NeighbourCache
 
     txt = random_unit(rng, 20, 8)
     q = random_unit(rng, 3, 8)

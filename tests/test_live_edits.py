@@ -13,6 +13,7 @@ import pytest
 import asif.serving.labels
 import asif.serving.live
 import asif.serving.model
+import asif.serving.neighbours
 from asif.serving.labels import LabelSet
 from asif.serving.live import LiveModel
 from asif.state.metadata import NewPair
@@ -417,9 +418,9 @@ def test_a_deep_k_is_searched_in_bounded_steps_and_scorers_are_built_outside_the
         got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
         np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, deep), atol=2e-5)
         live.add_pairs([new_pair(rng, f"n{step}")])  # the next one catches up (rows changed since the copy)
-    step_entries = asif.serving.model.LABEL_CHUNK * asif.serving.labels.cache_depth(K)
+    step_entries = asif.serving.model.LABEL_CHUNK * asif.serving.neighbours.cache_depth(K)
     under_lock = [n for n, held in watch.searches if held]
-    assert under_lock and max(under_lock) <= step_entries + asif.serving.labels.cache_depth(deep)
+    assert under_lock and max(under_lock) <= step_entries + asif.serving.neighbours.cache_depth(deep)
     assert watch.scorers and not any(watch.scorers)  # every scorer (default, deep) built with the lock free
     assert sum(n for n, _ in watch.searches) >= 300 * deep  # the deep search did happen, in steps
 

@@ -19,7 +19,8 @@ import numpy as np
 from asif.math.relrep import KeyMatrix, Weighting, WeightingLike
 from asif.math.scoring import LabelScorer
 from asif.serving.journal import EditJournal, JournalEntry
-from asif.serving.labels import NO_ROWS, CachedLabels, LabelSet, NeighbourCache, cache_depth
+from asif.serving.labels import CachedLabels, LabelSet
+from asif.serving.neighbours import NO_ROWS, NeighbourCache, cache_depth
 from asif.stores import VectorStore
 
 LABEL_CHUNK = 256  # labels searched per step when a label set is made under a guard (a read lock), at most

@@ -42,7 +42,8 @@ from asif.math.relrep import (
 from asif.math.variants import Balance
 from asif.serving.journal import JOURNAL_BYTES, EditJournal, JournalEntry
 from asif.serving.label_upkeep import LABEL_CHUNK, Guard, LabelUpkeep
-from asif.serving.labels import CachedLabels, LabelSet, cache_depth, combine_prompt_embeddings
+from asif.serving.labels import CachedLabels, LabelSet, combine_prompt_embeddings
+from asif.serving.neighbours import cache_depth
 from asif.stores import StoreError, VectorStore, as_matrix
 
 UNKNOWN = "unknown"
