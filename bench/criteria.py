@@ -33,7 +33,8 @@ from scipy.stats import spearmanr
 
 from asif.encoders import load_image_encoder, load_text_encoder
 from asif.encoders.embcache import EmbeddingCache
-from asif.math.relrep import Weighting, exact_topk
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
 from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
 from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, best_setting, group_holdout_split, image_keys
 from asif.tuning.criteria import criteria_grid

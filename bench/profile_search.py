@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.math.relrep import exact_topk
+from asif.math.topk import exact_topk
 from asif.stores import build_store, choose_index_spec
 from asif.tuning.metrics import recall_at_k
 from asif.tuning.synthetic import SyntheticWorld

@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.math.relrep import KeyMatrix, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, sparsify
+from asif.math.topk import exact_topk
 from asif.serving.labels import LabelSet, combine_prompt_embeddings
 from asif.serving.model import AsifModel
 from asif.stores import FaissStore, choose_index_spec, count_distinct_rows, set_faiss_threads

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from asif.math.normalise import l2_normalise
-from asif.math.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, sparsify
+from asif.math.topk import exact_topk
 from asif.math.variants import (
     bank_neighbours,
     centre,

@@ -18,7 +18,8 @@ from asif.encoders.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders.images import ImageError, open_image
 from asif.encoders.quantize import QUANTIZED_FILE, calibration_images, check_choice, quantize_image_encoder
 from asif.math.anchors import ANCHOR_MODES, form_anchors
-from asif.math.relrep import Weighting, exact_topk
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
 from asif.serving.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
 from asif.serving.loading import open_index
 from asif.serving.model import AsifModel

@@ -20,7 +20,8 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from asif.math.relrep import WeightingLike, effective_k, exact_topk, top_sorted
+from asif.math.relrep import WeightingLike
+from asif.math.topk import effective_k, exact_topk, top_sorted
 from asif.tuning.autoselect import (
     AUTO_KS,
     AUTO_SPLITS,

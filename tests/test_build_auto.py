@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from asif.math.normalise import l2_normalise
-from asif.math.relrep import Weighting, exact_topk
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
 from asif.serving.loading import open_index
 from asif.state.persist import load_index_folder, read_manifest
 from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, CRITERION, auto_kp, holdouts, image_keys

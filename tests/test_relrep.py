@@ -3,16 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from asif.math.relrep import (
-    KeyMatrix,
-    check_k_p,
-    dense_relrep,
-    dense_scores,
-    effective_k,
-    exact_topk,
-    shared_anchors,
-    sparsify,
-)
+from asif.math.relrep import KeyMatrix, check_k_p, dense_relrep, dense_scores, shared_anchors, sparsify
+from asif.math.topk import effective_k, exact_topk
 from tests import reference
 from tests.conftest import random_unit
 

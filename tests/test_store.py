@@ -373,7 +373,7 @@ def test_top_sorted_keeps_the_smallest_ids_of_a_long_tie(rng):
     # Long rows are partitioned to k + TIE_MARGIN before sorting: a run of 300 values in the k-th cell
     # must still yield its smallest ids. Row 0: the run on top; row 1: the run after 50 larger values
     # (values within one TIE_GRID cell, not equal); row 2: no tie.
-    from asif.math.relrep import TIE_GRID, top_sorted
+    from asif.math.topk import TIE_GRID, top_sorted
 
     n = 6000
     sims = rng.uniform(-1.0, 0.4, size=(3, n))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.math.relrep import KeyMatrix, Weighting, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, Weighting, sparsify
+from asif.math.topk import exact_topk
 from asif.math.variants import centre, hubness_weights, prior_balanced, procrustes_map
 from asif.tuning.autoselect import auto_kp
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates

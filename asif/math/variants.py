@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from asif.math.normalise import l2_normalise
-from asif.math.relrep import exact_topk
+from asif.math.topk import exact_topk
 
 HUBNESS_FLOOR = 1e-3  # an anchor in everyone's neighbourhood keeps a tiny weight, never exactly 0
 BALANCE_ITERATIONS = 1000  # at most; Sinkhorn stops once every label's share is within BALANCE_TOLERANCE

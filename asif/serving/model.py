@@ -35,10 +35,10 @@ from asif.math.relrep import (
     as_weighting,
     average_relreps,
     check_k_p,
-    effective_k,
     shared_anchors,
     sparsify,
 )
+from asif.math.topk import effective_k
 from asif.math.variants import Balance
 from asif.serving.journal import JOURNAL_BYTES, EditJournal, JournalEntry
 from asif.serving.label_upkeep import LABEL_CHUNK, Guard, LabelUpkeep

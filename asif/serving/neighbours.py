@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asif.math.relrep import TIE_GRID, top_sorted
+from asif.math.topk import TIE_GRID, top_sorted
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -93,7 +93,7 @@ class NeighbourCache:
     def add(self, new_ids: np.ndarray, new_vectors: np.ndarray, n_before: int, known: bool = False) -> np.ndarray:
         """Account for anchors just added (n_before = anchor count before the add); returns the rows changed.
 
-        Rows keep the canonical order of :func:`asif.math.relrep.top_sorted` (similarity on a grid, then id).
+        Rows keep the canonical order of :func:`asif.math.topk.top_sorted` (similarity on a grid, then id).
         ``known``: rows may already hold some of these ids (an edit another process made, followed after this
         cache searched the shared store): those are left out, per row.
         """

@@ -14,7 +14,7 @@ are the same as without grouping (same similarities, same canonical order, ties 
 index, its re-ranking table and its candidate lists shrink by the duplication factor, and candidates
 are counted in distinct vectors. Duplicates added by different calls stay separate (still correct).
 
-Ties at the k-th place go to the smallest pair ids on every path (``asif.math.relrep.top_sorted``). FAISS
+Ties at the k-th place go to the smallest pair ids on every path (``asif.math.topk.top_sorted``). FAISS
 keeps equal similarities in insertion order, so TIE_MARGIN more neighbours are fetched than needed and
 a row whose last one is in the similarity cell of the last one needed is fetched again with twice as
 many: the k-th neighbour without re-ranking (flat, IVF). With re-ranking, PQ candidates end at a PQ cell
@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from asif.math.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
+from asif.math.topk import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
 from asif.stores.base import StoreError, as_matrix, checked_new
 from asif.stores.duplicates import DuplicateGroups
 from asif.stores.faiss_index import apply_faiss_threads, enable_id_lookup, ids_of, ivf_or_none, new_index

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from asif.math.relrep import Weighting, WeightingLike, as_weighting, effective_k, exact_topk
+from asif.math.relrep import Weighting, WeightingLike, as_weighting
 from asif.math.rowhash import row_hashes
+from asif.math.topk import effective_k, exact_topk
 from asif.tuning.metrics import DenseSweep
 
 AUTO_KS = (25, 50, 100, 200, 400, 800, 1600)

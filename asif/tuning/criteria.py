@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from asif.math.normalise import l2_normalise
-from asif.math.relrep import WeightingLike, as_weighting, exact_topk
+from asif.math.relrep import WeightingLike, as_weighting
+from asif.math.topk import exact_topk
 from asif.tuning.autoselect import Setting, held_out_images, mean_reciprocal_rank
 from asif.tuning.metrics import DenseSweep
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from asif.math.normalise import l2_normalise
-from asif.math.relrep import KeyMatrix, WeightingLike, effective_k, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, WeightingLike, sparsify
+from asif.math.topk import effective_k, exact_topk
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from app.schemas import (
     SimilarityResponse,
 )
 from asif.encoders.augment import check_views
-from asif.math.relrep import effective_k
+from asif.math.topk import effective_k
 from asif.math.variants import Balance
 from asif.serving.labels import CachedLabels
 from asif.serving.live import Answer, NoPairsError
