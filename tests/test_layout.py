@@ -23,7 +23,6 @@ OVERSIZED = {
     "asif/serving/live.py",
     "asif/serving/shared_live.py",
     "asif/state/milvus_meta.py",
-    "asif/stores/faiss_store.py",
     "bench/e2e.py",
     "bench/live_traffic.py",
     "evaluation/run.py",

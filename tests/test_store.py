@@ -353,7 +353,7 @@ def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory,
     # Identical vectors added by separate calls are not grouped: each call's copies are a PQ candidate of
     # their own, with the same code. With one candidate per vector wanted, the PQ cut falls inside the run;
     # with some copies grouped, fewer candidates than k are fetched and all of them are kept.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x, ids, group, dup = _big_tie(rng)
@@ -396,7 +396,7 @@ def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, mon
     # Runs of identical vectors spread over several add calls (partly grouped), coarse PQ (fast-scan ranks
     # a run below vectors it beats exactly), few candidates: whatever part of a run a search returns must
     # be its smallest ids.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     cut_runs = 0
@@ -584,7 +584,7 @@ def test_long_pq_cells_of_distinct_vectors_end_the_candidates_without_a_cascade(
     # Fast-scan similarities are quantised: deep in the ranking, dozens of distinct vectors share one. The
     # candidates must end at a cell boundary, not be fetched again with twice as many until the whole table
     # is scanned exactly (0.6-0.8 s a query at 1M), and still not depend on the order of insertion.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x = random_unit(rng, 20_000, 8)

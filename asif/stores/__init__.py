@@ -10,7 +10,8 @@ rows (``duplicates``). It may import ``asif.math`` only (import-linter's contrac
 from asif.stores.base import StoreError, StoreUnavailable, VectorStore, as_matrix
 from asif.stores.duplicates import count_distinct_rows
 from asif.stores.faiss_index import set_faiss_threads
-from asif.stores.faiss_store import RERANK_MIN, FaissStore, build_store, refine_path
+from asif.stores.faiss_search import RERANK_MIN
+from asif.stores.faiss_store import FaissStore, build_store, refine_path
 from asif.stores.spec import FLAT_MAX_N, RERANK_FACTOR, IndexSpec, choose_index_spec, ivfpq_params
 
 __all__ = [
