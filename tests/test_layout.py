@@ -22,7 +22,6 @@ MAX_LINES = 400
 OVERSIZED = {
     "asif/serving/live.py",
     "asif/serving/shared_live.py",
-    "asif/state/milvus_meta.py",
     "bench/e2e.py",
     "bench/live_traffic.py",
     "evaluation/run.py",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from asif.state.idclock import IdClock
 from asif.state.metadata import NewPair, StoredLabelSet
-from asif.state.milvus_meta import IdClock, MilvusMetadata
+from asif.state.milvus_meta import MilvusMetadata
 
 
 @pytest.fixture
