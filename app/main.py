@@ -56,7 +56,7 @@ def load_shared(settings: Settings) -> LiveModel:
     from pymilvus import MilvusClient
 
     from asif.encoders import load_image_encoder, load_text_encoder
-    from asif.serving.shared_live import open_shared
+    from asif.serving.shared_loading import open_shared
     from asif.state.milvus_meta import read_manifest
     from asif.stores.milvus_store import MilvusIndex
 

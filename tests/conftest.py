@@ -183,7 +183,7 @@ def open_live(target, image_encoder=None, text_encoder=None):
     if isinstance(target, MilvusTarget):
         from pymilvus import MilvusClient
 
-        from asif.serving.shared_live import open_shared
+        from asif.serving.shared_loading import open_shared
 
         return open_shared(MilvusClient(target.uri), target.prefix, image_encoder, text_encoder)
     from asif.serving.live import LiveModel

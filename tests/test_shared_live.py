@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from asif.serving.labels import LabelSet
-from asif.serving.shared_live import open_shared
+from asif.serving.shared_loading import open_shared
 from asif.state.metadata import NewPair
 from tests import reference
 from tests.conftest import HashTextEncoder, PixelEncoder

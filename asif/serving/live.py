@@ -42,8 +42,8 @@ from asif.serving.labels import CachedLabels, LabelSet
 from asif.serving.loading import open_index
 from asif.serving.model import AsifModel, Prediction
 from asif.serving.rwlock import RWLock
-from asif.state.metadata import Edit, NewPair, StoredLabelSet
-from asif.state.persist import Delta, compact_index_folder, delta_pairs, write_delta
+from asif.state.metadata import NewPair, StoredLabelSet
+from asif.state.persist import compact_index_folder, delta_pairs, net_delta, write_delta
 from asif.stores import StoreError
 
 log = logging.getLogger("asif.serving.live")
@@ -85,27 +85,6 @@ def stacked_embeddings(pairs: Sequence[NewPair]) -> tuple[np.ndarray, np.ndarray
     except ValueError as exc:
         raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
     return img, txt
-
-
-def net_delta(edits: Sequence[Edit], to_seq: int) -> Delta:
-    """Edit-log entries -> their net effect (pair ids are never reused, so order only matters within an id)."""
-    added: dict[int, Edit] = {}
-    deleted: list[int] = []
-    for e in edits:
-        if e.op == "add":
-            added[e.pair_id] = e
-        elif e.pair_id in added:
-            del added[e.pair_id]
-        else:
-            deleted.append(e.pair_id)
-    adds = list(added.values())
-    return Delta(
-        add_ids=np.array([e.pair_id for e in adds], dtype=np.int64),
-        add_image=np.stack([e.image_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
-        add_text=np.stack([e.text_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
-        delete_ids=np.array(sorted(set(deleted)), dtype=np.int64),
-        to_seq=to_seq,
-    )
 
 
 class LiveModel:
