@@ -48,8 +48,9 @@ def development_runs(text_encoder: str, image_encoder: str) -> tuple[np.ndarray,
     from asif.encoders import load_image_encoder, load_text_encoder
     from asif.encoders.embcache import EmbeddingCache
     from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+    from evaluation.config import EvalConfig
     from evaluation.data import load_test_set
-    from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
+    from evaluation.embed import anchors_from_pairs, embed_image_files
 
     img_enc = load_image_encoder(image_encoder, "cpu", 32, "onnx")
     txt_enc = load_text_encoder(text_encoder, "cpu", 32, "onnx")

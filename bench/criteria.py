@@ -39,8 +39,9 @@ from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embe
 from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, best_setting, group_holdout_split, image_keys
 from asif.tuning.criteria import criteria_grid
 from asif.tuning.metrics import DenseSweep, evaluate, holdout_split, retrieval_at_1
+from evaluation.config import EvalConfig
 from evaluation.data import load_test_set
-from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
+from evaluation.embed import anchors_from_pairs, embed_image_files
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TESTS = {

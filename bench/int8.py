@@ -67,7 +67,8 @@ def encoder_floor(image_encoder: str, work: Path) -> dict:
 
 
 def agreement(test: str, image_encoder: str, text_encoder: str, work: Path) -> dict:
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
 
     folder, classes = TESTS[test]
     reports = {}

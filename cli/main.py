@@ -347,8 +347,9 @@ def _candidates(value: str) -> list[str]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from evaluation.config import EvalConfig
     from evaluation.report import markdown
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.run import run_eval
 
     cfg = _config(
         EvalConfig,

@@ -174,7 +174,8 @@ def test_serve_refuses_torch_on_an_int8_index(tmp_path: Path) -> None:
 
 
 def test_eval_quantize_goes_with_pairs_not_an_index(tmp_path: Path) -> None:
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
     from tests.conftest import write_synthetic_index
 
     write_synthetic_index(tmp_path / "index", n=50)

@@ -243,7 +243,8 @@ def test_eval_top1_agrees_between_runtimes_on_imagenette(tmp_path: Path) -> None
     """`asif eval` on all of Imagenette val with each runtime (anchors: 1,000 Flickr8k captions): the per-image
     predictions agree on >= 99.9% of the images."""
     _need_data()
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
 
     pairs = tmp_path / "pairs.csv"
     lines = (SHARED / "flickr8k" / "captions.csv").read_text().splitlines()
