@@ -16,6 +16,7 @@ COPY asif asif
 COPY index_builder index_builder
 COPY app app
 COPY evaluation evaluation
+COPY cli cli
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # pip settings passed through to the install (e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=http://127.0.0.1:PORT/ with
 # TORCH_INDEX_URL= for a local wheelhouse, or a private index); unset unless given.

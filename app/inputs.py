@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import ApiError
 from app.schemas import WeightingOptions
-from asif.augment import image_view
 from asif.encoders import ImageEncoder
-from asif.images import decoded_pixels, open_image
-from asif.labels import DEFAULT_TEMPLATES, LabelSet
-from asif.relrep import PARAM_NAMES, WEIGHTINGS, Weighting
+from asif.encoders.augment import image_view
+from asif.encoders.images import decoded_pixels, open_image
+from asif.math.relrep import PARAM_NAMES, WEIGHTINGS, Weighting
+from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet
 
 
 def invalid_body(exc: ValidationError) -> ApiError:

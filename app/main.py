@@ -22,7 +22,7 @@ from app.schemas import ERROR_RESPONSES
 from app.state import AppState
 from asif import __version__
 from asif.encoders import RuntimeOptions
-from asif.live import LiveModel
+from asif.serving.live import LiveModel
 from asif.stores import set_faiss_threads
 
 log = logging.getLogger("asif.app")
@@ -56,8 +56,8 @@ def load_shared(settings: Settings) -> LiveModel:
     from pymilvus import MilvusClient
 
     from asif.encoders import load_image_encoder, load_text_encoder
-    from asif.milvus_meta import read_manifest
-    from asif.shared_live import open_shared
+    from asif.serving.shared_loading import open_shared
+    from asif.state.milvus_meta import read_manifest
     from asif.stores.milvus_store import MilvusIndex
 
     client = MilvusClient(settings.milvus_uri)

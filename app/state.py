@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.metrics import Metrics
-from asif.labels import CachedLabels, LabelSet, combine_prompt_embeddings
-from asif.live import LiveModel
+from asif.serving.labels import CachedLabels, LabelSet, combine_prompt_embeddings
+from asif.serving.live import LiveModel
 
 
 @dataclass

@@ -4,7 +4,7 @@
     python bench/auto_gap.py --image-encoder effnet-lite2 --json bench/auto_gap_results_lite2.json
 
 All 40,450 Flickr8k pairs as per-caption anchors (embeddings from the eval cache). For each text encoder the pick of
-:func:`asif.autoselect.auto_kp` (held-out images' mrr, 3 splits, the build's grid), then for each test set
+:func:`asif.tuning.autoselect.auto_kp` (held-out images' mrr, 3 splits, the build's grid), then for each test set
 (Imagenette val, CIFAR-10 test) the exact test top-1 of every setting of that grid: the pick's, the best one's, and
 the gap between them (what issue 29 measures).
 
@@ -31,9 +31,9 @@ from bench.build_shards import print_table  # noqa: E402
 
 
 def run(text_encoder: str, image_encoder: str) -> dict:
-    from asif.autoselect import AUTO_KS, auto_kp
-    from asif.evaluation import DenseSweep
-    from asif.relrep import Weighting
+    from asif.math.relrep import Weighting
+    from asif.tuning.autoselect import AUTO_KS, auto_kp
+    from asif.tuning.metrics import DenseSweep
 
     image_anchors, text_anchors, tests = development_runs(text_encoder, image_encoder)
     auto = auto_kp(image_anchors, text_anchors)

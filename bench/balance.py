@@ -1,10 +1,11 @@
-"""Batch balancing (``"balance": true``, :class:`asif.variants.Balance`) on whole test sets, over the served weightings.
+"""Batch balancing (``"balance": true``, :class:`asif.math.variants.Balance`) on whole test sets, over the
+served weightings.
 
     python bench/balance.py                        # effnet-lite0 with MiniLM and mpnet, Imagenette val and CIFAR-10
 
 All 40,450 Flickr8k pairs as per-caption anchors (embeddings from the eval cache, computed once). For each test set,
 the exact top-1 of the paper's k=800, p=8, of what ``asif build`` now chooses by default for these pairs (``--auto``;
-the pick is recomputed here with :func:`asif.autoselect.auto_kp`), and of each of them with the whole test set
+the pick is recomputed here with :func:`asif.tuning.autoselect.auto_kp`), and of each of them with the whole test set
 balanced to a uniform class prior at temperatures 0.005-0.05 (the served default is 0.01). The test set is one
 batch, as an ``asif eval`` run or a folder sorted in one request would be. Results go to
 ``bench/balance_results.json``.
@@ -44,11 +45,12 @@ class TestRun:
 def development_runs(text_encoder: str, image_encoder: str) -> tuple[np.ndarray, np.ndarray, list[TestRun]]:
     """(image anchors, caption anchors, test runs): all Flickr8k pairs as per-caption anchors and each test set of
     TESTS, embedded by the given encoders (from the evaluation's embedding cache; computed once)."""
-    from asif.embcache import EmbeddingCache
     from asif.encoders import load_image_encoder, load_text_encoder
-    from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+    from asif.encoders.embcache import EmbeddingCache
+    from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+    from evaluation.config import EvalConfig
     from evaluation.data import load_test_set
-    from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
+    from evaluation.embed import anchors_from_pairs, embed_image_files
 
     img_enc = load_image_encoder(image_encoder, "cpu", 32, "onnx")
     txt_enc = load_text_encoder(text_encoder, "cpu", 32, "onnx")
@@ -69,10 +71,10 @@ def development_runs(text_encoder: str, image_encoder: str) -> tuple[np.ndarray,
 
 
 def run(text_encoder: str, image_encoder: str) -> list[dict]:
-    from asif.autoselect import auto_kp
-    from asif.evaluation import DenseSweep
-    from asif.relrep import Weighting
-    from asif.variants import prior_balanced
+    from asif.math.relrep import Weighting
+    from asif.math.variants import prior_balanced
+    from asif.tuning.autoselect import auto_kp
+    from asif.tuning.metrics import DenseSweep
 
     image_anchors, text_anchors, tests = development_runs(text_encoder, image_encoder)
     auto = auto_kp(image_anchors, text_anchors)

@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise  # noqa: E402
+from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder  # noqa: E402
+from asif.math.normalise import l2_normalise  # noqa: E402
 
 SHARED = Path(os.environ.get("ASIF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

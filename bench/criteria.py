@@ -5,9 +5,9 @@ of ``--auto``'s grid (k x power p and softmax t): the test top-1 (exact sweep of
 label embeddings, 7 default templates, as ``asif eval`` computes it) and the value of each criterion:
 
 - the criterion before issue 18: held-out retrieval@1 of pair *rows* (10%, seed 0), over the whole grid;
-- the one ``--auto`` ships now (:func:`asif.autoselect.auto_kp`: held-out images' mrr, mean over splits of seeds
+- the one ``--auto`` ships now (:func:`asif.tuning.autoselect.auto_kp`: held-out images' mrr, mean over splits of seeds
   0-2), over the whole grid;
-- the candidates of :mod:`asif.criteria` (images held out), on the power settings (the k x p sweep), per seed.
+- the candidates of :mod:`asif.tuning.criteria` (images held out), on the power settings (the k x p sweep), per seed.
 
 Reports per run and criterion the Spearman correlation with test top-1 across the k x p sweep (and across the whole
 grid where the criterion covers it), the setting each picks (ties: smaller k, then the earlier weighting), its test
@@ -31,15 +31,17 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from asif.autoselect import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, best_setting, group_holdout_split, image_keys
-from asif.criteria import criteria_grid
-from asif.embcache import EmbeddingCache
 from asif.encoders import load_image_encoder, load_text_encoder
-from asif.evaluation import DenseSweep, evaluate, holdout_split, retrieval_at_1
-from asif.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
-from asif.relrep import Weighting, exact_topk
+from asif.encoders.embcache import EmbeddingCache
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
+from asif.serving.labels import DEFAULT_TEMPLATES, LabelSet, combine_prompt_embeddings
+from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, auto_kp, best_setting, group_holdout_split, image_keys
+from asif.tuning.criteria import criteria_grid
+from asif.tuning.metrics import DenseSweep, evaluate, holdout_split, retrieval_at_1
+from evaluation.config import EvalConfig
 from evaluation.data import load_test_set
-from evaluation.run import EvalConfig, anchors_from_pairs, embed_image_files
+from evaluation.embed import anchors_from_pairs, embed_image_files
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TESTS = {

@@ -67,10 +67,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asif.encoders import load_image_encoder, load_text_encoder
-from asif.images import open_image
-from asif.persist import MANIFEST, read_manifest, write_json_atomic
-from asif.synthetic import SyntheticWorld
-from bench.live_traffic import D_IMAGE, D_TEXT, N_CLASSES, code_version, percentiles, write_index
+from asif.encoders.images import open_image
+from asif.state.persist import MANIFEST, read_manifest, write_json_atomic
+from asif.tuning.synthetic import SyntheticWorld
+from bench.live_traffic import D_IMAGE, D_TEXT, N_CLASSES, write_index
+from bench.measure import code_version, percentiles
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -48,8 +48,8 @@ def ms_per_image(forward, pixels: np.ndarray, batch: int, seconds: float = 2.0) 
 
 def encoder_floor(image_encoder: str, work: Path) -> dict:
     from asif.encoders import load_image_encoder
+    from asif.encoders.images import open_image
     from asif.encoders.quantize import calibration_images, quantize_image_encoder
-    from asif.images import open_image
 
     photos = sorted((SHARED / "flickr8k" / "images").glob("*.jpg"))
     fp32 = load_image_encoder(image_encoder, "cpu", 32, "onnx")
@@ -67,7 +67,8 @@ def encoder_floor(image_encoder: str, work: Path) -> dict:
 
 
 def agreement(test: str, image_encoder: str, text_encoder: str, work: Path) -> dict:
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
 
     folder, classes = TESTS[test]
     reports = {}

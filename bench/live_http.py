@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.persist import MANIFEST, read_manifest
+from asif.state.persist import MANIFEST, read_manifest
 from bench.e2e import (
     DATA,
     IMAGE_SPEC,
@@ -61,7 +61,7 @@ from bench.e2e import (
     wait_for_quiet,
     write_results,
 )
-from bench.live_traffic import code_version, percentiles
+from bench.measure import code_version, percentiles
 
 TEMPLATE = "a photo of a {}."
 TARGET = 1.3

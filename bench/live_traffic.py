@@ -1,4 +1,4 @@
-"""Live-traffic benchmark of the served model (asif.live.LiveModel) on synthetic embeddings.
+"""Live-traffic benchmark of the served model (asif.serving.live.LiveModel) on synthetic embeddings.
 
     python bench/live_traffic.py --sizes 100000,1000000 --json bench/live_results.json
     python bench/run.py --live --sizes 100000,1000000 --json bench/live_results.json   (the same)
@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from threadpoolctl import threadpool_limits
 
 from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder
-from asif.labels import DEFAULT_TEMPLATES, CachedLabels, LabelSet, combine_prompt_embeddings
-from asif.live import LiveModel
-from asif.metadata import NewPair, PairMetadata
-from asif.persist import MANIFEST, read_manifest, save_index_folder
-from asif.rwlock import RWLock
+from asif.serving.labels import DEFAULT_TEMPLATES, CachedLabels, LabelSet, combine_prompt_embeddings
+from asif.serving.live import LiveModel
+from asif.serving.rwlock import RWLock
+from asif.state.metadata import NewPair, PairMetadata
+from asif.state.persist import MANIFEST, read_manifest, save_index_folder
 from asif.stores import FaissStore, choose_index_spec, set_faiss_threads
-from asif.synthetic import SyntheticWorld
-from bench.run import peak_rss_mb, rss_mb
+from asif.tuning.synthetic import SyntheticWorld
+from bench.measure import code_version, peak_rss_mb, percentiles, rss_mb
 
 K, P = 800, 8.0
 D_IMAGE, D_TEXT = 1280, 384
@@ -130,33 +129,6 @@ class LockTimer:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def percentiles(samples: Sequence[float]) -> dict[str, float]:
-    """Seconds -> {n, p50_ms, p99_ms, max_ms}."""
-    if len(samples) == 0:
-        return {"n": 0, "p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
-    a = np.asarray(samples, dtype=np.float64) * 1000
-    return {
-        "n": len(a),
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "max_ms": float(a.max()),
-    }
-
-
-def code_version() -> dict[str, Any]:
-    """The commit measured, and the files of the serving code changed in the working tree on top of it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "asif", "app").splitlines() if line]
-    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_serving_changes": changed}
-
-
 def file_bytes(folder: Path, names: Sequence[str]) -> int:
     return int(sum((folder / name).stat().st_size for name in names))
 

@@ -18,10 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.evaluation import recall_at_k
-from asif.relrep import exact_topk
+from asif.math.topk import exact_topk
 from asif.stores import build_store, choose_index_spec
-from asif.synthetic import SyntheticWorld
+from asif.tuning.metrics import recall_at_k
+from asif.tuning.synthetic import SyntheticWorld
 
 
 def main(n: int) -> None:

@@ -29,9 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asif.stores import FaissStore, build_store, choose_index_spec, refine_path, set_faiss_threads
-from asif.synthetic import SyntheticWorld
-from bench.live_traffic import percentiles
-from bench.run import rss_mb
+from asif.tuning.synthetic import SyntheticWorld
+from bench.measure import percentiles, rss_mb
 
 K = 800
 

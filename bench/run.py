@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,27 +25,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.evaluation import recall_at_k
-from asif.labels import LabelSet, combine_prompt_embeddings
-from asif.model import AsifModel
-from asif.relrep import KeyMatrix, exact_topk, sparsify
+from asif.math.relrep import KeyMatrix, sparsify
+from asif.math.topk import exact_topk
+from asif.serving.labels import LabelSet, combine_prompt_embeddings
+from asif.serving.model import AsifModel
 from asif.stores import FaissStore, choose_index_spec, count_distinct_rows, set_faiss_threads
-from asif.synthetic import SyntheticWorld
+from asif.tuning.metrics import recall_at_k
+from asif.tuning.synthetic import SyntheticWorld
+from bench.measure import peak_rss_mb, rss_mb
+from bench.measure import percentiles as measured_percentiles
 
 K, P = 800, 8.0
 N_CLASSES, N_TEMPLATES = 100, 7
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def generate(
@@ -64,8 +54,9 @@ def generate(
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+    """Seconds -> {p50_ms, p99_ms} (bench.measure.percentiles without n and max, as results.json has them)."""
+    both = measured_percentiles(samples)
+    return {"p50_ms": both["p50_ms"], "p99_ms": both["p99_ms"]}
 
 
 def build(vectors: np.ndarray, ids: np.ndarray, refine: str | None = "Flat") -> tuple[FaissStore, dict[str, float]]:
@@ -240,7 +231,7 @@ def http_overhead(n_requests: int = 200) -> dict:
                 lat.append(time.perf_counter() - t)
     finally:
         server.stop()
-    from asif.loading import open_index
+    from asif.serving.loading import open_index
 
     loaded = open_index(root / "index", PixelEncoder(), HashTextEncoder())
     labels = loaded.model.make_labels(LabelSet(tuple(COLOURS), ("a {} square",)))

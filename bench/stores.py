@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asif.labels import LabelSet
-from asif.model import AsifModel
+from asif.serving.labels import LabelSet
+from asif.serving.model import AsifModel
 from asif.stores import VectorStore, build_store, choose_index_spec, set_faiss_threads
-from asif.synthetic import SyntheticWorld
-from bench.live_traffic import percentiles
+from asif.tuning.synthetic import SyntheticWorld
+from bench.measure import percentiles
 
 K, P = 800, 8.0
 D_IMAGE, D_TEXT = 1280, 384

@@ -1,6 +1,6 @@
 """`asif eval --candidates`: training-free variants of the recipe against the default, on the same pairs, encoders
 and seed (issue 17). Each candidate's own parameter is chosen without test labels, by ``--auto``'s criterion
-(:mod:`asif.autoselect`: whole images held out, the mean reciprocal rank of their own captions, 3 seeded splits);
+(:mod:`asif.tuning.autoselect`: whole images held out, the mean reciprocal rank of their own captions, 3 seeded splits);
 the test top-1 of every grid value is reported beside the chosen one.
 
 Families:
@@ -22,11 +22,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from asif.autoselect import HoldOut, holdouts, image_keys, mean_reciprocal_rank
-from asif.encoders.base import l2_normalise
-from asif.labels import combine_prompt_embeddings
-from asif.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, exact_topk, sparsify
-from asif.variants import (
+from asif.math.normalise import l2_normalise
+from asif.math.relrep import KeyMatrix, SparseRR, Weighting, average_relreps, sparsify
+from asif.math.topk import exact_topk
+from asif.math.variants import (
     bank_neighbours,
     centre,
     hubness_weights,
@@ -36,6 +35,8 @@ from asif.variants import (
     reference_bank,
     standardised,
 )
+from asif.serving.labels import combine_prompt_embeddings
+from asif.tuning.autoselect import HoldOut, holdouts, image_keys, mean_reciprocal_rank
 
 
 @dataclass(frozen=True)

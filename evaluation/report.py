@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from asif.relrep import PARAM_NAMES
+from asif.math.relrep import PARAM_NAMES
 
 
 def test_name(report: dict[str, Any]) -> str:

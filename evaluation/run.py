@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from asif.anchors import ANCHOR_MODES, form_anchors
-from asif.augment import image_view
-from asif.autoselect import auto_kp
-from asif.embcache import EmbeddingCache, file_key, text_key
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.embcache import EmbeddingCache
 from asif.encoders.quantize import QUANTIZED_FILE, calibration_images, check_choice, quantize_image_encoder
-from asif.evaluation import (
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
+from asif.serving.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
+from asif.serving.loading import open_index
+from asif.serving.model import AsifModel
+from asif.stores import build_store, choose_index_spec, count_distinct_rows
+from asif.tuning.autoselect import auto_kp
+from asif.tuning.metrics import (
     DenseSweep,
     auto_ridge_lambda,
     confusion_matrix,
@@ -29,127 +32,15 @@ from asif.evaluation import (
     recall_at_k,
     ridge_scores,
 )
-from asif.images import ImageError, open_image
-from asif.labels import DEFAULT_TEMPLATES, TEMPLATE_SETS, LabelSet, combine_prompt_embeddings
-from asif.loading import open_index
-from asif.model import AsifModel
-from asif.relrep import Weighting, exact_topk
-from asif.stores import RERANK_FACTOR, build_store, choose_index_spec, count_distinct_rows
 from evaluation.candidates import CandidateInputs, check_names, needs, run_candidates
+from evaluation.config import EvalConfig
 from evaluation.data import TestSet, content_hashes, load_test_set, read_templates
+from evaluation.embed import AnchorSet, anchors_from_pairs, embed_image_files, embed_texts
 from index_builder.pairs_io import read_pairs, resolve_image
-
-
-@dataclass
-class EvalConfig:
-    test: Path
-    out: Path
-    index: Path | None = None
-    pairs: Path | None = None
-    images_root: Path | None = None
-    image_encoder: str = "effnet-lite2"
-    text_encoder: str = "minilm"
-    classes: Path | None = None
-    templates: Path | None = None
-    anchors: str = "caption"
-    index_type: str = "auto"
-    rerank_factor: float = RERANK_FACTOR
-    rerank: str | None = "Flat"  # re-ranking table of the served path's IVF-PQ stores (Flat, SQfp16, SQ8, ...)
-    k: int = 800
-    p: float = 8.0
-    ks: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400, 800, 1600])
-    ps: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
-    ts: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])  # softmax temperatures of --auto
-    sizes: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000])
-    curve: list[tuple[int, float]] = field(default_factory=lambda: [(800, 8.0), (200, 8.0), (50, 4.0), (800, 1.0)])
-    threshold: float | None = None
-    auto: bool = False
-    seed: int = 0
-    batch_size: int = 32
-    device: str | None = None
-    runtime: str | None = None  # auto | onnx | torch (None: $ASIF_RUNTIME or auto)
-    quantize: str = "none"  # int8: the image encoder quantised, calibrated on the anchor images (with --pairs)
-    cache_dir: Path | None = None
-    store: str = "faiss"  # the served path's anchor store (with --pairs): faiss, or milvus (its FLAT default)
-    milvus_uri: str | None = None  # default: a milvus-lite database in the output folder
-    milvus_index: str = "FLAT"
-    candidates: list[str] = field(default_factory=list)  # training-free variants to compare (evaluation.candidates)
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def embed_image_files(
-    files: list[Path], encoder: ImageEncoder, cache: EmbeddingCache, desc: str, batch: int, view: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, readable mask); unreadable files get a zero row and False. ``view``: embed that view of each
-    image instead (:mod:`asif.augment`), cached under its own keys."""
-    suffix = f"#view={view}" if view else ""
-    keys = [file_key(f) + suffix if f.is_file() else f"missing:{f}" for f in files]
-    ok = np.array([f.is_file() for f in files])
-    bar = tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr)
-
-    def compute(idx: list[int]) -> np.ndarray:
-        out = np.zeros((len(idx), encoder.dim), dtype=np.float32)
-        imgs, where = [], []
-        for j, i in enumerate(idx):
-            try:
-                image = open_image(files[i])
-                imgs.append(image_view(image, view) if view else image)
-                where.append(j)
-            except ImageError:
-                ok[i] = False
-        for s in range(0, len(imgs), batch):
-            out[where[s : s + batch]] = encoder.encode(imgs[s : s + batch])
-        return out
-
-    emb = cache.embed(keys, compute, chunk=batch * 8, progress=bar.update)
-    bar.close()
-    ok &= np.linalg.norm(emb, axis=1) > 0
-    return emb, ok
-
-
-def embed_texts(texts: list[str], encoder: TextEncoder, cache: EmbeddingCache, desc: str) -> np.ndarray:
-    bar = tqdm(total=len(texts), desc=desc, unit="txt", file=sys.stderr)
-    emb = cache.embed(
-        [text_key(t) for t in texts], lambda idx: encoder.encode([texts[i] for i in idx]), 1024, bar.update
-    )
-    bar.close()
-    return emb
-
-
-@dataclass
-class AnchorSet:
-    image: np.ndarray
-    text: np.ndarray
-    image_files: list[Path]
-
-
-def anchors_from_pairs(
-    cfg: EvalConfig, img_enc: ImageEncoder, txt_enc: TextEncoder, img_cache: EmbeddingCache, txt_cache: EmbeddingCache
-) -> dict[str, AnchorSet]:
-    assert cfg.pairs is not None and cfg.images_root is not None
-    rows = read_pairs(cfg.pairs).rows
-    index: dict[str, int] = {}
-    files: list[Path] = []
-    row_image, captions = [], []
-    for ref, caption in rows:
-        if ref not in index:
-            path = resolve_image(Path(cfg.images_root), ref)
-            if path is None:
-                continue
-            index[ref] = len(files)
-            files.append(path)
-        row_image.append(index[ref])
-        captions.append(caption)
-    img_emb, ok = embed_image_files(files, img_enc, img_cache, "pair images", cfg.batch_size)
-    cap_emb = embed_texts(captions, txt_enc, txt_cache, "captions")
-    out = {}
-    for mode in ANCHOR_MODES:
-        iv, tv, meta = form_anchors(mode, np.asarray(row_image), cap_emb, img_emb, ok, captions)
-        out[mode] = AnchorSet(iv, tv, [files[i] for i, _ in meta])
-    return out
 
 
 def quantize_from_pairs(cfg: EvalConfig, img_enc: ImageEncoder) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asif.anchors import form_anchors
+from asif.math.anchors import form_anchors
 from index_builder.shard_embed import ShardEmbedding
 
 

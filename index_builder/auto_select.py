@@ -1,10 +1,10 @@
 """`asif build --auto`: choose the served k and weighting from the pairs being built, without labels.
 
-The selection is :func:`asif.autoselect.auto_kp`'s (hold out whole images over a few seeded splits, score the grid by
-the held-out images' mean reciprocal rank of their own captions among the held-out captions), with memory bounded as
-in the rest of the build: the shard files are read three times more, once for a content hash of every image vector
-(rows of one image share it: that is how whole images are held out), once for the held-out rows' vectors and once for
-their neighbours among each split's other anchors, kept per query as the best ``max(ks)`` so far and merged shard by
+The selection is :func:`asif.tuning.autoselect.auto_kp`'s (hold out whole images over a few seeded splits, score the
+grid by the held-out images' mean reciprocal rank of their own captions among the held-out captions), with memory
+bounded as in the rest of the build: the shard files are read three times more, once for a content hash of every image
+vector (rows of one image share it: that is how whole images are held out), once for the held-out rows' vectors and once
+for their neighbours among each split's other anchors, kept per query as the best ``max(ks)`` so far and merged shard by
 shard.
 """
 
@@ -20,7 +20,9 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from asif.autoselect import (
+from asif.math.relrep import WeightingLike
+from asif.math.topk import effective_k, exact_topk, top_sorted
+from asif.tuning.autoselect import (
     AUTO_KS,
     AUTO_SPLITS,
     AUTO_WEIGHTINGS,
@@ -31,7 +33,6 @@ from asif.autoselect import (
     holdouts,
     image_keys,
 )
-from asif.relrep import WeightingLike, effective_k, exact_topk, top_sorted
 from index_builder.anchor_chunks import AnchorChunk, anchor_chunks, gather_rows
 from index_builder.errors import BuildError
 
@@ -47,7 +48,7 @@ def _chunks(files: Sequence[Path], mode: str, desc: str) -> Iterator[AnchorChunk
 
 
 def streamed_image_keys(files: Sequence[Path], mode: str, n_pairs: int) -> np.ndarray:
-    """:func:`asif.autoselect.image_keys` of every anchor's image vector, by pair id."""
+    """:func:`asif.tuning.autoselect.image_keys` of every anchor's image vector, by pair id."""
     keys = np.zeros(n_pairs, dtype=np.uint64)
     for chunk in _chunks(files, mode, "auto: image keys"):
         keys[chunk.ids] = image_keys(chunk.vectors["image"])
@@ -92,8 +93,8 @@ def auto_select(
     splits: int = AUTO_SPLITS,
     log: TextIO = sys.stderr,
 ) -> AutoChoice:
-    """The (k, weighting) of the grid that :func:`asif.autoselect.auto_kp` picks over the same ``n_pairs`` anchors
-    in memory, read from the shard files."""
+    """The (k, weighting) of the grid that :func:`asif.tuning.autoselect.auto_kp` picks over the same ``n_pairs``
+    anchors in memory, read from the shard files."""
     t0 = time.perf_counter()
     keys = streamed_image_keys(files, mode, n_pairs)
     try:

@@ -11,7 +11,7 @@ Steps:
    images' mrr of their own captions over a few splits, three more passes over the shard files);
 4. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
    fill them shard by shard (memory holds the index, never all embeddings);
-5. write metadata, indices and manifest through :mod:`asif.persist` (manifest last: never half-written).
+5. write metadata, indices and manifest through :mod:`asif.state.persist` (manifest last: never half-written).
 
 Anchors (``--anchors``):
 
@@ -41,9 +41,8 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from asif.anchors import ANCHOR_MODES
-from asif.autoselect import AutoChoice
 from asif.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from asif.encoders.images import DEFAULT_MAX_PIXELS
 from asif.encoders.quantize import (
     QUANTIZED_FILE,
     QuantizeError,
@@ -51,12 +50,13 @@ from asif.encoders.quantize import (
     check_choice,
     quantize_image_encoder,
 )
-from asif.images import DEFAULT_MAX_PIXELS
-from asif.metadata import PairMetadata
-from asif.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
-from asif.relrep import DEFAULT_K, DEFAULT_P, PARAM_NAMES, Weighting, check_k_p
+from asif.math.anchors import ANCHOR_MODES
+from asif.math.relrep import DEFAULT_K, DEFAULT_P, PARAM_NAMES, Weighting, check_k_p
+from asif.state.metadata import PairMetadata
+from asif.state.persist import MANIFEST, read_manifest, save_index_folder, write_json_atomic
 from asif.stores import RERANK_FACTOR, FaissStore, choose_index_spec, count_distinct_rows
 from asif.stores.milvus_store import MilvusIndex
+from asif.tuning.autoselect import AutoChoice
 from index_builder.anchor_chunks import AnchorChunk, anchor_chunks, gather_rows
 from index_builder.auto_select import auto_select
 from index_builder.decode import Decoder

@@ -5,8 +5,8 @@ the uint8 array its network takes), prepares it too: the build process then only
 back, and a (224, 224, 3) array pickles cheaper than a decoded photo. Without a preparer (an encoder that does not
 split its steps) the decoded RGB image comes back and the build process encodes it whole.
 
-This module imports only PIL, numpy and :mod:`asif.images` (a preparer, :mod:`asif.encoders.prepare`, no more), so
-spawned workers start fast (no torch, no FAISS).
+This module imports only PIL, numpy and :mod:`asif.encoders.images` (a preparer, :mod:`asif.encoders.prepare`, no
+more), so spawned workers start fast (no torch, no FAISS).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from asif.images import ImageError, open_image, thumbnail_jpeg
+from asif.encoders.images import ImageError, open_image, thumbnail_jpeg
 
 # (the prepared image, or the RGB image without a preparer; thumbnail JPEG), or (None, b"") when unreadable
 Decoded = tuple[Image.Image | Any | None, bytes]

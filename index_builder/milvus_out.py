@@ -1,4 +1,4 @@
-"""`asif build --store milvus`: load the embedded anchors into a shared model in Milvus (see asif.shared_live).
+"""`asif build --store milvus`: load the embedded anchors into a shared model in Milvus (see asif.serving.shared_live).
 
 The stores and the pair rows are written first, the manifest last: replicas (and a rebuild) take a prefix with
 a manifest as a built model, and a prefix without one as the leftovers of an interrupted load, dropped here.
@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from asif.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
+from asif.state.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
 from asif.stores.milvus_store import MilvusIndex, MilvusStore, load_rows
 from index_builder.anchor_chunks import AnchorChunk
 from index_builder.errors import AlreadyBuiltError, BuildError

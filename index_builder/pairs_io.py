@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_COLUMN = "image"
 CAPTION_COLUMN = "caption"
+Pair = tuple[str, str]  # (image reference, caption)
 
 
 class PairsFileError(ValueError):
@@ -17,7 +19,7 @@ class PairsFileError(ValueError):
 
 @dataclass
 class PairsFile:
-    rows: list[tuple[str, str]]  # (image reference, caption), in file order, captions stripped
+    rows: list[Pair]  # in file order, captions stripped
     empty_captions: int = 0
     bad_lines: list[int] = field(default_factory=list)
 
@@ -27,13 +29,39 @@ def clean_caption(caption: object) -> str:
     return " ".join(str(caption or "").split())
 
 
-def _keep(rows: list[tuple[str, str]], image: object, caption: object, out: PairsFile) -> None:
-    image_s = str(image or "").strip()
-    caption_s = clean_caption(caption)
-    if not caption_s:
+# Why a record of a pairs file gives no pair: a blank line, a line that is not a JSON object with the image key,
+# or no caption. read_pairs and the sharded reader (index_builder.sources) count them the same way.
+BLANK, BAD_LINE, EMPTY_CAPTION = "blank", "bad_line", "empty_caption"
+
+
+def row_pair(row: Mapping[str, object], image_col: str = IMAGE_COLUMN, caption_col: str = CAPTION_COLUMN) -> Pair | str:
+    """(image reference, caption) of one row by column name, or EMPTY_CAPTION."""
+    caption = clean_caption(row.get(caption_col))
+    if not caption:
+        return EMPTY_CAPTION
+    return str(row.get(image_col) or "").strip(), caption
+
+
+def json_pair(line: str, image_col: str = IMAGE_COLUMN, caption_col: str = CAPTION_COLUMN) -> Pair | str:
+    """(image reference, caption) of one JSONL line, or why not: BLANK, BAD_LINE or EMPTY_CAPTION."""
+    if not line.strip():
+        return BLANK
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return BAD_LINE
+    if not isinstance(obj, dict) or image_col not in obj:
+        return BAD_LINE
+    return row_pair(obj, image_col, caption_col)
+
+
+def _keep(got: Pair | str, out: PairsFile, lineno: int = 0) -> None:
+    if got == BAD_LINE:
+        out.bad_lines.append(lineno)
+    elif got == EMPTY_CAPTION:
         out.empty_captions += 1
-        return
-    rows.append((image_s, caption_s))
+    elif not isinstance(got, str):
+        out.rows.append(got)
 
 
 def read_pairs(path: str | Path) -> PairsFile:
@@ -45,17 +73,7 @@ def read_pairs(path: str | Path) -> PairsFile:
     if suffix in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8", errors="replace") as fh:
             for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    out.bad_lines.append(lineno)
-                    continue
-                if not isinstance(obj, dict) or IMAGE_COLUMN not in obj:
-                    out.bad_lines.append(lineno)
-                    continue
-                _keep(out.rows, obj.get(IMAGE_COLUMN), obj.get(CAPTION_COLUMN), out)
+                _keep(json_pair(line), out, lineno)
         return out
     if suffix not in (".csv", ".tsv", ".txt"):
         raise PairsFileError(f"unsupported pairs file type {suffix!r}: use .csv, .tsv or .jsonl")
@@ -69,7 +87,7 @@ def read_pairs(path: str | Path) -> PairsFile:
             )
         reader.fieldnames = fields
         for row in reader:
-            _keep(out.rows, row.get(IMAGE_COLUMN), row.get(CAPTION_COLUMN), out)
+            _keep(row_pair(row), out)
     return out
 
 

@@ -29,7 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from index_builder.pairs_io import CAPTION_COLUMN, IMAGE_COLUMN, PairsFileError, clean_caption, resolve_image
+from index_builder.pairs_io import (
+    BAD_LINE,
+    BLANK,
+    CAPTION_COLUMN,
+    EMPTY_CAPTION,
+    IMAGE_COLUMN,
+    PairsFileError,
+    clean_caption,
+    json_pair,
+    resolve_image,
+    row_pair,
+)
 
 PAIRS_FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".ndjson")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -278,25 +289,20 @@ def _pairs_samples(shard: Shard, options: SourceOptions, counts: Counter) -> Ite
         data = fh.read(shard.end - shard.start)
     for _s, _e, record in _records(io.BytesIO(data), fmt, delimiter):
         if isinstance(record, str):
-            if not record.strip():
-                continue
-            try:
-                obj = json.loads(record)
-            except json.JSONDecodeError:
-                counts["bad_lines"] += 1
-                continue
-            if not isinstance(obj, dict) or image_col not in obj:
-                counts["bad_lines"] += 1
-                continue
-            ref, caption = str(obj.get(image_col) or "").strip(), clean_caption(obj.get(caption_col))
+            got = json_pair(record, image_col, caption_col)
         else:
             if not record:
                 continue
-            row = dict(zip(shard.header, record, strict=False))
-            ref, caption = str(row.get(image_col) or "").strip(), clean_caption(row.get(caption_col))
-        if not caption:
+            got = row_pair(dict(zip(shard.header, record, strict=False)), image_col, caption_col)
+        if got == BLANK:
+            continue
+        if got == BAD_LINE:
+            counts["bad_lines"] += 1
+            continue
+        if got == EMPTY_CAPTION:
             counts["empty_captions"] += 1
             continue
+        ref, caption = got
         path = resolve_image(root, ref)
         if path is None:
             counts["unsafe_paths"] += 1

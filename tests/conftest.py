@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from asif.synthetic import SyntheticWorld
+from asif.tuning.synthetic import SyntheticWorld
 from tests.servers import free_port
 
 
@@ -56,7 +56,8 @@ def recall_setup() -> dict:
 # ---------------------------------------------------------------------------------------------
 # Fast deterministic encoders and a tiny on-disk pair collection, for builder and service tests.
 
-from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise  # noqa: E402
+from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder  # noqa: E402
+from asif.math.normalise import l2_normalise  # noqa: E402
 
 
 class PixelEncoder(ImageEncoder):
@@ -182,10 +183,10 @@ def open_live(target, image_encoder=None, text_encoder=None):
     if isinstance(target, MilvusTarget):
         from pymilvus import MilvusClient
 
-        from asif.shared_live import open_shared
+        from asif.serving.shared_loading import open_shared
 
         return open_shared(MilvusClient(target.uri), target.prefix, image_encoder, text_encoder)
-    from asif.live import LiveModel
+    from asif.serving.live import LiveModel
 
     return LiveModel(target, image_encoder, text_encoder)
 
@@ -220,8 +221,8 @@ def write_synthetic_index(
 ):
     """An index folder of n random pairs whose encoder identities are the fast test encoders' (48-d images,
     64-d captions); returns (image anchors, caption anchors), row i = pair i."""
-    from asif.metadata import PairMetadata
-    from asif.persist import save_index_folder
+    from asif.state.metadata import PairMetadata
+    from asif.state.persist import save_index_folder
     from asif.stores import build_store, choose_index_spec
 
     rng = np.random.default_rng(seed)

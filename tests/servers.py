@@ -21,7 +21,7 @@ def build_command(
 ) -> list[str]:
     """`asif build` as a subprocess command line."""
     return [
-        sys.executable, "-m", "asif.cli", "build", "--pairs", str(pairs), "--images-root", str(images),
+        sys.executable, "-m", "cli", "build", "--pairs", str(pairs), "--images-root", str(images),
         "--out", str(out), "--image-encoder", image_encoder, "--text-encoder", text_encoder, *extra,
     ]  # fmt: skip
 
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m asif.cli serve` on loopback; waits until /readyz answers 200."""
+    """`python -m cli serve` on loopback; waits until /readyz answers 200."""
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class Server:
         # Output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--port", str(self.port), *args],
+            [sys.executable, "-m", "cli", "serve", "--index", str(index), "--port", str(self.port), *args],
             env=full_env,
             cwd=ROOT,
             stdout=self.log,

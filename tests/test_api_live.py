@@ -10,7 +10,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from asif.live import LiveModel
+from asif.serving.live import LiveModel
 from tests.conftest import PixelEncoder, make_client
 
 

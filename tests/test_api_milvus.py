@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
-from asif.shared_live import open_shared
+from asif.serving.shared_loading import open_shared
 from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder
 from tests.test_api import b64, jpeg
 

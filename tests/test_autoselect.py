@@ -1,14 +1,14 @@
-"""The label-free choice of k and the weighting (asif.autoselect): whole images held out, chosen by content so that the
-in-memory and the streamed build agree, and the mrr table against a dense reference written here from the definition
-(tests/reference.py for the representations, loops for the ranks)."""
+"""The label-free choice of k and the weighting (asif.tuning.autoselect): whole images held out, chosen by content so
+that the in-memory and the streamed build agree, and the mrr table against a dense reference written here from the
+definition (tests/reference.py for the representations, loops for the ranks)."""
 
 import numpy as np
 import pytest
 
-from asif.autoselect import auto_kp, holdouts, image_keys
-from asif.encoders.base import l2_normalise
-from asif.relrep import Weighting
-from asif.synthetic import SyntheticWorld
+from asif.math.normalise import l2_normalise
+from asif.math.relrep import Weighting
+from asif.tuning.autoselect import auto_kp, holdouts, image_keys
+from asif.tuning.synthetic import SyntheticWorld
 from tests import reference
 
 
@@ -96,7 +96,7 @@ def test_auto_kp_prefers_informative_settings_on_a_world():
     follows the classification accuracy of the world's queries across the grid."""
     from scipy.stats import spearmanr
 
-    from asif.evaluation import DenseSweep
+    from asif.tuning.metrics import DenseSweep
 
     world = SyntheticWorld(d_image=48, d_text=32, n_classes=12, latent_dim=12, seed=7)
     data = world.pairs(3000, n_queries=400)

@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from asif.autoselect import AUTO_KS, AUTO_WEIGHTINGS, CRITERION, auto_kp, holdouts, image_keys
-from asif.cli import main
-from asif.encoders.base import l2_normalise
-from asif.loading import open_index
-from asif.persist import load_index_folder, read_manifest
-from asif.relrep import Weighting, exact_topk
-from asif.synthetic import SyntheticWorld
+from asif.math.normalise import l2_normalise
+from asif.math.relrep import Weighting
+from asif.math.topk import exact_topk
+from asif.serving.loading import open_index
+from asif.state.persist import load_index_folder, read_manifest
+from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, CRITERION, auto_kp, holdouts, image_keys
+from asif.tuning.synthetic import SyntheticWorld
+from cli.main import main
 from index_builder.anchor_chunks import anchor_chunks
 from index_builder.auto_select import auto_select, held_out_neighbours
 from index_builder.build import BuildConfig, run_build

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.cli import main
-from asif.loading import open_index
-from asif.milvus_meta import MilvusMetadata, read_manifest
+from asif.serving.loading import open_index
+from asif.state.milvus_meta import MilvusMetadata, read_manifest
 from asif.stores.milvus_store import MilvusStore
+from cli.main import main
 from index_builder.build import BuildConfig, run_build
 from index_builder.errors import AlreadyBuiltError
 from tests.conftest import HashTextEncoder, MilvusTarget, PixelEncoder, open_live, write_pair_collection

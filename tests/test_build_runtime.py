@@ -19,10 +19,10 @@ from PIL import Image
 
 import index_builder.build as build_module
 import index_builder.shard_embed as shard_embed
+from asif.encoders.images import open_image, thumbnail_jpeg
 from asif.encoders.prepare import ResizePrepare
-from asif.images import open_image, thumbnail_jpeg
-from asif.loading import open_index
-from asif.persist import load_index_folder, read_manifest
+from asif.serving.loading import open_index
+from asif.state.persist import load_index_folder, read_manifest
 from index_builder.build import BuildConfig, run_build
 from index_builder.decode import Decoder
 from tests.conftest import HashTextEncoder, PixelEncoder, write_pair_collection
@@ -225,7 +225,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @needs_flickr
 @pytest.mark.slow
 def test_torch_and_onnx_builds_agree(tmp_path, flickr40, monkeypatch, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     loaded = []
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from asif.labels import LabelSet
-from asif.loading import open_index
-from asif.metadata import PairMetadata
-from asif.persist import EncoderMismatchError, IndexFolderError, load_index_folder, read_manifest
+from asif.serving.labels import LabelSet
+from asif.serving.loading import open_index
+from asif.state.metadata import PairMetadata
+from asif.state.persist import EncoderMismatchError, IndexFolderError, load_index_folder, read_manifest
 from index_builder.build import BuildConfig, BuildError, run_build
 from index_builder.pairs_io import PairsFileError, read_pairs, resolve_image
 from tests.conftest import COLOURS, HashTextEncoder, PixelEncoder, write_pair_collection
@@ -51,7 +51,7 @@ def test_build_counts_skips_and_writes_a_loadable_folder(tmp_path, pixel_encoder
     assert rec.image == "red_0.jpg" and rec.captions == ["a red square number 0", "something red, painted"]
     assert meta.thumbnail("red_0.jpg")[:2] == b"\xff\xd8"  # a JPEG
     # Stored vectors are the encoders' outputs: image as is, text the normalised caption mean.
-    from asif.images import open_image
+    from asif.encoders.images import open_image
 
     np.testing.assert_allclose(
         loaded.model.image_store.reconstruct(np.array([0]))[0],
@@ -181,7 +181,7 @@ def test_pairs_file_formats(tmp_path):
 
 @pytest.mark.slow
 def test_cli_build_with_packaged_encoders(tmp_path, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     images, pairs = write_pair_collection(tmp_path, n_per_colour=2)
     out = tmp_path / "index"

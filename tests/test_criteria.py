@@ -1,14 +1,15 @@
-"""Label-free criteria for k and p (asif.criteria): each checked against dense loops written out here, the held-out
+"""Label-free criteria for k and p (asif.tuning.criteria): each checked against dense loops written out here, the
+held-out
 split and the clustering on their own, and a property on a synthetic world that a broken criterion would fail."""
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from asif.autoselect import best_setting, group_holdout_split, mean_reciprocal_rank
-from asif.criteria import criteria_grid, pair_zscore, pseudo_class_accuracy, recall_at_1, spherical_kmeans
-from asif.relrep import Weighting
-from asif.synthetic import SyntheticWorld
+from asif.math.relrep import Weighting
+from asif.tuning.autoselect import best_setting, group_holdout_split, mean_reciprocal_rank
+from asif.tuning.criteria import criteria_grid, pair_zscore, pseudo_class_accuracy, recall_at_1, spherical_kmeans
+from asif.tuning.synthetic import SyntheticWorld
 from tests.conftest import random_unit
 
 
@@ -163,7 +164,7 @@ def world_setup():
     ks, ps = (1, 3, 10, 30, 100, 300), (1.0, 4.0)
     grid = criteria_grid(data.image_anchors, data.text_anchors, groups, train, held, ks, ps, n_clusters=(12,))
     # the task the criteria stand for: classify the world's queries with its class labels, at every setting
-    from asif.evaluation import DenseSweep
+    from asif.tuning.metrics import DenseSweep
 
     sweep = DenseSweep(data.image_queries, data.label_queries, data.image_anchors, data.text_anchors, max(ks))
     accuracy = {

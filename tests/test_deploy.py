@@ -330,7 +330,7 @@ def test_entrypoint_loads_a_shared_model_into_milvus_once(tmp_path):
     assert rebuilt.returncode == 0 and "dropping the collections" in rebuilt.stderr, rebuilt.stderr
     from pymilvus import MilvusClient
 
-    from asif.milvus_meta import read_manifest
+    from asif.state.milvus_meta import read_manifest
 
     manifest = read_manifest(MilvusClient(env["ASIF_MILVUS_URI"]), "asif")
     assert manifest["counts"]["pairs"] == 8 and manifest["image_encoder"]["spec"] == "effnet-lite0"

@@ -83,7 +83,7 @@ def test_every_asif_command_in_the_docs_exists_with_its_options():
     for page, sub, options in commands:
         if sub not in helps:
             run = subprocess.run(
-                [sys.executable, "-m", "asif.cli", sub, "--help"],
+                [sys.executable, "-m", "cli", sub, "--help"],
                 capture_output=True,
                 text=True,
                 env=serve_env(),
@@ -272,7 +272,7 @@ def demo_subset(tmp_path_factory):
     commands = makefile_demo_commands(PAIRS=str(pairs), IMAGES=str(FLICKR / "images"), INDEX=str(out))
     (build,) = [c for c in commands if c[1] == "build"]
     run = subprocess.run(
-        [sys.executable, "-m", "asif.cli", *build[1:]],
+        [sys.executable, "-m", "cli", *build[1:]],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asif.autoselect import auto_kp
-from asif.evaluation import (
+from asif.math.relrep import Weighting
+from asif.tuning.autoselect import auto_kp
+from asif.tuning.metrics import (
     DenseSweep,
     auto_ridge_lambda,
     confusion_matrix,
@@ -21,7 +22,6 @@ from asif.evaluation import (
     ridge_scores,
     topk_accuracy,
 )
-from asif.relrep import Weighting
 from tests import reference
 from tests.conftest import random_unit, write_pair_collection
 
@@ -91,7 +91,7 @@ def test_retrieval_and_auto_kp_prefer_the_informative_setting(small_world):
 @pytest.mark.slow
 def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     """`asif eval` end to end on generated colour images: tables, JSON and plots are written."""
-    from asif.cli import main
+    from cli.main import main
     from tests.conftest import COLOURS
 
     images, pairs = write_pair_collection(tmp_path / "pairs", n_per_colour=6)
@@ -164,8 +164,8 @@ def test_eval_command_on_a_tiny_collection(tmp_path, capsys, monkeypatch):
     for name in ("report.md", "accuracy_vs_pairs.png", "confusion.png"):
         assert (out / name).stat().st_size > 0
     # Second run: the embeddings come from the cache (no image is encoded again).
-    from asif.embcache import EmbeddingCache, file_key
     from asif.encoders import load_image_encoder
+    from asif.encoders.embcache import EmbeddingCache, file_key
 
     cache = EmbeddingCache(load_image_encoder("effnet-lite0").identity, tmp_path / "cache" / "embeddings")
     found, _ = cache.get([file_key(p) for p in sorted((tmp_path / "test").rglob("*.png"))])
@@ -208,7 +208,7 @@ def test_eval_at_a_thousand_classes_stays_small_and_writes_every_file(tmp_path):
     # The peak of this process's own memory (VmHWM): getrusage's ru_maxrss would also count the pytest parent's
     # RSS at fork time, which Linux carries across exec.
     code = (
-        "import re, sys; from asif.cli import main; rc = main(sys.argv[1:]); "
+        "import re, sys; from cli.main import main; rc = main(sys.argv[1:]); "
         "print('PEAK_KB', re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
     )
     args = ["eval", "--test", str(test), "--classes", str(tmp_path / "classes.tsv"), "--pairs", str(pairs),

@@ -9,11 +9,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-import asif.scoring
-from asif.labels import CachedLabels, LabelSet, cache_depth
-from asif.model import AsifModel
-from asif.relrep import KeyMatrix, SparseRR, Weighting
-from asif.scoring import LabelScorer, score_rows
+import asif.math.scoring
+from asif.math.relrep import KeyMatrix, SparseRR, Weighting
+from asif.math.scoring import LabelScorer, score_rows
+from asif.serving.labels import CachedLabels, LabelSet
+from asif.serving.model import AsifModel
+from asif.serving.neighbours import cache_depth
 from asif.stores import build_store, choose_index_spec
 from tests import reference
 from tests.conftest import random_unit
@@ -99,8 +100,8 @@ def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, mon
     data = small_world.pairs(400, n_queries=12)
     img, txt = data.image_anchors, data.text_anchors
     deferred: list = []
-    monkeypatch.setattr(asif.scoring, "PATCH_MIN", 3)  # rebuilds are due after a few patched entries
-    monkeypatch.setattr(asif.scoring, "PATCH_FRACTION", 10**9)
+    monkeypatch.setattr(asif.math.scoring, "PATCH_MIN", 3)  # rebuilds are due after a few patched entries
+    monkeypatch.setattr(asif.math.scoring, "PATCH_FRACTION", 10**9)
     model = model_of(img, txt)
     model.schedule = deferred.append  # rebuilds wait: the patched state must be exact on its own
     pairs = Pairs(img, txt)
@@ -112,7 +113,7 @@ def test_classify_after_an_edit_patches_and_never_rebuilds(small_world, rng, mon
         builds.append(len(rr))
         return real(cls, rr)
 
-    monkeypatch.setattr(asif.scoring.KeyMatrix, "from_rr", classmethod(counting))
+    monkeypatch.setattr(asif.math.scoring.KeyMatrix, "from_rr", classmethod(counting))
     for step in range(12):
         if step % 3 == 2:
             victims = cached.neighbours.ids[rng.choice(len(cached.classes), 2), 0]
@@ -299,10 +300,10 @@ def test_an_edit_costs_the_entries_it_changes_and_the_next_classification_rebuil
     cached = model.register_labels("big", labels(n_labels), emb)
     scorer = cached.scorers[(K, Weighting("power", P))]
     direct, built = [], []
-    real_rows, real_entries = asif.scoring.score_rows, KeyMatrix.from_entries.__func__
-    monkeypatch.setattr(asif.scoring, "score_rows", lambda *a: direct.append(1) or real_rows(*a))
+    real_rows, real_entries = asif.math.scoring.score_rows, KeyMatrix.from_entries.__func__
+    monkeypatch.setattr(asif.math.scoring, "score_rows", lambda *a: direct.append(1) or real_rows(*a))
     counted = classmethod(lambda cls, *a: built.append(len(a[0])) or real_entries(cls, *a))
-    monkeypatch.setattr(asif.scoring.KeyMatrix, "from_entries", counted)
+    monkeypatch.setattr(asif.math.scoring.KeyMatrix, "from_entries", counted)
     for step in range(6):
         before = cached.neighbours.ids[:, :K].copy()
         near = emb[step] + 0.3 * random_unit(rng, 1, emb.shape[1])[0]  # a caption that enters many rows
@@ -325,7 +326,7 @@ def test_an_edit_costs_the_entries_it_changes_and_the_next_classification_rebuil
 def test_a_row_full_to_its_depth_with_every_anchor_keeps_a_newcomer_that_sorts_last_out(rng):
     """Depth == anchors held: a newcomer less similar than all of them falls past the depth (it used to index past
     the row and fail the edit's label upkeep)."""
-    from asif.labels import NeighbourCache
+    from asif.serving.neighbours import NeighbourCache
 
     txt = random_unit(rng, 20, 8)
     q = random_unit(rng, 3, 8)

@@ -7,9 +7,9 @@ import time
 import numpy as np
 
 from app.batching import MicroBatcher
-from asif.labels import LabelSet
-from asif.metadata import NewPair
-from asif.persist import read_manifest
+from asif.serving.labels import LabelSet
+from asif.state.metadata import NewPair
+from asif.state.persist import read_manifest
 from tests.conftest import COLOURS, open_live
 
 

@@ -10,13 +10,14 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-import asif.labels
-import asif.live
-import asif.model
-from asif.labels import LabelSet
-from asif.live import LiveModel
-from asif.metadata import NewPair
-from asif.persist import read_manifest
+import asif.serving.labels
+import asif.serving.live
+import asif.serving.model
+import asif.serving.neighbours
+from asif.serving.labels import LabelSet
+from asif.serving.live import LiveModel
+from asif.state.metadata import NewPair
+from asif.state.persist import read_manifest
 from asif.stores import StoreError
 from tests import reference
 from tests.conftest import HashTextEncoder, PixelEncoder, random_unit, write_synthetic_index
@@ -93,7 +94,7 @@ def test_concurrent_classify_edits_and_snapshots_equal_the_dense_reference(tmp_p
     answers: list[tuple[int, int, np.ndarray, np.ndarray, str]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
-    snapshots: list[asif.live.SnapshotInfo] = []
+    snapshots: list[asif.serving.live.SnapshotInfo] = []
 
     def reader(seed: int) -> None:
         r = np.random.default_rng(seed)
@@ -178,14 +179,14 @@ def test_snapshot_never_blocks_classification_or_edits(tmp_path, monkeypatch):
     cached = live.put_label_set("s", labels(5), random_unit(rng, 5, 64))
     live.add_pairs([new_pair(rng, "before")])
     inside, release = threading.Event(), threading.Event()
-    real_write = asif.live.write_delta
+    real_write = asif.serving.live.write_delta
 
     def slow_write(*args, **kwargs):
         inside.set()
         assert release.wait(30)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(asif.live, "write_delta", slow_write)
+    monkeypatch.setattr(asif.serving.live, "write_delta", slow_write)
     snap = threading.Thread(target=live.snapshot)
     snap.start()
     assert inside.wait(10)
@@ -350,7 +351,7 @@ def test_stored_label_sets_are_current_when_an_edit_answers(tmp_path):
 
 
 def test_a_thumbnail_goes_with_the_last_pair_that_shows_its_image(tmp_path):
-    from asif.metadata import PairMetadata
+    from asif.state.metadata import PairMetadata
 
     meta = PairMetadata(tmp_path / "m.sqlite")
     vec = np.zeros(4, np.float32)
@@ -368,8 +369,8 @@ class HeldReads:
     """Wraps a live model's read lock: records what runs while it is held (searches' entries, scorers built)."""
 
     def __init__(self, live: LiveModel, monkeypatch) -> None:
-        import asif.labels
-        import asif.model
+        import asif.serving.label_upkeep
+        import asif.serving.labels
 
         self.held = 0
         self.searches: list[tuple[int, bool]] = []  # (queries x depth, under the read lock)
@@ -389,7 +390,7 @@ class HeldReads:
             self.searches.append((len(queries) * int(k), self.held > 0))
             return real_search(queries, k)
 
-        real_scorer = asif.model.LabelScorer
+        real_scorer = asif.serving.label_upkeep.LabelScorer
 
         def scorer(*args, **kw):
             self.scorers.append(self.held > 0)
@@ -398,8 +399,8 @@ class HeldReads:
         live.lock.read = read
         live.model.guard = read
         live.model.text_store.search = search
-        monkeypatch.setattr(asif.model, "LabelScorer", scorer)
-        monkeypatch.setattr(asif.labels, "LabelScorer", scorer)
+        monkeypatch.setattr(asif.serving.label_upkeep, "LabelScorer", scorer)
+        monkeypatch.setattr(asif.serving.labels, "LabelScorer", scorer)
 
 
 def test_a_deep_k_is_searched_in_bounded_steps_and_scorers_are_built_outside_the_read_lock(tmp_path, monkeypatch):
@@ -417,9 +418,9 @@ def test_a_deep_k_is_searched_in_bounded_steps_and_scorers_are_built_outside_the
         got = np.array([[dict(pr.scores)[c] for c in cached.classes] for pr in ans.predictions])
         np.testing.assert_allclose(got, history.reference_scores(ans.version, q, emb, deep), atol=2e-5)
         live.add_pairs([new_pair(rng, f"n{step}")])  # the next one catches up (rows changed since the copy)
-    step_entries = asif.model.LABEL_CHUNK * asif.labels.cache_depth(K)
+    step_entries = asif.serving.model.LABEL_CHUNK * asif.serving.neighbours.cache_depth(K)
     under_lock = [n for n, held in watch.searches if held]
-    assert under_lock and max(under_lock) <= step_entries + asif.labels.cache_depth(deep)
+    assert under_lock and max(under_lock) <= step_entries + asif.serving.neighbours.cache_depth(deep)
     assert watch.scorers and not any(watch.scorers)  # every scorer (default, deep) built with the lock free
     assert sum(n for n, _ in watch.searches) >= 300 * deep  # the deep search did happen, in steps
 

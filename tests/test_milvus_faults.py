@@ -1,6 +1,6 @@
 """Fault injection on Milvus replicas: `milvus-lite server` on loopback and two `asif serve` processes over it
 (ASIF_STORE=milvus, the test encoders). Faults come from a failpoint file each server reads at every edit
-(``asif.faults``). After each case, both replicas' scores equal the dense reference over the pairs that should be
+(``asif.state.faults``). After each case, both replicas' scores equal the dense reference over the pairs that should be
 held (vectors computed here from the uploaded images and captions), and the stores hold exactly those pairs."""
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.metadata import NewPair, StoredLabelSet
-from asif.milvus_meta import IdClock, MilvusMetadata
+from asif.state.idclock import IdClock
+from asif.state.metadata import NewPair, StoredLabelSet
+from asif.state.milvus_meta import MilvusMetadata
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_pairs_thumbnails_and_paging(meta):
 
 
 def test_each_writer_s_records_are_read_whole_and_in_order(meta, monkeypatch):
-    import asif.milvus_meta as milvus_meta
+    import asif.state.milvus_meta as milvus_meta
 
     monkeypatch.setattr(milvus_meta, "LOG_PAGE", 7)  # ranges of 7 numbers: reading 40 records takes six queries
     a, b = meta.register_writer(), meta.register_writer()

@@ -3,10 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asif.labels import LabelSet, NeighbourCache
-from asif.model import UNKNOWN, AsifModel
+from asif.serving.labels import LabelSet
+from asif.serving.model import UNKNOWN, AsifModel
+from asif.serving.neighbours import NeighbourCache
 from asif.stores import build_store, choose_index_spec
-from asif.synthetic import SyntheticWorld
+from asif.tuning.synthetic import SyntheticWorld
 from tests import reference
 from tests.conftest import random_unit
 

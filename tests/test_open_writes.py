@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from asif.cli import is_loopback, open_writes_refusal
+from cli.main import is_loopback, open_writes_refusal
 from tests.servers import ROOT, Server, serve_env
 
 WILDCARD = "0.0.0.0"  # the bind address under test
@@ -17,7 +17,7 @@ WILDCARD = "0.0.0.0"  # the bind address under test
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`asif serve` that is expected to exit at once."""
-    command = [sys.executable, "-m", "asif.cli", "serve", *args]
+    command = [sys.executable, "-m", "cli", "serve", *args]
     return subprocess.run(command, env=serve_env(env), cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 

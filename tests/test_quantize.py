@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from asif.encoders import load_image_encoder
+from asif.encoders.images import open_image
 from asif.encoders.quantize import (
     QUANTIZED_FILE,
     QuantizeError,
@@ -26,9 +27,8 @@ from asif.encoders.quantize import (
     quantization_of,
     quantize_image_encoder,
 )
-from asif.images import open_image
-from asif.loading import open_index
-from asif.persist import read_manifest
+from asif.serving.loading import open_index
+from asif.state.persist import read_manifest
 from index_builder.build import BuildConfig, run_build
 from index_builder.errors import BuildError
 from tests.conftest import HashTextEncoder
@@ -166,7 +166,7 @@ def test_serve_refuses_torch_on_an_int8_index(tmp_path: Path) -> None:
     manifest["image_encoder"]["preprocessing"]["quantization"] = {"mode": "int8", "sha256": "0" * 64}
     (index / "manifest.json").write_text(json.dumps(manifest))
     run = subprocess.run(
-        [sys.executable, "-m", "asif.cli", "serve", "--index", str(index), "--runtime", "torch"],
+        [sys.executable, "-m", "cli", "serve", "--index", str(index), "--runtime", "torch"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
@@ -174,7 +174,8 @@ def test_serve_refuses_torch_on_an_int8_index(tmp_path: Path) -> None:
 
 
 def test_eval_quantize_goes_with_pairs_not_an_index(tmp_path: Path) -> None:
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
     from tests.conftest import write_synthetic_index
 
     write_synthetic_index(tmp_path / "index", n=50)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asif.persist import load_index_folder, read_manifest
+from asif.state.persist import load_index_folder, read_manifest
 from tests.conftest import COLOURS, PixelEncoder, write_pair_collection
 from tests.servers import ROOT, Server, build_command
 
@@ -148,14 +148,14 @@ def test_sigkill_during_build_leaves_old_or_new_state(tmp_path):
 
 def test_failed_snapshot_keeps_the_previous_state(built_index, monkeypatch):
     """A snapshot that dies before its manifest is committed leaves the old one, and the log still has the edits."""
-    import asif.persist as persist
-    from asif.live import LiveModel
+    import asif.state.persist as persist
+    from asif.serving.live import LiveModel
     from tests.conftest import HashTextEncoder
 
     index, _ = built_index
     live = LiveModel(index, PixelEncoder(), HashTextEncoder())
     enc = live.image_encoder
-    from asif.metadata import NewPair
+    from asif.state.metadata import NewPair
 
     img = Image.new("RGB", (8, 8), (1, 2, 3))
     ids = live.add_pairs([NewPair("x.jpg", ["x"], None, enc.encode([img])[0], live.text_encoder.encode(["x"])[0])])
@@ -201,7 +201,7 @@ def test_backpressure_answers_503_with_retry_after(built_index):
 
     from app.core.config import Settings
     from app.main import create_app
-    from asif.live import LiveModel
+    from asif.serving.live import LiveModel
     from tests.conftest import HashTextEncoder
 
     index, _ = built_index
@@ -230,7 +230,7 @@ def test_encoder_timeout_is_a_503(built_index):
 
     from app.core.config import Settings
     from app.main import create_app
-    from asif.live import LiveModel
+    from asif.serving.live import LiveModel
     from tests.conftest import HashTextEncoder
 
     index, _ = built_index

@@ -3,16 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from asif.relrep import (
-    KeyMatrix,
-    check_k_p,
-    dense_relrep,
-    dense_scores,
-    effective_k,
-    exact_topk,
-    shared_anchors,
-    sparsify,
-)
+from asif.math.relrep import KeyMatrix, check_k_p, dense_relrep, dense_scores, shared_anchors, sparsify
+from asif.math.topk import effective_k, exact_topk
 from tests import reference
 from tests.conftest import random_unit
 
@@ -139,7 +131,7 @@ def test_key_matrix_scores_equal_dense_dot(rng):
 def test_key_matrix_scores_large_batches_as_one_sparse_product(rng, monkeypatch):
     """Many queries against dense keys (every label on every anchor) are scored by one scipy sparse product instead of
     expanding every (query, anchor, key) product, with the same result."""
-    import asif.relrep
+    import asif.math.relrep
 
     qa, ta = random_unit(rng, 60, 12), random_unit(rng, 60, 10)
     qi, qt = random_unit(rng, 37, 12), random_unit(rng, 50, 10)
@@ -149,10 +141,10 @@ def test_key_matrix_scores_large_batches_as_one_sparse_product(rng, monkeypatch)
     expected = reference.scores(qi, qt, qa, ta, 60, 2.0)
     expanded = keys.score(queries)  # 37 x 60 x ~25 products: under SCORE_ENTRIES
     built = []
-    real = asif.relrep.sp.csr_matrix
-    monkeypatch.setattr(asif.relrep.sp, "csr_matrix", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    real = asif.math.relrep.sp.csr_matrix
+    monkeypatch.setattr(asif.math.relrep.sp, "csr_matrix", lambda *a, **kw: built.append(1) or real(*a, **kw))
     assert not built and np.array_equal(keys.score(queries), expanded)
-    monkeypatch.setattr(asif.relrep, "SCORE_ENTRIES", 500)
+    monkeypatch.setattr(asif.math.relrep, "SCORE_ENTRIES", 500)
     product = keys.score(queries)
     assert built  # the query batch became a sparse matrix
     np.testing.assert_allclose(expanded, expected, atol=1e-5)
@@ -169,7 +161,7 @@ def test_shared_anchors_sum_to_score():
 
 
 def test_label_set_validation():
-    from asif.labels import LabelError, LabelSet
+    from asif.serving.labels import LabelError, LabelSet
 
     assert LabelSet(("dog",), ("a {{photo}} of a {}",)).prompts() == ["a {photo} of a dog"]
     for bad in ["{", "}", "no field", "{}{}", "{0}", "{x}", "{:>10}", "{!r}"]:
@@ -185,9 +177,9 @@ def test_label_set_validation():
 def test_key_matrix_scores_expanded_in_pieces_equal_the_dense_reference(rng, monkeypatch, chunk):
     """The expansion runs in pieces of about CHUNK_ENTRIES products (small temporaries, no fresh pages per call):
     pieces that split a query's anchors, span several queries or hold one anchor give the dense reference's scores."""
-    import asif.relrep
+    import asif.math.relrep
 
-    monkeypatch.setattr(asif.relrep, "CHUNK_ENTRIES", chunk)
+    monkeypatch.setattr(asif.math.relrep, "CHUNK_ENTRIES", chunk)
     qa, ta = random_unit(rng, 300, 12), random_unit(rng, 300, 10)
     qi, qt = random_unit(rng, 9, 12), random_unit(rng, 40, 10)
     s_i, i_i = exact_topk(qi, qa, 120)

@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from asif.images import decoded_pixels, open_image
+from asif.encoders.images import decoded_pixels, open_image
 from tests.conftest import make_client
 from tests.test_api import b64, jpeg
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from asif.encoders import load_image_encoder, load_text_encoder, runtime
+from asif.encoders.images import open_image
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, load_forward, resolve_runtime
-from asif.images import open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ASIF_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -78,7 +78,7 @@ def test_unknown_runtime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_cli_refuses_an_unknown_runtime(capsys: pytest.CaptureFixture[str]) -> None:
-    from asif.cli import main
+    from cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--index", "x", "--runtime", "fast"])
@@ -243,7 +243,8 @@ def test_eval_top1_agrees_between_runtimes_on_imagenette(tmp_path: Path) -> None
     """`asif eval` on all of Imagenette val with each runtime (anchors: 1,000 Flickr8k captions): the per-image
     predictions agree on >= 99.9% of the images."""
     _need_data()
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.config import EvalConfig
+    from evaluation.run import run_eval
 
     pairs = tmp_path / "pairs.csv"
     lines = (SHARED / "flickr8k" / "captions.csv").read_text().splitlines()

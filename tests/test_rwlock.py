@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from asif.rwlock import RWLock
+from asif.serving.rwlock import RWLock
 
 WAIT = 5.0  # generous bound for things that must happen
 BLOCKED = 0.2  # how long something that must not happen is given to happen anyway

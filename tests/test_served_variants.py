@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asif.augment import image_view
-from asif.labels import LabelSet
-from asif.model import AsifModel
-from asif.relrep import Weighting
+from asif.encoders.augment import image_view
+from asif.math.relrep import Weighting
+from asif.serving.labels import LabelSet
+from asif.serving.model import AsifModel
 from asif.stores import build_store, choose_index_spec
-from asif.synthetic import SyntheticWorld
+from asif.tuning.synthetic import SyntheticWorld
 from tests import reference
 
 K = 30
@@ -181,7 +181,7 @@ def test_image_views_and_classify_images_with_augment(world):
 def test_balanced_batches_equal_sinkhorn_on_the_dense_scores_through_edits(world, rng):
     """`balance`: a batch's returned scores are plain Sinkhorn (tests.test_variants) on the dense reference's scores,
     after adds and deletes as before them; a lone image keeps its ASIF scores and label."""
-    from asif.variants import Balance
+    from asif.math.variants import Balance
     from tests.test_variants import sinkhorn_reference
 
     data = world.pairs(400, n_queries=24)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asif.loading import open_index
-from asif.persist import load_index_folder
+from asif.serving.loading import open_index
+from asif.state.persist import load_index_folder
 from index_builder.build import BuildConfig, BuildError, run_build
 from index_builder.pairs_io import PairsFileError, read_pairs
 from index_builder.shard_writers import write_parquet, write_webdataset
@@ -246,7 +246,7 @@ def packaged_encoders():
 
 
 def queries(image_encoder) -> np.ndarray:
-    from asif.images import open_image
+    from asif.encoders.images import open_image
 
     names = sorted(p.name for p in (FLICKR / "images").iterdir())[-12:]  # images outside the subset
     return image_encoder.encode([open_image(FLICKR / "images" / n) for n in names])
@@ -338,7 +338,7 @@ def test_ray_local_build_equals_single_process_build(tmp_path, flickr_subset, pa
 
 @pytest.mark.slow
 def test_cli_builds_from_shards(tmp_path, capsys):
-    from asif.cli import main
+    from cli.main import main
 
     shards, _, pairs = colour_shards(tmp_path)
     out = tmp_path / "index"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.labels import LabelSet
-from asif.metadata import NewPair
-from asif.shared_live import open_shared
+from asif.serving.labels import LabelSet
+from asif.serving.shared_loading import open_shared
+from asif.state.metadata import NewPair
 from tests import reference
 from tests.conftest import HashTextEncoder, PixelEncoder
 

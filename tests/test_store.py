@@ -145,7 +145,7 @@ def test_compact_sq8_reranking_at_50k_clustered(recall_setup):
 
 
 def test_vector_table_add_remove_lookup_roundtrip(tmp_path, rng):
-    from asif.vectors import VectorTable
+    from asif.stores.vectors import VectorTable
 
     x = random_unit(rng, 50, 6)
     table = VectorTable(6)
@@ -174,7 +174,7 @@ TOLERANCE = {"Flat": 1e-6, "SQfp16": 2e-3, "SQ8": 1e-2, "SQ4": 0.1, "PCAR,SQ8": 
 
 @pytest.mark.parametrize("kind", list(TOLERANCE))
 def test_vector_table_inner_products_match_numpy_after_edits(rng, kind, tmp_path):
-    from asif.vectors import VectorTable
+    from asif.stores.vectors import VectorTable
 
     x = random_unit(rng, 200, 24)
     table = VectorTable(24, kind)
@@ -353,7 +353,7 @@ def test_ties_at_the_candidate_cut_of_a_refined_store(rng, monkeypatch, factory,
     # Identical vectors added by separate calls are not grouped: each call's copies are a PQ candidate of
     # their own, with the same code. With one candidate per vector wanted, the PQ cut falls inside the run;
     # with some copies grouped, fewer candidates than k are fetched and all of them are kept.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x, ids, group, dup = _big_tie(rng)
@@ -373,7 +373,7 @@ def test_top_sorted_keeps_the_smallest_ids_of_a_long_tie(rng):
     # Long rows are partitioned to k + TIE_MARGIN before sorting: a run of 300 values in the k-th cell
     # must still yield its smallest ids. Row 0: the run on top; row 1: the run after 50 larger values
     # (values within one TIE_GRID cell, not equal); row 2: no tie.
-    from asif.relrep import TIE_GRID, top_sorted
+    from asif.math.topk import TIE_GRID, top_sorted
 
     n = 6000
     sims = rng.uniform(-1.0, 0.4, size=(3, n))
@@ -396,7 +396,7 @@ def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, mon
     # Runs of identical vectors spread over several add calls (partly grouped), coarse PQ (fast-scan ranks
     # a run below vectors it beats exactly), few candidates: whatever part of a run a search returns must
     # be its smallest ids.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     cut_runs = 0
@@ -422,7 +422,7 @@ def test_refined_search_keeps_runs_of_identical_vectors_by_smallest_ids(rng, mon
 
 
 def test_vector_table_grows_by_blocks_without_copying_and_round_trips(tmp_path, rng):
-    from asif.vectors import BLOCK_ROWS, VectorTable
+    from asif.stores.vectors import BLOCK_ROWS, VectorTable
 
     table = VectorTable(4)
     n = 2 * BLOCK_ROWS + 100
@@ -500,7 +500,7 @@ def test_duplicate_groups_bookkeeping():
 def test_a_mapped_table_answers_like_a_read_one_through_edits_and_leaves_its_file_alone(tmp_path, rng, kind):
     """read(mmap=True) maps the rows from the file (copy-on-write): the same products as a table read into memory,
     before and after adds and removes (which move mapped rows), the file unchanged by them, and a rewrite equal."""
-    from asif.vectors import BLOCK_ROWS, VectorTable
+    from asif.stores.vectors import BLOCK_ROWS, VectorTable
 
     n = BLOCK_ROWS + 1000  # one full mapped block and a partial one
     x = random_unit(rng, n, 8)
@@ -562,7 +562,7 @@ def test_flat_index_over_repeated_images_scans_each_image_once_and_equals_the_de
 def test_vector_table_products_cover_every_row_across_blocks(rng, kind):
     """The exact whole-table search multiplies block by block: over more rows than one block holds, after removals
     (rows move), each query's products equal the dense ones with the vectors the table returns for its ids."""
-    from asif.vectors import BLOCK_ROWS, VectorTable
+    from asif.stores.vectors import BLOCK_ROWS, VectorTable
 
     x = random_unit(rng, BLOCK_ROWS + 1000, 8)
     ids = np.arange(len(x), dtype=np.int64) * 2
@@ -584,7 +584,7 @@ def test_long_pq_cells_of_distinct_vectors_end_the_candidates_without_a_cascade(
     # Fast-scan similarities are quantised: deep in the ranking, dozens of distinct vectors share one. The
     # candidates must end at a cell boundary, not be fetched again with twice as many until the whole table
     # is scanned exactly (0.6-0.8 s a query at 1M), and still not depend on the order of insertion.
-    import asif.stores.faiss_store as store_module
+    import asif.stores.faiss_search as store_module
 
     monkeypatch.setattr(store_module, "RERANK_MIN", 1)
     x = random_unit(rng, 20_000, 8)

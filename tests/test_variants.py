@@ -1,4 +1,4 @@
-"""Training-free variants (asif.variants, `asif eval --candidates`) against dense references written here from
+"""Training-free variants (asif.math.variants, `asif eval --candidates`) against dense references written here from
 their formulas, sharing no helper with the code they check."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asif.autoselect import auto_kp
-from asif.relrep import KeyMatrix, Weighting, exact_topk, sparsify
-from asif.variants import centre, hubness_weights, prior_balanced, procrustes_map
+from asif.math.relrep import KeyMatrix, Weighting, sparsify
+from asif.math.topk import exact_topk
+from asif.math.variants import centre, hubness_weights, prior_balanced, procrustes_map
+from asif.tuning.autoselect import auto_kp
 from evaluation.candidates import CandidateInputs, candidate_scores, run_candidates
 from tests import reference
 
@@ -167,7 +168,7 @@ def test_prior_balancing_equals_plain_sinkhorn_and_meets_the_prior(prior):
 def test_prior_balancing_stops_at_its_work_bound(monkeypatch):
     """A large batch gets at most BALANCE_MAX_WORK / (images x labels) sweeps (at least 1): exactly plain Sinkhorn's
     first sweeps, so a request's cost is bounded whatever the data."""
-    import asif.variants as variants
+    import asif.math.variants as variants
 
     rng = np.random.default_rng(4)
     scores = rng.random((30, 7)) * 0.3

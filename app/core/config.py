@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from asif.milvus_meta import PREFIX_PATTERN
+from asif.state.milvus_meta import PREFIX_PATTERN
 
 
 class Settings(BaseSettings):

@@ -7,8 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.batching import Overloaded
-from asif.images import ImageError
-from asif.labels import LabelError
+from asif.encoders.images import ImageError
+from asif.serving.labels import LabelError
 from asif.stores import StoreError, StoreUnavailable
 
 

@@ -1,11 +1,19 @@
-"""Encoder factories. Models (and torch) are imported lazily, only when an encoder is loaded."""
+"""Encoders and their inputs: the encoder interface (``base``), the packaged and Hugging Face encoders and the
+runtimes that run them (``efficientnet``, ``hf_vision``, ``sentence``, ``runtime``, ``quantize``, ``device``,
+``prepare``), safe image decoding (``images``), test-time views of a query image (``augment``) and the embedding
+cache of the index builder (``embcache``). This module holds the encoder factories; models (and torch) are
+imported lazily, only when an encoder is loaded.
+
+It may import ``asif.math`` only (import-linter's contracts in pyproject.toml enforce it).
+"""
 
 from __future__ import annotations
 
 import os
 
-from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder, l2_normalise
+from asif.encoders.base import EncoderIdentity, ImageEncoder, TextEncoder
 from asif.encoders.runtime import RUNTIME_HELP, RUNTIMES, RuntimeOptions, requested_runtime
+from asif.math.normalise import l2_normalise
 
 __all__ = [
     "IMAGE_ENCODER_SPECS",

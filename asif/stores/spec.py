@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asif.stores.base import StoreError
-from asif.vectors import DTYPES, make_codec
+from asif.stores.vectors import DTYPES, make_codec
 
 FLAT_MAX_N = 50_000
 FLAT_GROUP_SHARE = 0.8  # a Flat index groups identical vectors when they are at most this share of the pairs

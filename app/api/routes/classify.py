@@ -31,12 +31,12 @@ from app.schemas import (
     SimilarityJSON,
     SimilarityResponse,
 )
-from asif.augment import check_views
-from asif.labels import CachedLabels
-from asif.live import Answer, NoPairsError
-from asif.model import AsifModel
-from asif.relrep import effective_k
-from asif.variants import Balance
+from asif.encoders.augment import check_views
+from asif.math.topk import effective_k
+from asif.math.variants import Balance
+from asif.serving.labels import CachedLabels
+from asif.serving.live import Answer, NoPairsError
+from asif.serving.model import AsifModel
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 

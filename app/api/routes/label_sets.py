@@ -11,7 +11,7 @@ from app.api.deps import State, WriteAccess
 from app.core.errors import ApiError
 from app.inputs import label_set_from
 from app.schemas import Deleted, LabelSetBody, LabelSetList, LabelSetOut
-from asif.labels import CachedLabels
+from asif.serving.labels import CachedLabels
 
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -13,10 +13,10 @@ from app.api.deps import State, WriteAccess
 from app.core.errors import ApiError
 from app.inputs import decode_base64, decode_images, invalid_body, read_upload
 from app.schemas import Deleted, NewPairsJSON, PairIds, PairOut, PairPage, RestoreBody, Restored
-from asif.encoders.base import l2_normalise
-from asif.images import thumbnail_jpeg
-from asif.live import RESTORABLE
-from asif.metadata import NewPair, PairRecord
+from asif.encoders.images import thumbnail_jpeg
+from asif.math.normalise import l2_normalise
+from asif.serving.live import RESTORABLE
+from asif.state.metadata import NewPair, PairRecord
 
 router = APIRouter(prefix="/v1/pairs", tags=["pairs"])
 MAX_ID = 2**63 - 1  # pair ids are signed 64-bit (FAISS ids)

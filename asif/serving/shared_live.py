@@ -8,7 +8,7 @@ local edit log and no index folder (a snapshot does nothing).
 replica is never a neighbour (nor in an explanation) on any replica once the delete was acknowledged. What each
 replica keeps of its own is the label sets' neighbour tables; following the edit log keeps them exact.
 
-**Edits** (``asif.milvus_meta``): each process writes its own numbered records (a *writer*), before the stores
+**Edits** (``asif.state.milvus_meta``): each process writes its own numbered records (a *writer*), before the stores
 change (an intent), and commits them after (``writers.committed``). A failed edit is undone as far as it can be,
 then committed anyway, and answered with ``StoreUnavailable`` (503); its records then mean "look at these ids".
 
@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from asif import faults
-from asif.encoders import ImageEncoder, TextEncoder
-from asif.labels import CachedLabels, LabelSet
-from asif.live import (
+from asif.math.relrep import Weighting
+from asif.serving.labels import CachedLabels, LabelSet
+from asif.serving.live import (
     COMPACT_RATIO,
     INLINE_CACHE_BYTES,
     RESTORABLE,
@@ -50,56 +49,15 @@ from asif.live import (
     SnapshotInfo,
     stacked_embeddings,
 )
-from asif.metadata import NewPair, StoredLabelSet
-from asif.milvus_meta import LOG_PAGE, LogRecord, MilvusMetadata
-from asif.model import AsifModel
-from asif.relrep import DEFAULT_K, DEFAULT_P, Weighting
+from asif.serving.model import AsifModel
+from asif.state import faults
+from asif.state.metadata import NewPair, StoredLabelSet
+from asif.state.milvus_meta import LOG_PAGE, LogRecord, MilvusMetadata
 from asif.stores.base import StoreError, StoreUnavailable
-from asif.stores.milvus_store import MilvusIndex, MilvusStore
 
 log = logging.getLogger("asif.shared")
 
 PENDING_TIMEOUT_S = 60.0  # records a writer has not committed for this long are settled from the stores
-
-
-def open_shared(
-    client: Any,
-    prefix: str,
-    image_encoder: ImageEncoder,
-    text_encoder: TextEncoder,
-    k: int = DEFAULT_K,
-    p: float = DEFAULT_P,
-    index: MilvusIndex | None = None,
-    inline_cache_bytes: int = INLINE_CACHE_BYTES,
-    pending_timeout_s: float = PENDING_TIMEOUT_S,
-) -> SharedLiveModel:
-    """Open (or create) the shared model ``prefix`` in a Milvus database; the encoders must match its manifest."""
-    metadata = MilvusMetadata(client, prefix, text_encoder.identity.dim)
-    identities = {"image_encoder": image_encoder.identity.to_dict(), "text_encoder": text_encoder.identity.to_dict()}
-    manifest = metadata.get_meta("manifest")
-    if manifest is None:
-        manifest = {**identities, "defaults": {"k": int(k), "p": float(p)}, "anchors": "caption", "store": "milvus"}
-        metadata.set_meta("manifest", manifest)
-    for role in ("image_encoder", "text_encoder"):
-        if manifest[role] != identities[role]:
-            raise StoreError(f"{prefix}: built with {manifest[role]['spec']}, not {identities[role]['spec']}")
-    # Where each writer stands, read before any state: edits committed from here on are followed (again, maybe).
-    cursors = metadata.writers()
-    stores = [
-        MilvusStore(client, f"{prefix}_{role}", enc.identity.dim, index)
-        for role, enc in (("image", image_encoder), ("text", text_encoder))
-    ]
-    defaults = manifest.get("defaults", {})
-    model = AsifModel(
-        *stores,
-        k=int(defaults.get("k", k)),
-        p=float(defaults.get("p", p)),
-        weighting=Weighting.from_defaults(defaults, p),
-        image_encoder=image_encoder,
-        text_encoder=text_encoder,
-        captions=metadata.captions,
-    )
-    return SharedLiveModel(model, metadata, manifest, cursors, inline_cache_bytes, pending_timeout_s)
 
 
 class SharedLiveModel(LiveModel):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from asif.encoders import ImageEncoder, RuntimeOptions, TextEncoder, load_image_encoder, load_text_encoder
 from asif.encoders.quantize import load_quantized
-from asif.metadata import PairMetadata
-from asif.model import AsifModel
-from asif.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
-from asif.relrep import DEFAULT_K, DEFAULT_P, Weighting
+from asif.math.relrep import DEFAULT_K, DEFAULT_P, Weighting
+from asif.serving.model import AsifModel
+from asif.state.metadata import PairMetadata
+from asif.state.persist import IndexFolder, check_encoders, load_index_folder, read_manifest
 
 
 @dataclass
@@ -34,10 +34,10 @@ def open_index(
     An index built with ``--quantize int8`` runs its image encoder on the int8 graph it keeps
     (``encoders/image-int8.onnx``), on ONNX Runtime only.
 
-    Raises :class:`asif.persist.EncoderMismatchError` when the given encoders are not the ones
+    Raises :class:`asif.state.persist.EncoderMismatchError` when the given encoders are not the ones
     the index was built with, :class:`asif.encoders.quantize.QuantizeError` when an int8 index's
     encoder cannot run (torch asked for, or its file missing or changed), and
-    :class:`asif.persist.IndexFolderError` for a broken folder.
+    :class:`asif.state.persist.IndexFolderError` for a broken folder.
     """
     manifest = read_manifest(Path(path))
     if load_encoders:

@@ -1,5 +1,5 @@
 """Evaluation math: metrics, a fast exact sweep over (k, weighting), the ridge baseline and its lambda chosen from
-the pairs alone (k and the weighting are chosen in :mod:`asif.autoselect`).
+the pairs alone (k and the weighting are chosen in :mod:`asif.tuning.autoselect`).
 
 Everything here is pure numpy on embeddings. The sweep is exact: for every query it sorts the
 top ``max(k)`` similarities once, and the representation for a smaller k is a prefix of that
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asif.encoders.base import l2_normalise
-from asif.relrep import KeyMatrix, WeightingLike, effective_k, exact_topk, sparsify
+from asif.math.normalise import l2_normalise
+from asif.math.relrep import KeyMatrix, WeightingLike, sparsify
+from asif.math.topk import effective_k, exact_topk
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 
 from asif import __version__
 from asif.encoders.base import EncoderIdentity
+from asif.state.metadata import Edit
 from asif.stores import FaissStore, IndexSpec, refine_path
 
 FORMAT = "asif-index"
@@ -305,3 +307,24 @@ def load_index_folder(
     if stores["image"].ntotal != stores["text"].ntotal:
         raise IndexFolderError("image and caption indices hold different numbers of anchors")
     return IndexFolder(folder, manifest, stores["image"], stores["text"])
+
+
+def net_delta(edits: Sequence[Edit], to_seq: int) -> Delta:
+    """Edit-log entries -> their net effect (pair ids are never reused, so order only matters within an id)."""
+    added: dict[int, Edit] = {}
+    deleted: list[int] = []
+    for e in edits:
+        if e.op == "add":
+            added[e.pair_id] = e
+        elif e.pair_id in added:
+            del added[e.pair_id]
+        else:
+            deleted.append(e.pair_id)
+    adds = list(added.values())
+    return Delta(
+        add_ids=np.array([e.pair_id for e in adds], dtype=np.int64),
+        add_image=np.stack([e.image_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
+        add_text=np.stack([e.text_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
+        delete_ids=np.array(sorted(set(deleted)), dtype=np.int64),
+        to_seq=to_seq,
+    )

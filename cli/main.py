@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from asif.autoselect import AUTO_KS, AUTO_SPLITS, AUTO_WEIGHTINGS
 from asif.encoders import IMAGE_ENCODER_HELP, RUNTIME_HELP, RUNTIMES, TEXT_ENCODER_HELP
 from asif.encoders.quantize import QUANTIZE_CHOICES
-from asif.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
+from asif.math.relrep import DEFAULT_K, DEFAULT_P, DEFAULT_PARAMS, WEIGHTINGS
 from asif.stores import RERANK_FACTOR
+from asif.tuning.autoselect import AUTO_KS, AUTO_SPLITS, AUTO_WEIGHTINGS
 from index_builder.sources import SHARD_ROWS
 
 T = TypeVar("T")
@@ -265,7 +265,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from asif.encoders import requested_runtime
     from asif.encoders.quantize import quantization_of
-    from asif.persist import IndexFolderError, read_manifest
+    from asif.state.persist import IndexFolderError, read_manifest
 
     given = {"index": args.index, "runtime": args.runtime, "open_writes": args.open_writes}
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
@@ -347,8 +347,9 @@ def _candidates(value: str) -> list[str]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from evaluation.config import EvalConfig
     from evaluation.report import markdown
-    from evaluation.run import EvalConfig, run_eval
+    from evaluation.run import run_eval
 
     cfg = _config(
         EvalConfig,

@@ -1,11 +1,11 @@
 """Label-free criteria for choosing k and the weighting from the pairs alone: the candidates compared in issue 18
-(``bench/criteria.py``), as pure numpy functions. The one that won, mrr, is served by :mod:`asif.autoselect`.
+(``bench/criteria.py``), as pure numpy functions. The one that won, mrr, is served by :mod:`asif.tuning.autoselect`.
 
 The criterion before issue 18 held out 10% of the *rows* and scored retrieval@1 of each held-out image's own caption
-(:func:`asif.evaluation.retrieval_at_1`). With one anchor per caption, a held-out row's image is still an anchor
+(:func:`asif.tuning.metrics.retrieval_at_1`). With one anchor per caption, a held-out row's image is still an anchor
 through its other captions (the same embedding, similarity 1), so that criterion mostly measures how much weight the
 query puts on its own duplicates, which rewards a high p whatever k is. The criteria here hold out whole *images*
-(every caption of a held-out image leaves the anchors; :func:`asif.autoselect.group_holdout_split`) and score the
+(every caption of a held-out image leaves the anchors; :func:`asif.tuning.autoselect.group_holdout_split`) and score the
 held-out images against:
 
 - ``retrieval``: all held-out captions (each image has several): recall@1 (its best-scored caption is one of its own)
@@ -29,10 +29,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from asif.autoselect import Setting, held_out_images, mean_reciprocal_rank
-from asif.encoders.base import l2_normalise
-from asif.evaluation import DenseSweep
-from asif.relrep import WeightingLike, as_weighting, exact_topk
+from asif.math.normalise import l2_normalise
+from asif.math.relrep import WeightingLike, as_weighting
+from asif.math.topk import exact_topk
+from asif.tuning.autoselect import Setting, held_out_images, mean_reciprocal_rank
+from asif.tuning.metrics import DenseSweep
 
 CRITERIA = ("retrieval@1", "mrr", "zscore", "pseudo-class")
 
@@ -126,8 +127,8 @@ def criteria_grid(
     """Every criterion at every (k, weighting): {name: {(k, weighting): value}} (a bare number is the power p);
     names ``retrieval@1``, ``mrr``, ``zscore`` and ``pseudo-class@C`` for each C of ``n_clusters`` (k-means seeded
     with ``seed``). ``groups[r]``: the image of anchor row r (rows of one image share its embedding); ``held`` must
-    hold whole groups (:func:`asif.autoselect.group_holdout_split`). Tables follow ks ascending, then the weightings
-    in the order given (:func:`asif.autoselect.best_setting`'s tie order)."""
+    hold whole groups (:func:`asif.tuning.autoselect.group_holdout_split`). Tables follow ks ascending, then the
+    weightings in the order given (:func:`asif.tuning.autoselect.best_setting`'s tie order)."""
     img_rows, own = held_out_images(groups, held)
     held_text = text_anchors[held]
     labels, targets = {}, {}

@@ -1,7 +1,7 @@
 """Test-time augmentation: extra views of a query image (pure image functions).
 
 A view is a named transform of the query image. With ``augment``, the image's relative representation is the
-average of the representations of the original and of each view (:func:`asif.relrep.average_relreps`).
+average of the representations of the original and of each view (:func:`asif.math.relrep.average_relreps`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pair metadata, the edit log and label sets in Milvus collections, so that API replicas share all state.
 
-The Milvus counterpart of ``asif.metadata.PairMetadata``. Collections, named ``{prefix}_{what}`` (Milvus needs a
+The Milvus counterpart of ``asif.state.metadata.PairMetadata``. Collections, named ``{prefix}_{what}`` (Milvus needs a
 vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
 
 - ``pairs``: ``id`` (the pair id), ``image`` (reference), ``captions`` (JSON list), ``thumb`` (base64 JPEG on one
@@ -10,7 +10,7 @@ vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
   ``name`` (the label set of a 'labels' record).
 - ``writers``: ``writer`` -> ``committed``, the last of its records whose store changes are final. A record is
   written *before* the stores change (an intent) and counts once ``committed`` reaches it, so a process killed in
-  between leaves a visible intent that followers settle from the stores' state (``asif.shared_live``).
+  between leaves a visible intent that followers settle from the stores' state (``asif.serving.shared_live``).
 - ``label_sets``: ``name``, ``templates`` (JSON), ``n`` (classes), ``version``; ``label_rows``: one row per class,
   ``set``, ``version``, ``row``, ``label`` and the class embedding ``vec``. A write adds rows under a new version,
   then points the header at it: readers never see a mix, and two concurrent writes leave one whole set.
@@ -20,10 +20,8 @@ vector field in every collection: the bookkeeping ones carry a 2-d zero vector):
 Every read is Strong. Reads of more rows than one query returns (16,384) go in ranges that cannot overflow
 (a writer's records ``n`` to ``n + LOG_PAGE``) or through a query iterator (in id order).
 
-**Pair ids without coordination**: ``ms << 22 | tag << 6 | counter`` (``IdClock``): the milliseconds since 2024, a
-16-bit tag drawn at random by each process, and a counter (64 per millisecond). Only their uniqueness matters:
-nothing is ordered by them, so a replica's clock may be off. ``asif build --store milvus`` numbers the pairs it
-loads 0..n-1, below every clock id.
+Pair ids come from an ``asif.state.idclock.IdClock``; label sets are read and written by ``MilvusLabelSets``
+(``asif.state.milvus_labels``), MilvusMetadata's base class.
 """
 
 from __future__ import annotations
@@ -31,26 +29,23 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from asif import faults
-from asif.metadata import NewPair, PairRecord, StoredLabelSet
+from asif.state import faults
+from asif.state.idclock import IdClock, now_ms
+from asif.state.metadata import NewPair, PairRecord
+from asif.state.milvus_labels import MilvusLabelSets, quote
 from asif.stores.base import StoreError
 from asif.stores.milvus_store import CHUNK, STRONG, MilvusIndex, all_ids, create_collection, ids_expr
 
-EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MAX_VARCHAR = 65_535
 WRITER_BITS = 22  # writer ids 1 .. 2**22 - 1; a record's id is writer << N_BITS | n
 N_BITS = 40
 LOG_PAGE = 8_192  # a writer's records read per query: a range of n this wide cannot overflow a query (16,384)
-ROWS_PAGE = 8_192  # label rows read per query, by row range
-HEAD_READS = 4  # reads of a label set's header before it counts as missing (see MilvusMetadata._head)
 
 
 @dataclass(frozen=True)
@@ -66,42 +61,6 @@ class LogRecord:
 
 def record_id(writer: int, n: int) -> int:
     return int(writer) << N_BITS | int(n)
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds (with the offset a fault-injection test may set)."""
-    return int((time.time() + faults.clock_offset_s()) * 1000)
-
-
-class IdClock:
-    """Time-ordered 63-bit ids: ``ms << 22 | tag << 6 | counter`` (see the module doc)."""
-
-    def __init__(self, tag: int | None = None) -> None:
-        self.tag = secrets.randbelow(1 << 16) if tag is None else int(tag) & 0xFFFF
-        self._lock = threading.Lock()
-        self._ms = 0
-        self._count = 0
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        with self._lock:
-            for _ in range(n):
-                now = now_ms() - EPOCH_MS
-                if now > self._ms:
-                    self._ms, self._count = now, 0
-                elif self._count >= 64:  # this millisecond is used up (or the clock went back): the next one
-                    self._ms, self._count = self._ms + 1, 0
-                out.append(self._ms << 22 | self.tag << 6 | self._count)
-                self._count += 1
-        return out
-
-    @staticmethod
-    def ms_of(ident: int) -> int:
-        return int(ident) >> 22
-
-
-def _quote(text: str) -> str:
-    return json.dumps(text)  # a Milvus string literal: double quotes, backslash escapes
 
 
 PREFIX_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,40}$"  # a Milvus collection name, less the suffixes below
@@ -129,7 +88,7 @@ def read_manifest(client: Any, prefix: str) -> dict[str, Any] | None:
     return json.loads(rows[0]["value"]) if rows else None
 
 
-class MilvusMetadata:
+class MilvusMetadata(MilvusLabelSets):
     """Thread-safe metadata over one Milvus database (a server URI, or a milvus-lite file)."""
 
     def __init__(self, client: Any, prefix: str, text_dim: int, clock: IdClock | None = None) -> None:
@@ -206,7 +165,7 @@ class MilvusMetadata:
         self.client.upsert(self._name("meta"), [{"key": key, "value": json.dumps(value), "vec": [0.0, 0.0]}])
 
     def get_meta(self, key: str) -> Any:
-        rows = self._query("meta", f"key == {_quote(key)}", ["value"])
+        rows = self._query("meta", f"key == {quote(key)}", ["value"])
         return json.loads(rows[0]["value"]) if rows else None
 
     # -- pairs -------------------------------------------------------------------------------------------------
@@ -227,7 +186,7 @@ class MilvusMetadata:
         return out
 
     def thumbnail(self, image: str) -> bytes | None:
-        rows = self._query("pairs", f"image == {_quote(image)} and thumb != ''", ["thumb"], limit=1)
+        rows = self._query("pairs", f"image == {quote(image)} and thumb != ''", ["thumb"], limit=1)
         return base64.b64decode(rows[0]["thumb"]) if rows else None
 
     def count(self) -> int:
@@ -345,7 +304,7 @@ class MilvusMetadata:
         fields = ["id", "image", "captions", "thumb"]
         going = set(leaving)
         for row in self._query("pairs", f"{ids_expr('id', leaving)} and thumb != ''", fields):
-            others = self._query("pairs", f"image == {_quote(row['image'])}", fields, limit=len(going) + 1)
+            others = self._query("pairs", f"image == {quote(row['image'])}", fields, limit=len(going) + 1)
             heir = next((r for r in others if int(r["id"]) not in going), None)
             if heir is not None and not heir["thumb"]:
                 self.client.upsert(self._name("pairs"), [{**heir, "thumb": row["thumb"], "vec": [0.0, 0.0]}])
@@ -401,79 +360,3 @@ class MilvusMetadata:
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), CHUNK):
             self.client.delete(self._name("trash"), ids=ids[start : start + CHUNK])
-
-    # -- label sets --------------------------------------------------------------------------------------------
-    def _head(self, name: str) -> dict[str, Any] | None:
-        """The set's header row, or None. An upsert is a delete then an insert, and a read between the two finds
-        nothing: a set missing is read again a few times before it counts as gone."""
-        for attempt in range(HEAD_READS):
-            rows = self._query("label_sets", f"name == {_quote(name)}", ["name", "templates", "n", "version"])
-            if rows:
-                return rows[0]
-            if attempt + 1 < HEAD_READS:
-                time.sleep(0.01 * (attempt + 1))
-        return None
-
-    def label_versions(self) -> dict[str, int]:
-        """Every stored label set's current version."""
-        return {h["name"]: int(h["version"]) for h in self._query("label_sets", "", ["name", "version"], 16_384)}
-
-    def put_label_set(self, stored: StoredLabelSet) -> int:
-        """Store a label set under a new version (rows first, then the header); returns the version.
-
-        Two replicas writing one set at once each write their own rows; the header names one of them, and the
-        other replica's rows are deleted by that replica once it sees it lost. The version replaced goes too.
-        """
-        emb = np.ascontiguousarray(stored.embeddings, dtype=np.float32)
-        old = self._head(stored.name)
-        version = self.clock.take(1)[0]
-        rows = [
-            {"id": rid, "set": stored.name, "version": version, "row": r, "label": label[:4096], "vec": emb[r].tolist()}
-            for r, (rid, label) in enumerate(zip(self.clock.take(len(stored.classes)), stored.classes, strict=True))
-        ]
-        for start in range(0, len(rows), CHUNK):
-            self.client.insert(self._name("label_rows"), rows[start : start + CHUNK])
-        header = {"name": stored.name, "templates": json.dumps(stored.templates, ensure_ascii=False),
-                  "n": len(stored.classes), "version": version, "vec": [0.0, 0.0]}  # fmt: skip
-        self.client.upsert(self._name("label_sets"), [header])
-        now = self._head(stored.name)
-        if now is None or int(now["version"]) != version:  # another write (or a delete) came after this one
-            self._drop_rows(stored.name, version)
-        elif old is not None:
-            self._drop_rows(stored.name, int(old["version"]))
-        return version
-
-    def _drop_rows(self, name: str, version: int) -> None:
-        self.client.delete(self._name("label_rows"), filter=f"set == {_quote(name)} and version == {int(version)}")
-
-    def label_set(self, name: str) -> StoredLabelSet | None:
-        """The label set's current version whole, or None (no such set)."""
-        for _ in range(8):  # a write that replaces the version between the header read and the rows: read again
-            head = self._head(name)
-            if head is None:
-                return None
-            version, n = int(head["version"]), int(head["n"])
-            rows: list[dict[str, Any]] = []
-            for lo in range(0, n, ROWS_PAGE):
-                rows += self._query(
-                    "label_rows",
-                    f"set == {_quote(name)} and version == {version} and row >= {lo} and row < {lo + ROWS_PAGE}",
-                    ["row", "label", "vec"],
-                    limit=ROWS_PAGE,
-                )
-            if len(rows) == n:
-                rows.sort(key=lambda r: int(r["row"]))
-                emb = np.asarray([r["vec"] for r in rows], dtype=np.float32).reshape(n, self.text_dim)
-                labels = [r["label"] for r in rows]
-                return StoredLabelSet(name, labels, json.loads(head["templates"]), emb, version)
-        return None  # pragma: no cover - rewritten eight times while being read
-
-    def label_sets(self) -> list[StoredLabelSet]:
-        found = (self.label_set(name) for name in sorted(self.label_versions()))
-        return [s for s in found if s is not None]
-
-    def delete_label_set(self, name: str) -> bool:
-        found = self._head(name) is not None
-        self.client.delete(self._name("label_sets"), filter=f"name == {_quote(name)}")
-        self.client.delete(self._name("label_rows"), filter=f"set == {_quote(name)}")
-        return found

@@ -19,7 +19,7 @@
   map R that best takes the anchor images onto their captions; its cosine ``cos(x R, label)`` is standardised per
   image and added, times a weight, to the standardised ASIF scores.
 
-The weighting functions (power, softmax, rank) are served options and live in :mod:`asif.relrep`.
+The weighting functions (power, softmax, rank) are served options and live in :mod:`asif.math.relrep`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asif.encoders.base import l2_normalise
-from asif.relrep import exact_topk
+from asif.math.normalise import l2_normalise
+from asif.math.topk import exact_topk
 
 HUBNESS_FLOOR = 1e-3  # an anchor in everyone's neighbourhood keeps a tiny weight, never exactly 0
 BALANCE_ITERATIONS = 1000  # at most; Sinkhorn stops once every label's share is within BALANCE_TOLERANCE

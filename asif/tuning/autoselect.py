@@ -17,15 +17,16 @@ one's +0.80..+0.92 (README, "Choosing k and the weighting without labels"; ``ben
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from asif.evaluation import DenseSweep
-from asif.relrep import Weighting, WeightingLike, as_weighting, effective_k, exact_topk
+from asif.math.relrep import Weighting, WeightingLike, as_weighting
+from asif.math.rowhash import row_hashes
+from asif.math.topk import effective_k, exact_topk
+from asif.tuning.metrics import DenseSweep
 
 AUTO_KS = (25, 50, 100, 200, 400, 800, 1600)
 AUTO_WEIGHTINGS = (
@@ -43,11 +44,7 @@ Setting = tuple[int, Weighting]
 # -- which rows are held out ------------------------------------------------------------------------------------------
 def image_keys(image_vectors: np.ndarray) -> np.ndarray:
     """A 64-bit content hash of each row (as float32 bytes): rows holding the same image share their key."""
-    rows = np.ascontiguousarray(image_vectors, dtype=np.float32)
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in rows],
-        dtype=np.uint64,
-    )
+    return row_hashes(np.asarray(image_vectors, dtype=np.float32))
 
 
 def group_holdout_split(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from asif.encoders.base import l2_normalise
+from asif.math.normalise import l2_normalise
 
 ANCHOR_MODES = ("image", "caption")
 

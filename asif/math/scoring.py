@@ -4,11 +4,11 @@ A :class:`LabelScorer` holds the sparse relative representations of a label set'
 ``(k, weighting)`` and scores image representations against them.
 
 A class's representation is its top-k weights L2-normalised. The scorer keeps the weights *unnormalised*
-(:meth:`asif.relrep.Weighting.relative`: scaled by a constant per row, so an entry's value depends on its own
+(:meth:`asif.math.relrep.Weighting.relative`: scaled by a constant per row, so an entry's value depends on its own
 similarity only) beside each row's norm, and scores ``(query . row) / norm``. An edit that moves one anchor into
 a row (pushing the k-th one out) then changes two entries of that row and its norm, not every weight in it.
 
-The dot products go through :class:`asif.relrep.KeyMatrix` (an inverted layout: anchor -> (label, weight)): a
+The dot products go through :class:`asif.math.relrep.KeyMatrix` (an inverted layout: anchor -> (label, weight)): a
 *base* built at some point in time, plus *patches* that hold exactly what changed since, as signed entries
 (``+w`` for an entry that entered a row, ``-w`` for one that left). Patches are kept in a few levels that merge
 like a binary counter, so an edit costs about what it changed. When the patches grow past a share of the base, a
@@ -18,7 +18,7 @@ off the request path when the caller provides a background executor; what change
 A row whose weights would leave float range against its reference (a newcomer far more similar than the row's
 best at the time) gets a new reference and is scored on its own (*detached*) until the next base.
 
-Not thread-safe on its own: the owner (:class:`asif.labels.CachedLabels`) serialises access with its lock.
+Not thread-safe on its own: the owner (:class:`asif.serving.labels.CachedLabels`) serialises access with its lock.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asif.relrep import KeyMatrix, SparseRR, Weighting, as_weighting
+from asif.math.relrep import KeyMatrix, SparseRR, Weighting, as_weighting
 
 PATCH_MIN = 4096  # patch entries tolerated before a rebuild, at least
 PATCH_FRACTION = 8  # ... or 1/8 of the base's entries, whichever is larger

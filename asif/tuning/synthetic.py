@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asif.encoders.base import l2_normalise
+from asif.math.normalise import l2_normalise
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ the log again. On load, the edits newer than the snapshot named by the manifest 
 replayed over it.
 
 Snapshots never touch the in-memory model: a snapshot turns the edit log's entries since the last one
-into a delta file of the index folder (:func:`asif.persist.write_delta`) and compacts the log, so it
+into a delta file of the index folder (:func:`asif.state.persist.write_delta`) and compacts the log, so it
 costs what changed since the last snapshot and takes no lock that classification or edits wait on.
-When the deltas add up to ``compact_ratio`` of the pairs, :func:`asif.persist.compact_index_folder`
+When the deltas add up to ``compact_ratio`` of the pairs, :func:`asif.state.persist.compact_index_folder`
 writes a new base generation from the files, also without any model lock.
 
 Concurrency: edits run one at a time (an edit mutex: the log's order is the order of application). An
@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 
 from asif.encoders import ImageEncoder, RuntimeOptions, TextEncoder
-from asif.labels import CachedLabels, LabelSet
-from asif.loading import open_index
-from asif.metadata import Edit, NewPair, StoredLabelSet
-from asif.model import AsifModel, Prediction
-from asif.persist import Delta, compact_index_folder, delta_pairs, write_delta
-from asif.relrep import Weighting, as_weighting
-from asif.rwlock import RWLock
+from asif.math.relrep import Weighting, as_weighting
+from asif.serving.labels import CachedLabels, LabelSet
+from asif.serving.loading import open_index
+from asif.serving.model import AsifModel, Prediction
+from asif.serving.rwlock import RWLock
+from asif.state.metadata import NewPair, StoredLabelSet
+from asif.state.persist import compact_index_folder, delta_pairs, net_delta, write_delta
 from asif.stores import StoreError
 
-log = logging.getLogger("asif.live")
+log = logging.getLogger("asif.serving.live")
 
 INLINE_CACHE_BYTES = 64 << 20
 RESTORABLE = 1_000  # the last deleted pairs kept in memory (vectors, captions, thumbnail) so they can be restored
@@ -85,27 +85,6 @@ def stacked_embeddings(pairs: Sequence[NewPair]) -> tuple[np.ndarray, np.ndarray
     except ValueError as exc:
         raise StoreError(f"pairs' embeddings must all have the index's dimensions: {exc}") from exc
     return img, txt
-
-
-def net_delta(edits: Sequence[Edit], to_seq: int) -> Delta:
-    """Edit-log entries -> their net effect (pair ids are never reused, so order only matters within an id)."""
-    added: dict[int, Edit] = {}
-    deleted: list[int] = []
-    for e in edits:
-        if e.op == "add":
-            added[e.pair_id] = e
-        elif e.pair_id in added:
-            del added[e.pair_id]
-        else:
-            deleted.append(e.pair_id)
-    adds = list(added.values())
-    return Delta(
-        add_ids=np.array([e.pair_id for e in adds], dtype=np.int64),
-        add_image=np.stack([e.image_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
-        add_text=np.stack([e.text_vec for e in adds]) if adds else np.zeros((0, 0), np.float32),
-        delete_ids=np.array(sorted(set(deleted)), dtype=np.int64),
-        to_seq=to_seq,
-    )
 
 
 class LiveModel:
