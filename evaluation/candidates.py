@@ -184,8 +184,8 @@ def _scorer(
     image_nn = [exact_topk(centre(q, mean_i) if cand.centre_image else q, anchors_i, k) for q in images]
     st, it = exact_topk(centre(flat_texts, mean_t) if cand.centre_text else flat_texts, anchors_t, k)
     if cand.nnn:  # the reference bank: anchor images against the anchors without their own pairs
-        keys = image_keys(anchors_i)
-        bank = bank_neighbours(anchors_i, keys, reference_bank(keys), k)
+        groups = image_keys(anchors_i)  # rows holding the same image
+        bank = bank_neighbours(anchors_i, groups, reference_bank(groups), k)
     if cand.procrustes:
         key_emb = flat_texts if len(flat_texts) == n_keys else combine_prompt_embeddings(flat_texts, n_keys)
         second = l2_normalise(images[0] @ procrustes_map(image_anchors, text_anchors)) @ key_emb.T
@@ -197,10 +197,10 @@ def _scorer(
         txt = sparsify(st, it, weighting, weights)
         if len(txt) != n_keys:
             txt = _group_relreps(txt, n_keys)
-        keys = KeyMatrix.from_rr(txt)
-        raw = keys.score(img)
+        key_matrix = KeyMatrix.from_rr(txt)
+        raw = key_matrix.score(img)
         if cand.nnn:
-            raw = raw - param * nnn_bias(keys.score(sparsify(*bank, weighting, weights)))
+            raw = raw - param * nnn_bias(key_matrix.score(sparsify(*bank, weighting, weights)))
         if cand.procrustes:
             raw = standardised(raw) + param * standardised(second)
         return prior_balanced(raw, param) if cand.balance else raw
