@@ -32,6 +32,7 @@ import numpy as np
 from asif.math.normalise import l2_normalise
 from asif.math.relrep import WeightingLike, as_weighting
 from asif.math.topk import exact_topk
+from asif.math.variants import standardised
 from asif.tuning.autoselect import Setting, held_out_images, mean_reciprocal_rank
 from asif.tuning.metrics import DenseSweep
 
@@ -98,11 +99,8 @@ def recall_at_1(scores: np.ndarray, own: np.ndarray) -> float:
 def pair_zscore(scores: np.ndarray, own: np.ndarray) -> float:
     """Mean over images of (mean score of its own captions - row mean) / row standard deviation (0 where the row is
     constant)."""
-    s = np.asarray(scores, dtype=np.float64)
-    mine = (s * own).sum(axis=1) / own.sum(axis=1)
-    mu, sd = s.mean(axis=1), s.std(axis=1)
-    z = np.divide(mine - mu, sd, out=np.zeros_like(mu), where=sd > 0)
-    return float(z.mean())
+    z = standardised(scores)  # z is linear in the score: the mean of the own captions' z is the z of their mean
+    return float(((z * own).sum(axis=1) / own.sum(axis=1)).mean())
 
 
 def pseudo_class_accuracy(scores: np.ndarray, targets: np.ndarray) -> float:
