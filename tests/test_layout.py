@@ -23,7 +23,6 @@ OVERSIZED = {
     "bench/e2e.py",
     "bench/live_traffic.py",
     "index_builder/build.py",
-    "index_builder/sources.py",
 }
 
 
