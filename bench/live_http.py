@@ -15,7 +15,7 @@ the machine falls on both alike.
 
 Indices: ``f2k`` (the first 2,000 rows of Flickr8k, built into ``runs/f2k`` if missing), ``demo`` (Flickr8k,
 40,450 pairs, ``runs/demo``), and synthetic sizes (``1m``): seeded synthetic anchors whose manifest names the real
-encoders (``bench/e2e.py``'s ``ensure_synthetic``, cached under ``runs/e2e``). Classified photos: Imagenette val.
+encoders (``bench/e2e_inputs.py``'s ``ensure_synthetic``, cached under ``runs/e2e``). Classified photos: Imagenette val.
 Each run edits a copy of the index folder (``--work``), so the indices stay as built.
 """
 
@@ -40,27 +40,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asif.state.persist import MANIFEST, read_manifest
-from bench.e2e import (
-    DATA,
+from bench.e2e import DATA, ROOT
+from bench.e2e_client import JSON_TYPE, Client, Outcomes, classify
+from bench.e2e_inputs import (
     IMAGE_SPEC,
-    JSON_TYPE,
-    ROOT,
     TEXT_SPEC,
-    Client,
-    Outcomes,
-    Server,
-    classify,
     ensure_demo,
     ensure_synthetic,
     load_photos,
-    machine,
-    md_table,
     parse_size,
     real_identities,
-    server_env,
-    wait_for_quiet,
-    write_results,
 )
+from bench.e2e_report import machine, md_table, write_results
+from bench.e2e_server import Server, server_env, wait_for_quiet
 from bench.measure import code_version, percentiles
 
 TEMPLATE = "a photo of a {}."
