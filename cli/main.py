@@ -119,7 +119,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--rerank-factor",
         type=float,
         default=RERANK_FACTOR,
-        help=f"IVF-PQ candidates re-ranked per neighbour kept (default {RERANK_FACTOR:g}; see README)",
+        help=f"IVF-PQ candidates re-ranked per neighbour kept (default {RERANK_FACTOR:g}; docs/build.md, Index choice)",
     )
     p.add_argument("--k", type=int, default=None, help=f"default k recorded in the manifest (default {DEFAULT_K})")
     p.add_argument(
@@ -211,7 +211,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve an index folder over HTTP",
-        description="Start the REST service. Other settings come from ASIF_* environment variables (see README).",
+        description="Start the REST service. Other settings come from ASIF_* environment variables "
+        "(docs/api.md, Configuration).",
     )
     p.add_argument("--index", type=Path, help="index folder written by `asif build` (not with ASIF_STORE=milvus)")
     p.add_argument(

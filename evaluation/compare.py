@@ -1,4 +1,4 @@
-"""Side-by-side table of the candidates of several `asif eval --candidates` reports (the README's table).
+"""Side-by-side table of the candidates of several `asif eval --candidates` reports (the table of docs/evaluation.md).
 
     python -m evaluation.compare docs/eval/candidates_lite0_*        # Markdown on stdout
 

@@ -16,7 +16,7 @@ Steps:
 Anchors (``--anchors``):
 
 - ``caption`` (default): one anchor per caption; the image embedding is repeated for each caption
-  (Flickr8k: 40,450 anchors). Measured better at the default k=800, p=8 (README, Evaluation).
+  (Flickr8k: 40,450 anchors). Measured better at the default k=800, p=8 (docs/evaluation.md).
 - ``image``: one anchor per image; its text side is the L2-normalised mean of its captions' embeddings (Flickr8k:
   8,090 anchors from 40,450 captions). Captions are grouped by image within a shard: the rows of one image must be
   consecutive in a pairs file (as in Flickr8k's ``captions.csv``) or in one shard.

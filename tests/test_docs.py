@@ -310,3 +310,22 @@ def test_library_example_runs(demo_subset, page):
     (pred,) = scope["preds"]
     assert pred.label in ("dog", "cat", "bicycle", "unknown")
     assert len(pred.scores) == 3 and pred.explanation
+
+
+CODE_FOLDERS = ("asif", "app", "cli", "index_builder", "evaluation", "bench")
+
+
+def test_code_points_at_doc_pages_that_exist() -> None:
+    """Help texts, docstrings and comments send readers to a docs page that exists, not to the README (which keeps
+    only the quick start since the docs site took its sections)."""
+    to_readme, missing = [], []
+    for folder in CODE_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                where = f"{path.relative_to(ROOT)}:{number}"
+                if "README" in line:
+                    to_readme.append(where)
+                missing += [f"{where} {page}" for page in re.findall(r"docs/[\w/-]+\.md", line)
+                            if not (ROOT / page).is_file()]  # fmt: skip
+    assert to_readme == [], f"point at a docs page instead of the README: {to_readme}"
+    assert missing == [], f"no such page: {missing}"

@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     compact_ratio: float = Field(
         0.25, gt=0, description="write a new base generation once snapshot deltas touch this fraction of the pairs"
     )
-    # Threads, chosen for small machines (README "Threads"): the encoders' intra-op pools use every core, one encoder
-    # call at a time per encoder; everything else (FAISS, BLAS) is one thread per request.
+    # Threads, chosen for small machines (docs/api.md, "Threads"): the encoders' intra-op pools use every core,
+    # one encoder call at a time per encoder; everything else (FAISS, BLAS) is one thread per request.
     encoder_threads: int = Field(max(1, (os.cpu_count() or 1)), ge=1, description="ONNX Runtime / torch threads")
     encoder_spinning: bool = Field(
         False, description="ONNX Runtime's threads spin between parallel sections (lower latency alone, CPU burnt)"

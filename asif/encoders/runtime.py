@@ -10,7 +10,7 @@ arrays (pooling included). :func:`load_forward` turns that module into a :class:
 - ``torch``: the module itself, under ``torch.inference_mode``.
 
 ``auto`` (the default, or ``$ASIF_RUNTIME``) is ONNX Runtime on CPU, where it measured 2.4-5x faster than torch with
-the same weights (README, Performance). On CUDA ``auto`` is torch: ONNX Runtime's CUDA provider is unmeasured.
+the same weights (docs/performance.md). On CUDA ``auto`` is torch: ONNX Runtime's CUDA provider is unmeasured.
 
 The runtime is not part of the encoder identity: both give the same embeddings (cosine >= 0.9999, tested), so an
 index built with one serves with the other.

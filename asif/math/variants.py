@@ -38,7 +38,7 @@ BALANCE_TOLERANCE = 1e-9
 # Entries x sweeps per call: a served batch is balanced under the model's read lock, so its worst case must stay
 # short (~80 ms here: 64 images x 10,000 labels get 7 sweeps; 64 x 100 get all 1,000 in ~45 ms).
 BALANCE_MAX_WORK = 5 * 10**6
-# The served default: 0.005-0.02 were within 1.4 points of each other on the development runs (README).
+# The served default: 0.005-0.02 were within 1.4 points of each other on the development runs (docs/evaluation.md).
 BALANCE_TEMPERATURE = 0.01
 NNN_BANK = 2000  # reference images of the per-label bias: at most this many distinct anchor images (seeded sample)
 NNN_NEIGHBOURS = 64  # a label's bias is the mean of its this-many best scores over the reference bank

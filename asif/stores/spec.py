@@ -31,7 +31,7 @@ from asif.stores.vectors import DTYPES, make_codec
 
 FLAT_MAX_N = 50_000
 FLAT_GROUP_SHARE = 0.8  # a Flat index groups identical vectors when they are at most this share of the pairs
-RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (see README, "Index choice")
+RERANK_FACTOR = 5.0  # candidates re-ranked per neighbour kept (docs/build.md, "Index choice")
 TRAIN_MIN = 30_000
 
 

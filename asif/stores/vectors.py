@@ -36,7 +36,7 @@ def make_codec(dim: int, kind: str) -> faiss.Index:
 
     ``PCAR,<codec>`` (no dimension) rotates onto the principal axes of the table's own vectors, keeping every
     dimension (an orthogonal map: inner products unchanged), before the codec: scalar codes then spend their
-    per-dimension ranges on axes of falling variance, which ranks better at the same bytes (README).
+    per-dimension ranges on axes of falling variance, which ranks better at the same bytes (docs/performance.md).
     """
     factory = f"PCAR{dim}," + kind[len("PCAR,") :] if kind.upper().startswith("PCAR,") else kind
     try:
@@ -292,7 +292,8 @@ class VectorTable:
     @classmethod
     def read(cls, path: Path, dim: int, kind: str, mmap: bool = False) -> VectorTable:
         """Read a table written by ``write``. ``mmap``: map the rows from the file (copy-on-write: edits stay in
-        memory) instead of reading them; the page cache then holds what searches touch (README: cold vs warm)."""
+        memory) instead of reading them; the page cache then holds what searches touch (docs/performance.md,
+        memory-mapped tables)."""
         table = cls(dim, kind) if kind in DTYPES else None
         with zipfile.ZipFile(path) as zf:
             names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}

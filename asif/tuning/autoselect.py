@@ -12,7 +12,7 @@ the in-memory selection (:func:`auto_kp`) and the build's, streamed over shard f
 
 The criterion replaced retrieval@1 of held-out *rows*, whose image stayed an anchor through its other captions; over
 the k x p grid on Imagenette and CIFAR-10 that one's Spearman correlation with test top-1 was -0.27..+0.03, this
-one's +0.80..+0.92 (README, "Choosing k and the weighting without labels"; ``bench/criteria.py``).
+one's +0.80..+0.92 (docs/evaluation.md, "Choosing k and the weighting without labels"; ``bench/criteria.py``).
 """
 
 from __future__ import annotations
