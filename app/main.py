@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.api import openapi
 from app.api.routes import classify, console, health, label_sets, pairs, search
 from app.batching import MicroBatcher
 from app.core.config import Settings
@@ -179,4 +180,5 @@ def create_app(
     for router in (classify.router, label_sets.router, pairs.router, search.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     console.install(app)
+    openapi.install(app)
     return app

@@ -38,6 +38,34 @@ def test_health_ready_info_metrics(client):
     assert "/v1/classify" in client.get("/openapi.json").json()["paths"]
 
 
+def test_openapi_references_resolve(client):
+    """Every $ref of /openapi.json names a component that exists; the JSON bodies the routes parse themselves are
+    described there with their fields (what client generators and the fuzzer read)."""
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    refs: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            refs.extend([node["$ref"]] if isinstance(node.get("$ref"), str) else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    prefix = "#/components/schemas/"
+    assert refs and all(r.startswith(prefix) for r in refs), refs
+    assert sorted({r[len(prefix) :] for r in refs} - set(components)) == []
+    bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+              for path in ("/v1/classify", "/v1/similarity", "/v1/search", "/v1/pairs")}  # fmt: skip
+    assert bodies == {path: prefix + name for path, name in [("/v1/classify", "ClassifyJSON"), ("/v1/similarity",
+        "SimilarityJSON"), ("/v1/search", "SearchJSON"), ("/v1/pairs", "NewPairsJSON")]}  # fmt: skip
+    assert {"images", "labels", "k"} <= set(components["ClassifyJSON"]["properties"])
+    assert {"text", "top"} <= set(components["SearchJSON"]["properties"])
+
+
 def test_classify_json_and_multipart(client):
     imgs = [jpeg(rgb) for rgb in COLOURS.values()]
     r = client.post("/v1/classify", json={"images": [b64(i) for i in imgs], **COLOUR_LABELS, "explain": 3, "top": 2})

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
+from app.api.openapi import body_doc
 from app.core.errors import ApiError
 from app.inputs import (
     check_k_p,
@@ -68,18 +69,6 @@ _MULTIPART_SCHEMA = {
 LIST_FIELDS = ("labels", "templates", "texts", "augment", "prior")  # multipart: repeated fields or one JSON array
 
 
-def _body_doc(json_model: type) -> dict:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
-                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            },
-        }
-    }
-
-
 async def _parse(request: Request, state: State, model: type) -> tuple[object, list[bytes]]:
     """JSON (base64 images) or multipart (image files + form fields) -> (options, image bytes)."""
     settings = state.settings
@@ -132,7 +121,7 @@ def _effective_k(model: AsifModel, k: int | None) -> int:
     return k_eff
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_body_doc(ClassifyJSON))
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=body_doc(ClassifyJSON, _MULTIPART_SCHEMA))
 async def classify(request: Request, state: State) -> ClassifyResponse:
     """Classify one or more images against inline labels or a stored label set."""
     opts, blobs = await _parse(request, state, ClassifyJSON)
@@ -221,7 +210,9 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     )
 
 
-@router.post("/similarity", response_model=SimilarityResponse, openapi_extra=_body_doc(SimilarityJSON))
+@router.post(
+    "/similarity", response_model=SimilarityResponse, openapi_extra=body_doc(SimilarityJSON, _MULTIPART_SCHEMA)
+)
 async def similarity(request: Request, state: State) -> SimilarityResponse:
     """ASIF similarity matrix between images and texts (the CLIP-style use)."""
     body, blobs = await _parse(request, state, SimilarityJSON)

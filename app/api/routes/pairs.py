@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, WriteAccess
+from app.api.openapi import body_doc
 from app.core.errors import ApiError
 from app.inputs import decode_base64, decode_images, invalid_body, read_upload
 from app.schemas import Deleted, NewPairsJSON, PairIds, PairOut, PairPage, RestoreBody, Restored
@@ -22,25 +23,16 @@ router = APIRouter(prefix="/v1/pairs", tags=["pairs"])
 MAX_ID = 2**63 - 1  # pair ids are signed 64-bit (FAISS ids)
 PairId = Path(..., ge=0, le=MAX_ID, description="pair id")
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/NewPairsJSON"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "caption"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "caption": {"type": "array", "items": {"type": "string"}},
-                        "image_ref": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image", "caption"],
+    "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "caption": {"type": "array", "items": {"type": "string"}},
+        "image_ref": {"type": "string"},
+    },
 }
+_BODY_DOC = body_doc(NewPairsJSON, _MULTIPART_SCHEMA)
 
 
 def _pair_out(rec: PairRecord) -> PairOut:

@@ -7,30 +7,22 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State
+from app.api.openapi import body_doc
 from app.core.errors import ApiError
 from app.inputs import decode_base64, invalid_body, prepare_images, read_upload
 from app.schemas import SearchHit, SearchJSON, SearchResponse
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/SearchJSON"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "text": {"type": "string"},
-                        "image": {"type": "string", "format": "binary"},
-                        "top": {"type": "integer"},
-                    },
-                }
-            },
-        },
-    }
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "text": {"type": "string"},
+        "image": {"type": "string", "format": "binary"},
+        "top": {"type": "integer"},
+    },
 }
+_BODY_DOC = body_doc(SearchJSON, _MULTIPART_SCHEMA)
 
 
 async def _parse(request: Request, state: State) -> tuple[str | None, bytes | None, int]:
