@@ -21,7 +21,7 @@ Each phase also records the server's CPU time (``/proc/<pid>/stat``), this clien
 of the route latency and the image encoder's mean batch size (``/metrics`` deltas).
 
 Index sizes: ``demo`` (Flickr8k, 40,450 pairs, effnet-lite0 + MiniLM, built into ``runs/demo`` if missing) and
-synthetic sizes (``1m``, ``100k``, ``250000``): an index of n seeded synthetic pairs (``bench.live_traffic``'s
+synthetic sizes (``1m``, ``100k``, ``250000``): an index of n seeded synthetic pairs (``bench.synthetic_index``'s
 ``write_index``) whose manifest names the real encoders, so that the served model runs real photos through the real
 networks against synthetic anchors; cached under ``--cache`` (``runs/e2e``).
 

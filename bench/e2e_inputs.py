@@ -19,7 +19,7 @@ from asif.encoders import load_image_encoder, load_text_encoder
 from asif.state.persist import MANIFEST, read_manifest, write_json_atomic
 from asif.tuning.synthetic import SyntheticWorld
 from bench.e2e_server import server_env
-from bench.live_traffic import D_IMAGE, D_TEXT, N_CLASSES, write_index
+from bench.synthetic_index import D_IMAGE, D_TEXT, N_CLASSES, write_index
 
 IMAGE_SPEC, TEXT_SPEC = "effnet-lite0", "minilm"
 
