@@ -193,12 +193,21 @@ class PairMetadata:
 
     def log_delete(self, ids: Sequence[int]) -> None:
         """Durably delete pairs (rows, orphaned thumbnails) and record the deletes in the edit log."""
+        self._remove_pairs(ids, "INSERT INTO edits (op, pair_id) VALUES ('delete', ?)")
+
+    def revert_add(self, ids: Sequence[int]) -> None:
+        """Undo a logged add whose apply failed: its pair rows and edit-log entries go (ids stay used)."""
+        self._remove_pairs(ids, "DELETE FROM edits WHERE op = 'add' AND pair_id = ?")
+
+    def _remove_pairs(self, ids: Sequence[int], edit_log_sql: str) -> None:
+        """In one transaction: delete the pairs' rows, run ``edit_log_sql`` (one ``?``: the pair id) per pair, and
+        drop the thumbnails no remaining pair shows."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             images = self._images_of(ids)
             for pid in ids:
                 self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
-                self._db.execute("INSERT INTO edits (op, pair_id) VALUES ('delete', ?)", (int(pid),))
+                self._db.execute(edit_log_sql, (int(pid),))
             self._drop_orphan_thumbnails(images)
 
     def _images_of(self, ids: Sequence[int]) -> set[str]:
@@ -210,16 +219,6 @@ class PairMetadata:
         for image in images:
             if self._db.execute("SELECT 1 FROM pairs WHERE image = ? LIMIT 1", (image,)).fetchone() is None:
                 self._db.execute("DELETE FROM thumbnails WHERE image = ?", (image,))
-
-    def revert_add(self, ids: Sequence[int]) -> None:
-        """Undo a logged add whose apply failed: its pair rows and edit-log entries go (ids stay used)."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            images = self._images_of(ids)
-            for pid in ids:
-                self._db.execute("DELETE FROM pairs WHERE id = ?", (int(pid),))
-                self._db.execute("DELETE FROM edits WHERE op = 'add' AND pair_id = ?", (int(pid),))
-            self._drop_orphan_thumbnails(images)
 
     def edits_after(self, seq: int, upto: int | None = None) -> list[Edit]:
         """Edit-log entries with ``seq < s <= upto`` (no upper bound when ``upto`` is None), in order."""
