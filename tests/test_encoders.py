@@ -69,6 +69,15 @@ def _save_tiny_vit(path: Path, kind: str = "pooler") -> Path:
     return path
 
 
+@pytest.fixture
+def scratch_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An encoder cache of the test's own: the ONNX exports of models built in a temporary folder go there, not
+    into the user's ``~/.cache/asif``."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ASIF_CACHE_DIR", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny_vit(tmp_path_factory.mktemp("vit"))
@@ -77,7 +86,7 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("kind", "pooling"), [("pooler", "pooler_output"), ("no_pooler_weights", "cls"), ("msn", "cls")]
 )
-def test_hf_vision_encoder(tmp_path: Path, kind: str, pooling: str) -> None:
+def test_hf_vision_encoder(tmp_path: Path, scratch_cache: Path, kind: str, pooling: str) -> None:
     path = _save_tiny_vit(tmp_path / "vit", kind)
     enc = load_image_encoder("hf:" + str(path), device="cpu", batch_size=2)
     assert isinstance(enc, ImageEncoder)
@@ -99,16 +108,19 @@ def test_hf_vision_encoder(tmp_path: Path, kind: str, pooling: str) -> None:
     # a second load gives the same features (no randomly initialised layer is used)
     again = load_image_encoder("hf:" + str(path), device="cpu")
     np.testing.assert_allclose(again.encode(images[:2]), emb[:2], atol=1e-5)
+    # the export went to the test's cache (twice without pooler weights: transformers initialises the unused pooler
+    # at random on each load, and the export key hashes every weight)
+    assert list((scratch_cache / "onnx").glob("*.onnx"))
 
 
-def test_hf_vision_accepts_non_rgb(tiny_vit: Path) -> None:
+def test_hf_vision_accepts_non_rgb(tiny_vit: Path, scratch_cache: Path) -> None:
     enc = load_image_encoder("hf:" + str(tiny_vit), device="cpu")
     rgb = _image(3)
     np.testing.assert_allclose(enc.encode([rgb.convert("RGBA")]), enc.encode([rgb]), atol=1e-6)
     _assert_unit_rows(enc.encode([rgb.convert("L")]), 1, 32)
 
 
-def test_identity_roundtrip(tiny_vit: Path) -> None:
+def test_identity_roundtrip(tiny_vit: Path, scratch_cache: Path) -> None:
     import json
 
     from asif.encoders import EncoderIdentity
@@ -162,7 +174,7 @@ def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_st_encoder(tiny_st: Path) -> None:
+def test_st_encoder(tiny_st: Path, scratch_cache: Path) -> None:
     enc = load_text_encoder("st:" + str(tiny_st), device="cpu", batch_size=2)
     assert isinstance(enc, TextEncoder)
     ident = enc.identity

@@ -1,14 +1,24 @@
-"""The one interface every encoder implements: a batch in, L2-normalised float32 rows out."""
+"""The one interface every encoder implements (a batch in, L2-normalised float32 rows out), and where encoders keep
+their files."""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+
+def cache_root(part: str) -> Path:
+    """``$ASIF_CACHE_DIR/<part>`` (default ``~/.cache/asif/<part>``): where the encoders keep unpacked models
+    (``models``), ONNX exports (``onnx``) and cached embeddings (``embeddings``)."""
+    root = os.environ.get("ASIF_CACHE_DIR") or Path.home() / ".cache" / "asif"
+    return Path(root).expanduser() / part
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from asif.encoders.base import EncoderIdentity
+from asif.encoders.base import EncoderIdentity, cache_root
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ASIF_CACHE_DIR", Path.home() / ".cache" / "asif")) / "embeddings"
+    """``$ASIF_CACHE_DIR/embeddings`` (default ``~/.cache/asif/embeddings``)."""
+    return cache_root("embeddings")
 
 
 def file_key(path: Path) -> str:

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from asif.encoders.base import cache_root
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "torch")
@@ -137,8 +139,7 @@ def _require_cuda_provider() -> None:
 
 def onnx_cache_dir() -> Path:
     """``$ASIF_CACHE_DIR/onnx`` (default ``~/.cache/asif/onnx``)."""
-    root = os.environ.get("ASIF_CACHE_DIR") or Path.home() / ".cache" / "asif"
-    return Path(root).expanduser() / "onnx"
+    return cache_root("onnx")
 
 
 def weights_digest(module: Any) -> str:

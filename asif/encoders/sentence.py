@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shutil
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from asif.encoders.base import EncoderIdentity, TextEncoder
+from asif.encoders.base import EncoderIdentity, TextEncoder, cache_root
 from asif.encoders.device import resolve_device
 from asif.encoders.runtime import ExportSpec, RuntimeOptions, load_forward
 from asif.math.normalise import l2_normalise
@@ -32,8 +31,7 @@ PACKAGED_TEXT_MODELS: dict[str, str] = {
 
 def cache_dir() -> Path:
     """Root for unpacked models: ``$ASIF_CACHE_DIR/models`` (default ``~/.cache/asif/models``)."""
-    root = os.environ.get("ASIF_CACHE_DIR") or Path.home() / ".cache" / "asif"
-    return Path(root).expanduser() / "models"
+    return cache_root("models")
 
 
 def minilm_path() -> Path:
