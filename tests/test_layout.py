@@ -22,7 +22,6 @@ MAX_LINES = 400
 OVERSIZED = {
     "bench/e2e.py",
     "bench/live_traffic.py",
-    "index_builder/build.py",
     "index_builder/sources.py",
 }
 
