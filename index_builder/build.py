@@ -4,14 +4,21 @@ Steps:
 
 1. list the input's shards (:mod:`index_builder.sources`: a pairs file cut into chunks, webdataset tars, parquet
    row groups);
-2. embed each shard not embedded yet into ``<out>/.build/shards/`` (:mod:`index_builder.shard_embed`; decoding in
-   worker processes, or on a Ray cluster with ``--ray``), so a killed build resumes shard by shard and a shard that
-   cannot be read is reported and skipped;
-3. with ``--auto``, choose the served k and weighting from the pairs (:mod:`index_builder.auto_select`: held-out
-   images' mrr of their own captions over a few splits, three more passes over the shard files);
-4. form the anchors shard by shard; train the FAISS indices on a seeded sample read back from the shard files and
-   fill them shard by shard (memory holds the index, never all embeddings);
-5. write metadata, indices and manifest through :mod:`asif.state.persist` (manifest last: never half-written).
+2. embed each shard not embedded yet into ``<out>/.build/shards/`` (:mod:`index_builder.embed_step`,
+   :mod:`index_builder.shard_embed`; decoding in worker processes, or on a Ray cluster with ``--ray``), so a killed
+   build resumes shard by shard and a shard that cannot be read is reported and skipped;
+3. form the anchors shard by shard and read them back in at most three passes over the shard files, one file in
+   memory at a time (memory holds the index, never all embeddings):
+
+   a. count them (:mod:`index_builder.counting`), with ``--auto`` hashing every image vector too;
+   b. read the FAISS indices' seeded training sample and, with ``--auto``, the held-out rows (no pass when neither
+      is needed);
+   c. fill the FAISS indices (:mod:`index_builder.folder_out`) or load Milvus (:mod:`index_builder.milvus_out`)
+      while, with ``--auto``, searching the held-out rows' neighbours; then choose the served k and weighting
+      (:mod:`index_builder.auto_select`: held-out images' mrr of their own captions over a few splits);
+
+4. write metadata, indices and manifest through :mod:`asif.state.persist` (manifest last: never half-written; the
+   choice only sets its defaults).
 
 Anchors (``--anchors``):
 
@@ -39,14 +46,14 @@ from asif.math.relrep import Weighting, check_k_p
 from asif.state.persist import MANIFEST
 from asif.stores.milvus_store import MilvusIndex
 from asif.tuning.autoselect import AutoChoice
-from index_builder.anchor_chunks import anchor_chunks
-from index_builder.auto_select import auto_select
+from index_builder.auto_select import StreamedSelection
 from index_builder.config import BuildConfig
 from index_builder.counting import count_anchors
 from index_builder.embed_step import embed
 from index_builder.errors import AlreadyBuiltError, BuildError
 from index_builder.folder_out import write_folder
-from index_builder.milvus_out import check_target, load_milvus, open_client
+from index_builder.milvus_out import check_target, open_client, write_milvus
+from index_builder.output import Output
 from index_builder.quantize_step import check_quantize, quantize
 from index_builder.report import SKIP_REASONS, BuildReport
 from index_builder.sources import SourceOptions, list_shards
@@ -126,12 +133,60 @@ def _build(
         raise BuildError(f"no usable pairs in {config.pairs} ({why})")
 
     skipped: Counter = Counter(dict.fromkeys(SKIP_REASONS, 0))  # every reason in the report, zero or not
-    n_pairs, distinct = count_anchors(files, config.anchors, report, skipped)
+    selection = StreamedSelection(config.seed) if config.auto else None
+    keys = {"auto: image keys": selection.add_keys} if selection is not None else {}
+    counted = count_anchors(files, config.anchors, report, skipped, keys)
     report.skipped = dict(skipped)
-    if n_pairs == 0:
+    if counted.n == 0:
         raise BuildError("no anchors: every image was unreadable or every sample was skipped")
-    report.pairs = n_pairs
-    choice = _auto_choice(config, files, n_pairs, report, log) if config.auto else None
+    report.pairs = counted.n
+    if selection is not None:
+        selection = _hold_out(config, selection, counted.n, report, log)
+
+    def manifest() -> dict[str, Any]:
+        """The manifest, asked for by the writers after their last pass (which completes --auto's choice)."""
+        choice = selection.choice() if selection is not None else None
+        return _manifest(config, kind, image_id, text_id, choice, report)
+
+    dims = {"image": image_encoder.dim, "text": text_encoder.dim}
+    output = Output(config, counted, dims, selection, manifest, report, log)
+    if client is not None:
+        write_milvus(output, client)
+    else:
+        write_folder(output, out, t_start)
+    shutil.rmtree(work, ignore_errors=True)
+    if client is not None:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # it only held the work files
+    report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _hold_out(
+    config: BuildConfig, selection: StreamedSelection, n_pairs: int, report: BuildReport, log: TextIO
+) -> StreamedSelection | None:
+    """``selection`` with its held-out splits; None (and why, in the report) when the default choice has too few
+    images."""
+    try:
+        selection.hold_out(n_pairs, log)
+    except BuildError as exc:
+        if not config.auto_fallback or "distinct images" not in str(exc):
+            raise
+        why = f"{exc}; recorded k={config.k} and {config.default_weighting().describe()}"
+        report.auto = {"not_chosen": why}
+        return None
+    return selection
+
+
+def _manifest(
+    config: BuildConfig,
+    kind: str,
+    image_id: dict[str, Any],
+    text_id: dict[str, Any],
+    choice: AutoChoice | None,
+    report: BuildReport,
+) -> dict[str, Any]:
+    """The model's manifest (the writers add where they keep it), with --auto's ``choice`` (also in the report)."""
     if choice is None:
         defaults = _served_defaults(config.k, config.default_weighting(), config.p)
     else:
@@ -144,14 +199,13 @@ def _build(
             "seeds": list(choice.seeds),
             "seconds": round(choice.seconds, 1),
         }
-
-    manifest = {
+    return {
         "image_encoder": image_id,
         "text_encoder": text_id,
         "anchors": config.anchors,
         "defaults": defaults,
         **({"auto": choice.entry()} if choice else {}),
-        "next_pair_id": n_pairs,
+        "next_pair_id": report.pairs,
         "counts": {
             "pairs": report.pairs,
             "rows": report.rows,
@@ -167,35 +221,6 @@ def _build(
             "failed_shards": report.failed_shards,
         },
     }
-    dims = {"image": image_encoder.dim, "text": text_encoder.dim}
-    t0 = time.perf_counter()
-    if client is not None:
-        chunks = (chunk for _, chunk in anchor_chunks(files, config.anchors))
-        index = MilvusIndex.parse(config.milvus_index)
-        report.index = load_milvus(client, config.milvus_prefix, index, dims, chunks, n_pairs, manifest, log)
-        report.index_seconds = time.perf_counter() - t0
-    else:
-        write_folder(config, out, files, dims, n_pairs, distinct, manifest, report, t_start, log)
-    shutil.rmtree(work, ignore_errors=True)
-    if client is not None:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # it only held the work files
-    report.total_seconds = time.perf_counter() - t_start
-    return report
-
-
-def _auto_choice(
-    config: BuildConfig, files: list[Path], n_pairs: int, report: BuildReport, log: TextIO
-) -> AutoChoice | None:
-    """``--auto``'s choice; None (and why, in the report) when the default choice has too few images."""
-    try:
-        return auto_select(files, config.anchors, n_pairs, config.seed, log=log)
-    except BuildError as exc:
-        if not config.auto_fallback or "distinct images" not in str(exc):
-            raise
-        why = f"{exc}; recorded k={config.k} and {config.default_weighting().describe()}"
-        report.auto = {"not_chosen": why}
-        return None
 
 
 def _served_defaults(k: int, weighting: Weighting, p: float) -> dict[str, Any]:

@@ -9,23 +9,49 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 
 from asif.state.metadata import PairMetadata
 from asif.state.persist import read_manifest, save_index_folder
 from asif.stores import FaissStore, choose_index_spec
-from index_builder.anchor_chunks import AnchorChunk, anchor_chunks, gather_rows
+from index_builder.anchor_chunks import AnchorChunk, RowGather, anchor_pass, read_pass
 from index_builder.config import BuildConfig
+from index_builder.counting import Counted
+from index_builder.output import Output
 from index_builder.report import BuildReport
 
 
-def _training_samples(files: list[Path], mode: str, n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """A seeded sample of ``sizes[role]`` anchors per role (all when the size is n), read from the shard files."""
+def _training_picks(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray | None]:
+    """A seeded sample of ``sizes[role]`` pair ids per role (None: all, when the size is n)."""
     rng = np.random.default_rng(seed)
-    picks = {role: np.sort(rng.choice(n, size, replace=False)) if size < n else None for role, size in sizes.items()}
-    return gather_rows((chunk for _, chunk in anchor_chunks(files, mode)), picks)
+    return {role: np.sort(rng.choice(n, size, replace=False)) if size < n else None for role, size in sizes.items()}
+
+
+def _stores(
+    config: BuildConfig, counted: Counted, dims: dict[str, int], report: BuildReport, log: TextIO
+) -> dict[str, FaissStore]:
+    """The two FAISS stores (empty, untrained) that ``config`` asks for over the counted anchors."""
+    stores = {}
+    for role, dim in dims.items():
+        spec = choose_index_spec(
+            counted.n,
+            dim,
+            config.index_type,
+            refine=config.rerank,
+            rerank_factor=config.rerank_factor,
+            distinct=counted.distinct[role],
+        )
+        print(f"building {role} index {spec.factory} over {counted.n} anchors", file=log)
+        stores[role] = FaissStore(dim, spec)
+        report.index[role] = spec.factory
+    return stores
+
+
+def _train(stores: dict[str, FaissStore], samples: dict[str, np.ndarray]) -> None:
+    for role, sample in samples.items():
+        stores[role].train(sample)
 
 
 def _fill(stores: dict[str, FaissStore], metadata: PairMetadata, chunks: Iterator[AnchorChunk]) -> None:
@@ -36,42 +62,28 @@ def _fill(stores: dict[str, FaissStore], metadata: PairMetadata, chunks: Iterato
         metadata.insert_thumbnails(chunk.thumbnails.items())
 
 
-def write_folder(
-    config: BuildConfig,
-    out: Path,
-    files: list[Path],
-    dims: dict[str, int],
-    n: int,
-    distinct: dict[str, int],
-    manifest: dict[str, Any],
-    report: BuildReport,
-    t_start: float,
-    log: TextIO,
-) -> None:
-    """Train (on a sample read back from the shard files) and fill the two FAISS stores shard by shard, and write
-    the index folder (manifest last)."""
-    t0 = time.perf_counter()
-    stores = {}
-    for role, dim in dims.items():
-        spec = choose_index_spec(
-            n, dim, config.index_type, refine=config.rerank, rerank_factor=config.rerank_factor, distinct=distinct[role]
-        )
-        print(f"building {role} index {spec.factory} over {n} anchors", file=log)
-        stores[role] = FaissStore(dim, spec)
-        report.index[role] = spec.factory
-    untrained = {role: min(n, max(s.spec.train_size, 1)) for role, s in stores.items() if not s.is_trained}
-    if untrained:
-        for role, sample in _training_samples(files, config.anchors, n, untrained, config.seed).items():
-            stores[role].train(sample)
+def write_folder(output: Output, out: Path, t_start: float) -> None:
+    """Train the two FAISS stores on a seeded sample read back from the shard files (in a pass that also gathers
+    ``--auto``'s held-out rows) and fill them shard by shard (in a pass that also searches their neighbours), then
+    write the index folder ``out`` with ``output.manifest()``, asked for once the stores are filled (manifest last)."""
+    config, files, n, report = output.config, output.counted.files, output.counted.n, output.report
+    with output.timing_index():
+        stores = _stores(config, output.counted, output.dims, report, output.log)
+        untrained = {role: min(n, max(s.spec.train_size, 1)) for role, s in stores.items() if not s.is_trained}
+        sample = RowGather(_training_picks(n, untrained, config.seed))
+        training = {"training sample": sample.add} if untrained else {}
+        read_pass(files, config.anchors, {**training, **output.held_out()})  # no pass when neither is needed
+        _train(stores, sample.rows())
 
-    metadata_name = f"pairs-{secrets.token_hex(4)}.sqlite"
-    metadata = PairMetadata(out / metadata_name)
-    try:
-        _fill(stores, metadata, (chunk for _, chunk in anchor_chunks(files, config.anchors)))
-        metadata.set_meta("next_pair_id", str(n))
-    finally:
-        metadata.close()
-    report.index_seconds = time.perf_counter() - t0
+        metadata_name = f"pairs-{secrets.token_hex(4)}.sqlite"
+        metadata = PairMetadata(out / metadata_name)
+        try:
+            chunks = anchor_pass(files, config.anchors, "filling the index", output.neighbours())
+            _fill(stores, metadata, (chunk for _, chunk in chunks))
+            metadata.set_meta("next_pair_id", str(n))
+        finally:
+            metadata.close()
+    manifest = output.manifest()
 
     report.total_seconds = time.perf_counter() - t_start
     build = {**manifest["build"], "seconds": round(report.total_seconds, 1), "report": asdict(report)}
