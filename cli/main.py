@@ -164,7 +164,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from index_builder.build import BuildConfig, run_build, weighting_of
+    from index_builder.build import BuildConfig, run_build
+    from index_builder.config import weighting_of
     from index_builder.errors import AlreadyBuiltError, BuildError
     from index_builder.pairs_io import PairsFileError
 

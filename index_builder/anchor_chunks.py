@@ -1,13 +1,16 @@
 """Anchors formed shard by shard from the embedding files: what fills the stores, so no step of a build holds
-all embeddings at once. Pair ids are numbered 0..n-1 in shard order."""
+all embeddings at once. Pair ids are numbered 0..n-1 in shard order. A pass (:func:`anchor_pass`) reads every file
+once; work that can share a pass observes its chunks instead of reading the files again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from asif.math.anchors import form_anchors
 from index_builder.shard_embed import ShardEmbedding
@@ -53,15 +56,51 @@ def anchor_chunks(files: Sequence[Path], mode: str) -> Iterator[tuple[ShardEmbed
         yield emb, chunk
 
 
-def gather_rows(chunks: Iterable[AnchorChunk], picks: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
-    """Per role, the anchor vectors of the pair ids ``picks[role]`` (sorted; None: every pair), read chunk by chunk."""
-    parts: dict[str, list[np.ndarray]] = {role: [] for role in picks}
-    for chunk in chunks:
-        for role, pick in picks.items():
+ChunkWork = Callable[[AnchorChunk], None]  # what is done with each chunk of a pass
+
+
+def anchor_pass(
+    files: Sequence[Path], mode: str, desc: str | None, observers: Mapping[str, ChunkWork] | None = None
+) -> Iterator[tuple[ShardEmbedding, AnchorChunk]]:
+    """:func:`anchor_chunks`: one read of every shard file, each chunk handed to every one of ``observers`` (by what
+    they do) before it is yielded: work that shares the pass. A progress bar of the shards on stderr names ``desc``
+    and the observers (no bar when ``desc`` is None)."""
+    observers = observers or {}
+    names = ", ".join(name for name in [desc, *observers] if name)
+    with tqdm(total=len(files), desc=names, unit="shard", file=sys.stderr, disable=desc is None) as bar:
+        for emb, chunk in anchor_chunks(files, mode):
+            for observe in observers.values():
+                observe(chunk)
+            yield emb, chunk
+            bar.update(1)
+
+
+def read_pass(files: Sequence[Path], mode: str, consumers: Mapping[str, ChunkWork]) -> None:
+    """One pass over the shard files that hands every chunk to each of ``consumers`` (none: no pass)."""
+    if consumers:
+        for _ in anchor_pass(files, mode, "", consumers):
+            pass
+
+
+class RowGather:
+    """Per role, the anchor vectors of the pair ids ``picks[role]`` (sorted; None: every pair), gathered chunk by
+    chunk (:meth:`add`, in pair id order), so several gathers can share one pass over the shard files."""
+
+    def __init__(self, picks: dict[str, np.ndarray | None]) -> None:
+        self.picks = picks
+        self.parts: dict[str, list[np.ndarray]] = {role: [] for role in picks}
+
+    def add(self, chunk: AnchorChunk) -> None:
+        for role, pick in self.picks.items():
             vecs = chunk.vectors[role]
             if pick is None:
-                parts[role].append(vecs)
+                self.parts[role].append(vecs)
                 continue
             lo, hi = np.searchsorted(pick, [chunk.first_id, chunk.first_id + len(vecs)])
-            parts[role].append(vecs[pick[lo:hi] - chunk.first_id])
-    return {role: np.concatenate(p) for role, p in parts.items()}
+            self.parts[role].append(vecs[pick[lo:hi] - chunk.first_id])
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The rows gathered, per role; the gather lets its parts go (call it once, after the pass)."""
+        rows = {role: np.concatenate(p) for role, p in self.parts.items()}
+        self.parts = {role: [] for role in self.picks}
+        return rows

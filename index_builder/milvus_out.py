@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import numpy as np
@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from asif.state.milvus_meta import PREFIX_PATTERN, MilvusMetadata, drop_shared, read_manifest, shared_collections
 from asif.stores.milvus_store import MilvusIndex, MilvusStore, load_rows
-from index_builder.anchor_chunks import AnchorChunk
+from index_builder.anchor_chunks import AnchorChunk, anchor_pass, read_pass
 from index_builder.errors import AlreadyBuiltError, BuildError
+from index_builder.output import Output
 
 BULK = 20_000  # rows per store add (each is flushed into a sealed segment)
 
@@ -53,11 +54,12 @@ def load_milvus(
     dims: dict[str, int],
     chunks: Iterable[AnchorChunk],
     total: int,
-    manifest: dict[str, Any],
+    manifest: Callable[[], dict[str, Any]],
     log: TextIO = sys.stderr,
 ) -> dict[str, str]:
     """Replace the model ``prefix`` with these anchors, streamed chunk by chunk (pair ids numbered in order, from
-    0; ``total`` of them). Rows are buffered up to BULK per store add. Returns the index spec per role."""
+    0; ``total`` of them), and write ``manifest()`` last (asked for once the chunks are consumed). Rows are buffered up
+    to BULK per store add. Returns the index spec per role."""
     if shared_collections(client, prefix):
         print(f"dropping the collections of Milvus prefix {prefix!r}", file=log)
         drop_shared(client, prefix)
@@ -90,5 +92,18 @@ def load_milvus(
     flush()
     bar.close()
     client.flush(f"{prefix}_pairs")
-    metadata.set_meta("manifest", {**manifest, "store": "milvus", "milvus_index": index.to_dict()})
+    metadata.set_meta("manifest", {**manifest(), "store": "milvus", "milvus_index": index.to_dict()})
     return {role: f"milvus:{index.type}" for role in ("image", "text")}
+
+
+def write_milvus(output: Output, client: Any) -> None:
+    """Load the counted anchors into the model ``config.milvus_prefix`` in one pass over the shard files that also
+    searches ``--auto``'s neighbours (after one that gathers its held-out rows), the manifest last."""
+    config, counted = output.config, output.counted
+    with output.timing_index():
+        read_pass(counted.files, config.anchors, output.held_out())
+        chunks = (chunk for _, chunk in anchor_pass(counted.files, config.anchors, None, output.neighbours()))
+        index = MilvusIndex.parse(config.milvus_index)
+        output.report.index = load_milvus(
+            client, config.milvus_prefix, index, output.dims, chunks, counted.n, output.manifest, output.log
+        )

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import index_builder.build as build_module
+import index_builder.embed_step as embed_step
 import index_builder.shard_embed as shard_embed
 from asif.encoders.images import open_image, thumbnail_jpeg
 from asif.encoders.prepare import ResizePrepare
@@ -107,7 +108,7 @@ def test_the_next_batch_decodes_while_captions_encode_not_images(tmp_path, monke
     decoders after this batch's images are encoded, and decodes while its captions are."""
     events: list[str] = []
 
-    class LoggingDecoder(build_module.Decoder):
+    class LoggingDecoder(embed_step.Decoder):
         def submit(self, sources):
             events.append("decode")
             return super().submit(sources)
@@ -122,7 +123,7 @@ def test_the_next_batch_decodes_while_captions_encode_not_images(tmp_path, monke
             events.append("captions")
             return super().encode(texts)
 
-    monkeypatch.setattr(build_module, "Decoder", LoggingDecoder)
+    monkeypatch.setattr(embed_step, "Decoder", LoggingDecoder)
     monkeypatch.setattr(shard_embed, "READ_BATCH", 4)  # 2 new images per read batch
     images, pairs = write_pair_collection(tmp_path)
     config = BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "out", shard_rows=12, batch_size=8)
@@ -141,7 +142,7 @@ def test_the_next_batch_decodes_while_captions_encode_not_images(tmp_path, monke
 # Progress per image batch
 
 
-class RecordingBar(build_module.tqdm):
+class RecordingBar(embed_step.tqdm):
     """tqdm that keeps every update (its size and the postfix then); the bars made, in order, in ``bars``."""
 
     bars: ClassVar[list[RecordingBar]] = []
@@ -157,7 +158,7 @@ class RecordingBar(build_module.tqdm):
 
 
 def test_progress_counts_images_per_batch_and_resumed_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(build_module, "tqdm", RecordingBar)
+    monkeypatch.setattr(embed_step, "tqdm", RecordingBar)
     RecordingBar.bars = []
     images, pairs = write_pair_collection(tmp_path)  # 20 images, 2 captions each
     config = BuildConfig(
