@@ -33,12 +33,13 @@ from asif.tuning.autoselect import (
     AutoChoice,
     HoldOut,
     Neighbours,
+    TooFewImagesError,
     choose_from_neighbours,
     holdouts,
     image_keys,
 )
 from index_builder.anchor_chunks import AnchorChunk, RowGather, read_pass
-from index_builder.errors import BuildError
+from index_builder.errors import AutoTooFewImagesError
 
 ROLES = ("image", "text")
 
@@ -131,15 +132,16 @@ class StreamedSelection:
             self._keys.append(image_keys(chunk.vectors["image"]))
 
     def hold_out(self, n_pairs: int, log: TextIO = sys.stderr) -> None:
-        """The held-out splits over the ``n_pairs`` anchors keyed; a BuildError when they have too few images."""
+        """The held-out splits over the ``n_pairs`` anchors keyed; AutoTooFewImagesError when they have too few
+        images."""
         with self._timed():
             keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
             if len(keys) != n_pairs:
                 raise RuntimeError(f"image keys of {len(keys)} anchors, not {n_pairs}")
             try:
                 chosen = holdouts(keys, self.seed, self.splits)
-            except ValueError as exc:
-                raise BuildError(f"--auto: {exc}") from None
+            except TooFewImagesError as exc:
+                raise AutoTooFewImagesError(f"--auto: {exc}") from None
             print(f"auto: choosing k and the weighting on {len(chosen[0].queries)} held-out images of "
                   f"{len(np.unique(keys))} ({n_pairs} pairs), {self.splits} splits from seed {self.seed}",
                   file=log)  # fmt: skip

@@ -50,7 +50,7 @@ from index_builder.auto_select import StreamedSelection
 from index_builder.config import BuildConfig
 from index_builder.counting import count_anchors
 from index_builder.embed_step import embed
-from index_builder.errors import AlreadyBuiltError, BuildError
+from index_builder.errors import AlreadyBuiltError, AutoTooFewImagesError, BuildError
 from index_builder.folder_out import write_folder
 from index_builder.milvus_out import check_target, open_client, write_milvus
 from index_builder.output import Output
@@ -169,8 +169,8 @@ def _hold_out(
     images."""
     try:
         selection.hold_out(n_pairs, log)
-    except BuildError as exc:
-        if not config.auto_fallback or "distinct images" not in str(exc):
+    except AutoTooFewImagesError as exc:
+        if not config.auto_fallback:
             raise
         why = f"{exc}; recorded k={config.k} and {config.default_weighting().describe()}"
         report.auto = {"not_chosen": why}

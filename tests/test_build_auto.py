@@ -14,12 +14,21 @@ from asif.math.relrep import Weighting
 from asif.math.topk import exact_topk
 from asif.serving.loading import open_index
 from asif.state.persist import load_index_folder, read_manifest
-from asif.tuning.autoselect import AUTO_KS, AUTO_WEIGHTINGS, CRITERION, auto_kp, holdouts, image_keys
+from asif.tuning.autoselect import (
+    AUTO_KS,
+    AUTO_WEIGHTINGS,
+    CRITERION,
+    TooFewImagesError,
+    auto_kp,
+    holdouts,
+    image_keys,
+)
 from asif.tuning.synthetic import SyntheticWorld
 from cli.main import main
 from index_builder.anchor_chunks import anchor_chunks
 from index_builder.auto_select import auto_select, held_out_neighbours
 from index_builder.build import BuildConfig, run_build
+from index_builder.errors import AutoTooFewImagesError
 from index_builder.shard_embed import ShardEmbedding
 from tests.conftest import COLOURS, HashTextEncoder, MilvusTarget, PixelEncoder, open_live
 
@@ -218,6 +227,16 @@ def test_cli_auto_refuses_too_few_images(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "index" / "manifest.json").exists()
+
+
+def test_too_few_images_is_an_error_of_its_own(tmp_path):
+    """The build tells too few images for --auto by the error's type (the fallback keys on it, not on its text)."""
+    images, pairs = write_pairs(tmp_path / "data", n_per_colour=1)
+    pairs.write_text("\n".join(pairs.read_text().splitlines()[:5]) + "\n")  # two images
+    with pytest.raises(AutoTooFewImagesError, match="at least 3 distinct images; these anchors have 2"):
+        run_build(auto_config(tmp_path, images, pairs), PixelEncoder(), HashTextEncoder())
+    with pytest.raises(TooFewImagesError):
+        holdouts(np.array([1, 1, 2], np.uint64), seed=0, splits=1)
 
 
 def test_cli_auto_overrides_k_p_and_weighting(tmp_path, monkeypatch, capsys):

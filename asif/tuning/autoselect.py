@@ -47,16 +47,20 @@ def image_keys(image_vectors: np.ndarray) -> np.ndarray:
     return row_hashes(np.asarray(image_vectors, dtype=np.float32))
 
 
+class TooFewImagesError(ValueError):
+    """Holding whole images out needs at least 3 distinct images."""
+
+
 def group_holdout_split(
     groups: np.ndarray, fraction: float = HOLDOUT_FRACTION, max_holdout: int = MAX_HOLDOUT_IMAGES, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, held-out rows): a seeded ``fraction`` of the distinct groups (e.g. images; at most
-    ``max_holdout``, at least 2) is held out with all its rows. Raises ValueError below 3 groups."""
+    ``max_holdout``, at least 2) is held out with all its rows. Raises TooFewImagesError below 3 groups."""
     groups = np.asarray(groups)
     distinct = np.unique(groups)
     if len(distinct) < 3:
         have = len(distinct)
-        raise ValueError(f"holding whole images out needs at least 3 distinct images; these anchors have {have}")
+        raise TooFewImagesError(f"holding whole images out needs at least 3 distinct images; these anchors have {have}")
     perm = np.random.default_rng(seed).permutation(len(distinct))
     m = max(2, min(max_holdout, int(len(distinct) * fraction)))
     held = np.isin(groups, distinct[perm[:m]])
