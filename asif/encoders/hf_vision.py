@@ -114,7 +114,9 @@ class HFVisionEncoder(ImageEncoder):
         self.identity = EncoderIdentity(spec=spec, name=source, modality="image", dim=dim, preprocessing=preprocessing)
         export = ExportSpec({"pixel_values": blank}, {"pixel_values": {0: "batch"}})
         module = _pooled_module(model, self.pooling)
-        self.forward = load_forward(module, self.device, self.identity.to_dict(), export, runtime, source)
+        # the untrusted pooler's random weights do not reach the features: they stay out of the export's cache key
+        unused = {f"model.{key}" for key in missing if "pooler" in key.split(".")}
+        self.forward = load_forward(module, self.device, self.identity.to_dict(), export, runtime, source, unused)
 
     def _pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
         inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")

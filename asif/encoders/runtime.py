@@ -25,6 +25,7 @@ import os
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,15 @@ def onnx_cache_dir() -> Path:
     return cache_root("onnx")
 
 
-def weights_digest(module: Any) -> str:
-    """A hash of every parameter and buffer of a torch module (names, shapes, dtypes and values)."""
+def weights_digest(module: Any, ignored: Collection[str] = ()) -> str:
+    """A hash of every parameter and buffer of a torch module (names, shapes, dtypes and values) but those named in
+    ``ignored`` (state-dict names the module's output does not depend on)."""
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
+        if name in ignored:
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
@@ -216,15 +220,18 @@ def load_forward(
     export: ExportSpec,
     options: RuntimeOptions = RuntimeOptions(),
     name: str = "encoder",
+    ignored: Collection[str] = (),
 ) -> Forward:
-    """The encoder's network under the runtime ``options`` asks for; torch (with one warning) when ONNX fails."""
+    """The encoder's network under the runtime ``options`` asks for; torch (with one warning) when ONNX fails.
+    ``ignored``: state-dict names of ``module`` its output does not depend on, left out of the export's cache key
+    (weights a checkpoint lacks, initialised at random on each load, would otherwise make every load export anew)."""
     torch_forward = TorchForward(module, device)
     if resolve_runtime(options.runtime, device.type) == "torch":
         return torch_forward.serve(options.threads)
     try:
         if device.type == "cuda":
             _require_cuda_provider()  # checked before any export: torch on the GPU is the fallback
-        key = cache_key(identity, weights_digest(module), {"device": device.type})
+        key = cache_key(identity, weights_digest(module, ignored), {"device": device.type})
         path = onnx_cache_dir() / f"{name.replace('/', '_')}-{key}.onnx"
         fresh = not path.is_file()
         if fresh:
