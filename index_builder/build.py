@@ -64,11 +64,13 @@ def run_build(
     config: BuildConfig,
     image_encoder: ImageEncoder | None = None,
     text_encoder: TextEncoder | None = None,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
     after_shard: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Build (or resume building) an index folder, or load a shared model into Milvus (``config.store``).
+    ``log``: where the progress goes (default: ``sys.stderr`` at the time of the call, so a redirection applies).
     ``after_shard(name)`` runs after each shard's embedding file is written (a test hook)."""
+    log = sys.stderr if log is None else log
     check_k_p(config.k, config.p)
     config.default_weighting()  # a bad weighting fails before any work
     check_quantize(config)

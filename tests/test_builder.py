@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -68,6 +70,17 @@ def test_build_counts_skips_and_writes_a_loadable_folder(tmp_path, pixel_encoder
     preds = loaded.model.classify_images(imgs, labels, k=5, explain=2)
     assert [p.label for p in preds] == list(COLOURS)
     assert all(c in p.explanation[0].caption for c, p in zip(COLOURS, preds, strict=True))
+
+
+def test_build_log_follows_a_redirected_stderr(tmp_path, pixel_encoder, hash_encoder):
+    """Without ``log``, the build writes to ``sys.stderr`` as it is during the call (redirect_stderr, capsys)."""
+    images, pairs = write_pair_collection(tmp_path / "data")
+    caught = io.StringIO()
+    with contextlib.redirect_stderr(caught):
+        run_build(
+            BuildConfig(pairs=pairs, images_root=images, out=tmp_path / "index", k=10), pixel_encoder, hash_encoder
+        )
+    assert "building image index" in caught.getvalue()
 
 
 def test_caption_anchor_mode(tmp_path, pixel_encoder, hash_encoder):
