@@ -152,6 +152,38 @@ def test_key_matrix_scores_large_batches_as_one_sparse_product(rng, monkeypatch)
     assert product.dtype == np.float32 and product.shape == (37, 50)
 
 
+def test_key_matrix_sparse_product_copies_only_the_rows_hit(rng, monkeypatch):
+    """The one sparse product copies to float64 only the key rows of the anchors the queries hit, not the whole
+    matrix (a big label set over a big index: a batch touches a small part of it); the scores stay exact."""
+    import tracemalloc
+
+    import asif.math.relrep
+    from asif.math.relrep import SparseRR
+
+    n_anchors, n_keys, k = 200_000, 400, 800
+    ids = np.concatenate([rng.choice(n_anchors, k, replace=False) for _ in range(n_keys)])
+    cols = np.repeat(np.arange(n_keys), k)
+    values = rng.random(len(ids)).astype(np.float32)
+    keys = KeyMatrix.from_entries(ids, cols, values, n_keys)
+    q_ids = np.stack([rng.choice(4_000, 100, replace=False) for _ in range(16)]).astype(np.int64)
+    q_weights = rng.random(q_ids.shape).astype(np.float32)
+    dense_keys = np.zeros((n_keys, n_anchors))
+    dense_keys[cols, ids] = values
+    expected = np.zeros((16, n_keys))
+    for row in range(16):
+        expected[row] = dense_keys[:, q_ids[row]] @ q_weights[row]
+    monkeypatch.setattr(asif.math.relrep, "SCORE_ENTRIES", 10)  # the sparse product
+    tracemalloc.start()
+    try:
+        scores = keys.raw_score(SparseRR(q_ids, q_weights))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-12)
+    whole_in_float64 = keys.nnz * 12  # data (8 bytes) and column indices (4) of the whole matrix
+    assert peak < whole_in_float64 / 10, (peak, whole_in_float64)
+
+
 def test_shared_anchors_sum_to_score():
     ids_q, w_q = np.array([5, 9, 2, 7]), np.array([0.6, 0.5, 0.4, 0.0])
     ids_k, w_k = np.array([9, 7, 5, 11]), np.array([0.3, 0.9, 0.1, 0.2])

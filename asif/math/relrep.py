@@ -318,8 +318,10 @@ class KeyMatrix:
         starts = self.matrix.indptr[pos_c[hit]]
         lens = self.matrix.indptr[pos_c[hit] + 1] - starts
         if int(lens.sum()) > SCORE_ENTRIES:  # many queries x dense keys: one sparse product, nothing expanded
-            q = sp.csr_matrix((weights, (rows, pos_c[hit])), shape=(b, len(self.universe)))
-            return (q @ self.matrix.astype(np.float64)).toarray()
+            # over the anchors the queries hit: only their rows of the key matrix are copied to float64
+            used, cols = np.unique(pos_c[hit], return_inverse=True)
+            q = sp.csr_matrix((weights, (rows, cols)), shape=(b, len(used)))
+            return (q @ self.matrix[used].astype(np.float64)).toarray()
         out = np.zeros(b * self.n_keys, dtype=np.float64)
         # In pieces of about CHUNK_ENTRIES entries: the temporaries stay small enough for the heap to reuse (one
         # query against 10,000 dense-ish labels expanded 3.2M entries, ~150 MB of fresh pages faulted in per call).
