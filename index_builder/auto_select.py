@@ -42,6 +42,8 @@ from index_builder.anchor_chunks import AnchorChunk, RowGather, read_pass
 from index_builder.errors import AutoTooFewImagesError
 
 ROLES = ("image", "text")
+# What --auto does in each of its three passes (the names its progress bars show)
+KEYS_PASS, HELD_OUT_PASS, NEIGHBOURS_PASS = "auto: image keys", "auto: held-out pairs", "auto: neighbours"
 
 
 class HeldOutSearch:
@@ -168,8 +170,8 @@ class StreamedSelection:
 
 def _search_passes(files: Sequence[Path], mode: str, search: HeldOutSearch | StreamedSelection) -> None:
     """The held-out rows gathered in one pass over the shard files, their neighbours searched in a second."""
-    read_pass(files, mode, {"auto: held-out pairs": search.gather})
-    read_pass(files, mode, {"auto: neighbours": search.search})
+    read_pass(files, mode, {HELD_OUT_PASS: search.gather})
+    read_pass(files, mode, {NEIGHBOURS_PASS: search.search})
 
 
 def held_out_neighbours(
@@ -195,7 +197,7 @@ def auto_select(
     anchors in memory, read from the shard files in three passes of its own (the build shares its passes instead)."""
     t0 = time.perf_counter()
     selection = StreamedSelection(seed, ks, weightings, splits)
-    read_pass(files, mode, {"auto: image keys": selection.add_keys})
+    read_pass(files, mode, {KEYS_PASS: selection.add_keys})
     selection.hold_out(n_pairs, log)
     _search_passes(files, mode, selection)
     return replace(selection.choice(), seconds=time.perf_counter() - t0)

@@ -46,7 +46,7 @@ from asif.math.relrep import Weighting, check_k_p
 from asif.state.persist import MANIFEST
 from asif.stores.milvus_store import MilvusIndex
 from asif.tuning.autoselect import AutoChoice
-from index_builder.auto_select import StreamedSelection
+from index_builder.auto_select import KEYS_PASS, StreamedSelection
 from index_builder.config import BuildConfig
 from index_builder.counting import count_anchors
 from index_builder.embed_step import embed
@@ -136,7 +136,7 @@ def _build(
 
     skipped: Counter = Counter(dict.fromkeys(SKIP_REASONS, 0))  # every reason in the report, zero or not
     selection = StreamedSelection(config.seed) if config.auto else None
-    keys = {"auto: image keys": selection.add_keys} if selection is not None else {}
+    keys = {KEYS_PASS: selection.add_keys} if selection is not None else {}
     counted = count_anchors(files, config.anchors, report, skipped, keys)
     report.skipped = dict(skipped)
     if counted.n == 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from index_builder.anchor_chunks import ChunkWork
-from index_builder.auto_select import StreamedSelection
+from index_builder.auto_select import HELD_OUT_PASS, NEIGHBOURS_PASS, StreamedSelection
 from index_builder.config import BuildConfig
 from index_builder.counting import Counted
 from index_builder.report import BuildReport
@@ -31,11 +31,11 @@ class Output:
 
     def held_out(self) -> dict[str, ChunkWork]:
         """The selection's work in the writer's second pass (gathering the held-out rows), by name."""
-        return {"auto: held-out pairs": self.selection.gather} if self.selection is not None else {}
+        return {HELD_OUT_PASS: self.selection.gather} if self.selection is not None else {}
 
     def neighbours(self) -> dict[str, ChunkWork]:
         """The selection's work in the writer's last pass (searching the held-out rows' neighbours), by name."""
-        return {"auto: neighbours": self.selection.search} if self.selection is not None else {}
+        return {NEIGHBOURS_PASS: self.selection.search} if self.selection is not None else {}
 
     def _auto_seconds(self) -> float:
         return self.selection.seconds if self.selection is not None else 0.0
